@@ -1,0 +1,65 @@
+"""transvidio-cluster: settings → secrets → networks → components → exports."""
+
+from components import settings as stack_settings
+from components.backend import BackendPool, BackendPoolArgs
+from components.mpi import MpiCluster, MpiClusterArgs
+from components.network import ClusterNetworks, ClusterNetworksArgs
+from components.nginx import NginxLB, NginxLBArgs
+from components.outputs import export_stack_outputs
+from components.postgres import PostgresReplicaSet, PostgresReplicaSetArgs
+from components.redis import RedisSentinelGroup, RedisSentinelGroupArgs
+from components.secrets import ClusterSecrets, ClusterSecretsArgs
+
+settings, secret_overrides = stack_settings.load()
+
+secrets = ClusterSecrets("secrets", ClusterSecretsArgs(overrides=secret_overrides))
+
+networks = ClusterNetworks("network", ClusterNetworksArgs(settings=settings)).names
+
+postgres = PostgresReplicaSet(
+    "postgres",
+    PostgresReplicaSetArgs(
+        settings=settings,
+        networks=networks,
+        superuser_password=secrets.postgres_password,
+        replication_password=secrets.replication_password,
+        app_password=secrets.app_db_password,
+    ),
+)
+redis = RedisSentinelGroup(
+    "redis", RedisSentinelGroupArgs(settings=settings, networks=networks, password=secrets.redis_password)
+)
+backends = BackendPool(
+    "backend",
+    BackendPoolArgs(
+        settings=settings,
+        networks=networks,
+        postgres_password=secrets.app_db_password,
+        redis_password=secrets.redis_password,
+        secret_key=secrets.secret_key,
+        depends_on=[postgres.primary, redis.master],
+    ),
+)
+mpi = MpiCluster(
+    "mpi",
+    MpiClusterArgs(
+        settings=settings,
+        networks=networks,
+        uploads_volume=backends.uploads_volume.name,
+        outputs_volume=backends.outputs_volume.name,
+    ),
+)
+nginx = NginxLB(
+    "nginx",
+    NginxLBArgs(
+        settings=settings,
+        networks=networks,
+        backends=backends.members,
+        backend_containers=backends.containers,
+        outputs_volume=backends.outputs_volume.name,
+        tls_certificate=secrets.tls_certificate,
+        tls_key=secrets.tls_key,
+    ),
+)
+
+export_stack_outputs(settings, secrets, postgres, redis, mpi, backends, nginx)

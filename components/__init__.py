@@ -1,0 +1,1 @@
+"""transvidio-cluster: the Pulumi components of the video-translation cluster."""

@@ -1,0 +1,82 @@
+"""BackendPool: the application servers behind nginx."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_docker as docker
+
+from components import render
+from components.container import ContainerSpec, Networks, VolumeMount, data_volume, role_image, service_container
+from components.settings import Settings
+from components.topology import BACKEND_PORT, Node, Topology
+
+COMPONENT = "backend"
+
+
+@dataclass(frozen=True)
+class BackendPoolArgs:
+    settings: Settings
+    networks: Networks
+    postgres_password: pulumi.Input[str]
+    redis_password: pulumi.Input[str]
+    secret_key: pulumi.Input[str]
+    depends_on: list[pulumi.Resource]
+
+
+class BackendPool(pulumi.ComponentResource):
+    """Deploys N backends on both networks, each with the same env contract.
+
+    The image is built from images/backend, or is the user's (`images.backend`). The
+    env contract is `render.backend_environment` plus three secrets. The pool owns the
+    shared uploads and outputs volumes (the MPI nodes mount both, nginx serves
+    outputs read-only); every backend answers /health.
+    """
+
+    members: list[Node]
+
+    def __init__(self, name: str, args: BackendPoolArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("transvidio:backend:BackendPool", name, None, opts)
+        s = args.settings
+        if s.images.backend:
+            remote = docker.RemoteImage(
+                f"{name}-image", name=s.images.backend, keep_locally=True, opts=pulumi.ResourceOptions(parent=self)
+            )
+            image: pulumi.Output[str] = remote.image_id
+        else:
+            image = role_image(f"{name}-image", COMPONENT, s, self).repo_digest
+        secrets = {
+            "POSTGRES_PASSWORD": args.postgres_password,
+            "REDIS_PASSWORD": args.redis_password,
+            "SECRET_KEY": args.secret_key,
+        }
+        assert tuple(sorted(secrets)) == tuple(sorted(render.BACKEND_SECRET_ENV))
+        envs: list[pulumi.Input[str]] = [f"{k}={v}" for k, v in sorted(render.backend_environment(s).items())]
+        envs += [pulumi.Output.secret(pulumi.Output.concat(k, "=", v)) for k, v in sorted(secrets.items())]
+        self.uploads_volume = data_volume(name, "uploads", s, COMPONENT, self)
+        self.outputs_volume = data_volume(name, "outputs", s, COMPONENT, self)
+        self.members = Topology(s).backends
+        self.containers = [
+            service_container(
+                name,
+                ContainerSpec(
+                    node=node,
+                    component=COMPONENT,
+                    image=image,
+                    healthcheck=["python3", "/usr/local/bin/healthcheck.py"],
+                    memory_mb=s.backend.memory_mb,
+                    envs=envs,
+                    volumes=[
+                        VolumeMount(self.uploads_volume.name, render.UPLOADS_DIR),
+                        VolumeMount(self.outputs_volume.name, render.OUTPUTS_DIR),
+                    ],
+                    depends_on=args.depends_on,
+                ),
+                s,
+                args.networks,
+                self,
+            )
+            for node in self.members
+        ]
+        self.register_outputs({"members": [m.hostname for m in self.members], "port": BACKEND_PORT})

@@ -1,0 +1,204 @@
+"""What every container of the stack shares: one helper, not copies.
+
+`service_container` applies the hygiene every role gets (healthcheck that replaces on
+change, restart policy, log rotation, memory limit, no-new-privileges, dropped
+capabilities, labels, networks with fixed addresses, delete-before-replace for fixed
+names); `role_image` builds a role's image from images/<role>; `config_file` and
+`secret_file` make the uploads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pulumi
+import pulumi_docker as docker
+
+from components.settings import Settings
+from components.topology import Node
+
+# Fixed uids the images create their service users with (passed as build args), so
+# the stack can upload secrets owned by them.
+SERVICE_UIDS: dict[str, int] = {"postgres": 10001, "redis": 10002, "mpi": 10010, "backend": 10010, "nginx": 33}
+ROOT_UID = 0
+
+LOG_OPTS = {"max-file": "3", "max-size": "10m"}
+RESTART_POLICY = "unless-stopped"
+LABEL_PREFIX = "io.transvidio"
+
+
+@dataclass(frozen=True)
+class Networks:
+    """The stack's two networks, by Docker name."""
+
+    edge: pulumi.Input[str]
+    data: pulumi.Input[str]
+
+
+@dataclass(frozen=True)
+class VolumeMount:
+    volume_name: pulumi.Input[str]
+    container_path: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """One role's container: what differs between roles. The rest is the helper's."""
+
+    node: Node
+    component: str
+    image: pulumi.Input[str]
+    healthcheck: Sequence[str]
+    memory_mb: int
+    container_port: int | None = None  # published as node.host_port when that is set
+    envs: pulumi.Input[Sequence[pulumi.Input[str]]] = ()
+    entrypoint: Sequence[str] = ()
+    command: Sequence[str] = ()
+    volumes: Sequence[VolumeMount] = ()
+    uploads: Sequence[docker.ContainerUploadArgs] = ()
+    extra_ports: Sequence[docker.ContainerPortArgs] = ()
+    capabilities: Sequence[str] = ()  # added back after dropping ALL
+    shm_size_mb: int | None = None
+    start_period: str = "30s"
+    wait: bool = False  # block `pulumi up` until healthy: for what others depend on
+    depends_on: Sequence[pulumi.Resource] = field(default_factory=list)
+
+
+def labels(settings: Settings, component: str, role: str) -> list[docker.ContainerLabelArgs]:
+    values = {"project": settings.project, "stack": settings.stack, "component": component, "role": role}
+    return [docker.ContainerLabelArgs(label=f"{LABEL_PREFIX}.{k}", value=v) for k, v in sorted(values.items())]
+
+
+def _networks(spec: ContainerSpec, networks: Networks) -> list[docker.ContainerNetworksAdvancedArgs]:
+    attached = []
+    if spec.node.data_ip:
+        attached.append(
+            docker.ContainerNetworksAdvancedArgs(
+                name=networks.data, aliases=[spec.node.hostname], ipv4_address=spec.node.data_ip
+            )
+        )
+    if spec.node.edge_ip:
+        attached.append(
+            docker.ContainerNetworksAdvancedArgs(
+                name=networks.edge, aliases=[spec.node.hostname], ipv4_address=spec.node.edge_ip
+            )
+        )
+    return attached
+
+
+def _ports(spec: ContainerSpec, settings: Settings) -> list[docker.ContainerPortArgs]:
+    ports = list(spec.extra_ports)
+    if spec.node.host_port is not None and spec.container_port is not None:
+        ports.insert(
+            0,
+            docker.ContainerPortArgs(
+                internal=spec.container_port,
+                external=spec.node.host_port,
+                ip=settings.network.publish_host_ip,
+                protocol="tcp",
+            ),
+        )
+    return ports
+
+
+def child_name(component_name: str, hostname: str) -> str:
+    """A child's resource name: the component's name, then the node (no stutter)."""
+    if hostname == component_name or hostname.startswith(component_name + "-"):
+        return hostname
+    return f"{component_name}-{hostname}"
+
+
+def service_container(
+    component_name: str, spec: ContainerSpec, settings: Settings, networks: Networks, parent: pulumi.Resource
+) -> docker.Container:
+    """The container of one node, with the stack's hygiene applied."""
+    return docker.Container(
+        child_name(component_name, spec.node.hostname),
+        name=spec.node.container_name,
+        hostname=spec.node.hostname,
+        image=spec.image,
+        envs=spec.envs or None,
+        entrypoints=list(spec.entrypoint) or None,
+        command=list(spec.command) or None,
+        networks_advanced=_networks(spec, networks),
+        ports=_ports(spec, settings) or None,
+        volumes=[
+            docker.ContainerVolumeArgs(
+                volume_name=v.volume_name, container_path=v.container_path, read_only=v.read_only
+            )
+            for v in spec.volumes
+        ]
+        or None,
+        uploads=list(spec.uploads) or None,
+        healthcheck=docker.ContainerHealthcheckArgs(
+            tests=["CMD", *spec.healthcheck],
+            interval="5s",
+            timeout="4s",
+            retries=5,
+            start_period=spec.start_period,
+        ),
+        restart=RESTART_POLICY,
+        log_driver="json-file",
+        log_opts=LOG_OPTS,
+        memory=spec.memory_mb,
+        shm_size=spec.shm_size_mb,
+        security_opts=["no-new-privileges:true"],
+        capabilities=docker.ContainerCapabilitiesArgs(drops=["ALL"], adds=sorted(spec.capabilities) or None),
+        labels=labels(settings, spec.component, spec.node.role),
+        wait=spec.wait,
+        wait_timeout=300 if spec.wait else None,
+        opts=pulumi.ResourceOptions(
+            parent=parent,
+            depends_on=list(spec.depends_on),
+            # Fixed names and ports: the old container must go before the new one starts.
+            delete_before_replace=True,
+            # The provider "updates" a healthcheck in place without changing the container.
+            replace_on_changes=["healthcheck"],
+        ),
+    )
+
+
+def role_image(name: str, role: str, settings: Settings, parent: pulumi.Resource) -> docker.Image:
+    """Builds images/<role> FROM the configured base; containers use its id."""
+    return docker.Image(
+        name,
+        image_name=f"{settings.prefix}-{role}:latest",
+        build=docker.DockerBuildArgs(
+            context=f"images/{role}",
+            dockerfile=f"images/{role}/Dockerfile",
+            args={"BASE_IMAGE": settings.images.base, "SERVICE_UID": str(SERVICE_UIDS[role])},
+        ),
+        skip_push=True,
+        opts=pulumi.ResourceOptions(parent=parent),
+    )
+
+
+def data_volume(
+    component_name: str, volume: str, settings: Settings, component: str, parent: pulumi.Resource
+) -> docker.Volume:
+    """A named volume that outlives `pulumi destroy` and container replacement.
+
+    Docker's volume create returns an existing volume of the same name, so a stack
+    brought up again after a destroy finds its data where it left it.
+    """
+    values = {"project": settings.project, "stack": settings.stack, "component": component}
+    return docker.Volume(
+        child_name(component_name, volume),
+        name=f"{settings.prefix}-{volume}",
+        labels=[docker.VolumeLabelArgs(label=f"{LABEL_PREFIX}.{k}", value=v) for k, v in sorted(values.items())],
+        opts=pulumi.ResourceOptions(parent=parent, retain_on_delete=True),
+    )
+
+
+def config_file(path: str, content: pulumi.Input[str]) -> docker.ContainerUploadArgs:
+    """A rendered, non-secret file, readable by the service."""
+    return docker.ContainerUploadArgs(file=path, content=content, permissions="0644", owner="0", group="0")
+
+
+def secret_file(path: str, content: pulumi.Input[str], uid: int) -> docker.ContainerUploadArgs:
+    """A secret, readable only by the service user."""
+    return docker.ContainerUploadArgs(
+        file=path, content=pulumi.Output.secret(content), permissions="0400", owner=str(uid), group=str(uid)
+    )

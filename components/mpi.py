@@ -1,0 +1,115 @@
+"""MpiCluster: an Open MPI master and workers that launch over SSH."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_docker as docker
+import pulumi_tls as tls
+
+from components import render
+from components.container import (
+    ROOT_UID,
+    SERVICE_UIDS,
+    ContainerSpec,
+    Networks,
+    VolumeMount,
+    child_name,
+    config_file,
+    data_volume,
+    role_image,
+    secret_file,
+    service_container,
+)
+from components.settings import Settings
+from components.topology import SSH_PORT, Node, Topology
+
+COMPONENT = "mpi"
+HOME = "/home/app"
+# sshd runs as root in these containers (MPI launches over SSH) and needs these back.
+SSHD_CAPABILITIES = (
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "KILL",
+    "NET_BIND_SERVICE",
+    "SETGID",
+    "SETUID",
+    "SYS_CHROOT",
+)
+
+
+@dataclass(frozen=True)
+class MpiClusterArgs:
+    settings: Settings
+    networks: Networks
+    uploads_volume: pulumi.Input[str]
+    outputs_volume: pulumi.Input[str]
+
+
+class MpiCluster(pulumi.ComponentResource):
+    """Deploys an MPI master and N workers sharing a workspace volume.
+
+    The stack generates the app user's SSH key and every node's host key
+    (pulumi-tls, ed25519); known_hosts is rendered from those host keys, so no node
+    ever skips host key checking. The hostfile lists every node with its slots, and
+    Open MPI and PRRTE are pinned to the data subnet.
+    """
+
+    def __init__(self, name: str, args: MpiClusterArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("transvidio:mpi:MpiCluster", name, None, opts)
+        s = args.settings
+        topo = Topology(s)
+        child = pulumi.ResourceOptions(parent=self)
+        self.image = role_image(f"{name}-image", COMPONENT, s, self)
+        self.workspace = data_volume(name, "mpi-workspace", s, COMPONENT, self)
+        self.client_key = tls.PrivateKey(f"{name}-client-key", algorithm="ED25519", opts=child)
+        self.host_keys = {
+            node.hostname: tls.PrivateKey(
+                f"{child_name(name, node.hostname)}-host-key", algorithm="ED25519", opts=child
+            )
+            for node in topo.mpi_nodes
+        }
+        known_hosts = pulumi.Output.all(*[k.public_key_openssh for k in self.host_keys.values()]).apply(
+            lambda keys: render.known_hosts(s, keys)
+        )
+        uid = SERVICE_UIDS[COMPONENT]
+        shared_uploads = [
+            config_file(f"{render.MPI_CONF_DIR}/hostfile", render.hostfile(s)),
+            config_file(f"{HOME}/.openmpi/mca-params.conf", render.openmpi_mca_params(s)),
+            config_file(f"{HOME}/.prte/mca-params.conf", render.prte_mca_params(s)),
+            config_file("/etc/ssh/ssh_known_hosts", known_hosts),
+            config_file(f"{HOME}/.ssh/authorized_keys", self.client_key.public_key_openssh),
+            secret_file(f"{HOME}/.ssh/id_ed25519", self.client_key.private_key_openssh, uid),
+        ]
+        volumes = [
+            VolumeMount(self.workspace.name, render.WORKSPACE_DIR),
+            VolumeMount(args.uploads_volume, render.UPLOADS_DIR),
+            VolumeMount(args.outputs_volume, render.OUTPUTS_DIR),
+        ]
+
+        def container(node: Node) -> docker.Container:
+            host_key = secret_file(
+                "/etc/ssh/ssh_host_ed25519_key", self.host_keys[node.hostname].private_key_openssh, ROOT_UID
+            )
+            spec = ContainerSpec(
+                node=node,
+                component=COMPONENT,
+                image=self.image.repo_digest,
+                healthcheck=["/usr/local/bin/healthcheck.sh"],
+                memory_mb=s.mpi.memory_mb,
+                envs=[f"MPI_HOSTFILE={render.MPI_CONF_DIR}/hostfile", f"MPI_ROLE={node.role}"],
+                volumes=volumes,
+                uploads=[*shared_uploads, host_key],
+                capabilities=SSHD_CAPABILITIES,
+            )
+            return service_container(name, spec, s, args.networks, self)
+
+        self.workers = [container(node) for node in topo.mpi_workers]
+        self.master = container(topo.mpi_master)
+        self.master_host = topo.mpi_master.hostname
+        self.register_outputs(
+            {"master": self.master_host, "workers": [n.hostname for n in topo.mpi_workers], "sshPort": SSH_PORT}
+        )

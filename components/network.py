@@ -1,0 +1,49 @@
+"""ClusterNetworks: the edge network and the internal data network."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_docker as docker
+
+from components.container import LABEL_PREFIX, Networks
+from components.settings import Settings
+
+
+@dataclass(frozen=True)
+class ClusterNetworksArgs:
+    settings: Settings
+
+
+class ClusterNetworks(pulumi.ComponentResource):
+    """Deploys two bridge networks with the stack's subnets.
+
+    edge: nginx and the backends. data: PostgreSQL, Redis, Sentinel, MPI and the
+    backends; `internal` (no route out, nothing published) unless the stack opts out
+    for debug ports.
+    """
+
+    def __init__(self, name: str, args: ClusterNetworksArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("transvidio:network:ClusterNetworks", name, None, opts)
+        s = args.settings
+        self.edge = self._network(f"{name}-edge", f"{s.prefix}-edge", s, str(s.network.edge_subnet), internal=False)
+        self.data = self._network(
+            f"{name}-data", f"{s.prefix}-data", s, str(s.network.data_subnet), internal=s.network.data_internal
+        )
+        self.names = Networks(edge=self.edge.name, data=self.data.name)
+        self.register_outputs({"edge": self.edge.name, "data": self.data.name})
+
+    def _network(
+        self, resource_name: str, docker_name: str, s: Settings, subnet: str, internal: bool
+    ) -> docker.Network:
+        values = {"project": s.project, "stack": s.stack}
+        return docker.Network(
+            resource_name,
+            name=docker_name,
+            driver="bridge",
+            internal=internal,
+            ipam_configs=[docker.NetworkIpamConfigArgs(subnet=subnet)],
+            labels=[docker.NetworkLabelArgs(label=f"{LABEL_PREFIX}.{k}", value=v) for k, v in sorted(values.items())],
+            opts=pulumi.ResourceOptions(parent=self),
+        )

@@ -1,0 +1,418 @@
+"""Every file the stack puts into a container, rendered from typed settings.
+
+Pure functions from settings (and the topology derived from them) to text. The
+components upload exactly these strings; `python -m components.render --stack dev
+--out DIR` writes them to DIR for review, like `helm template`, without the Pulumi CLI.
+Secrets never appear here: containers read them from separately uploaded files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from components.settings import PROJECT, Settings, SettingsError, parse
+from components.topology import (
+    BACKEND_PORT,
+    NGINX_HTTP_PORT,
+    NGINX_HTTPS_PORT,
+    POSTGRES_APP_USER,
+    POSTGRES_DB,
+    POSTGRES_PORT,
+    POSTGRES_REPLICATION_USER,
+    REDIS_MASTER_NAME,
+    REDIS_PORT,
+    SENTINEL_PORT,
+    SSH_PORT,
+    Node,
+    Topology,
+)
+
+# Where the images expect what we upload (the entrypoints in images/ read these paths).
+SECRETS_DIR = "/etc/transvidio/secrets"
+POSTGRES_CONF_DIR = "/etc/transvidio/postgres"
+REDIS_CONF_DIR = "/etc/transvidio/redis"
+NGINX_CONF_DIR = "/etc/transvidio/nginx"
+MPI_CONF_DIR = "/etc/transvidio/mpi"
+UPLOADS_DIR = "/srv/transvidio/uploads"
+OUTPUTS_DIR = "/srv/transvidio/outputs"
+WORKSPACE_DIR = "/srv/transvidio/workspace"
+
+HEADER = "# Rendered by transvidio-cluster from the stack's settings; edit the stack config, not this file.\n"
+
+
+def _pg_size(size_bytes: int) -> str:
+    """A size in PostgreSQL's units, in the largest unit that divides it."""
+    for unit, factor in (("GB", 1024**3), ("MB", 1024**2)):
+        if size_bytes % factor == 0:
+            return f"{size_bytes // factor}{unit}"
+    return f"{size_bytes // 1024}kB"
+
+
+# --- PostgreSQL -----------------------------------------------------------------------
+
+
+def postgresql_conf(settings: Settings, node: Node) -> str:
+    """postgresql.conf for the primary or a replica (same shape; replicas add standby settings)."""
+    pg = settings.postgres
+    replica_slots = max(pg.replica_count, 1) + 2  # room for a re-bootstrap while the old slot lingers
+    lines = [
+        "listen_addresses = '*'",
+        f"port = {POSTGRES_PORT}",
+        f"hba_file = '{POSTGRES_CONF_DIR}/pg_hba.conf'",
+        "unix_socket_directories = '/var/lib/postgresql/run'",
+        "password_encryption = 'scram-sha-256'",
+        "max_connections = 200",
+        f"shared_buffers = '{_pg_size(pg.shared_buffers)}'",
+        f"work_mem = '{_pg_size(pg.work_mem)}'",
+        f"maintenance_work_mem = '{_pg_size(pg.maintenance_work_mem)}'",
+        "wal_level = replica",
+        f"max_wal_senders = {replica_slots + 2}",
+        f"max_replication_slots = {replica_slots}",
+        "wal_keep_size = '256MB'",
+        f"max_slot_wal_keep_size = '{_pg_size(pg.max_slot_wal_keep_size)}'",
+        "hot_standby = on",
+        "hot_standby_feedback = on",
+        "wal_receiver_timeout = '30s'",
+        "wal_sender_timeout = '30s'",
+        "log_destination = 'stderr'",
+        "log_connections = on",
+        "log_replication_commands = on",
+        "log_line_prefix = '%m [%p] %q%u@%d '",
+    ]
+    if node.role == "postgres-replica":
+        lines += [
+            f"primary_conninfo = 'host={Topology(settings).postgres_primary.hostname} port={POSTGRES_PORT} "
+            f"user={POSTGRES_REPLICATION_USER} application_name={node.slot_name} "
+            f"passfile=/var/lib/postgresql/run/pgpass'",
+            f"primary_slot_name = '{node.slot_name}'",
+        ]
+    return HEADER + "\n".join(lines) + "\n"
+
+
+def pg_hba_conf(settings: Settings) -> str:
+    """Local superuser by peer; replication and the app only from the data subnet, by SCRAM."""
+    subnet = settings.network.data_subnet
+    rows = [
+        ("local", "all", "postgres", "", "peer"),
+        ("host", "replication", POSTGRES_REPLICATION_USER, str(subnet), "scram-sha-256"),
+        ("host", POSTGRES_DB, POSTGRES_APP_USER, str(subnet), "scram-sha-256"),
+        ("host", "all", "all", "0.0.0.0/0", "reject"),
+    ]
+    body = "\n".join(f"{t:<7} {db:<12} {user:<12} {addr:<18} {method}".rstrip() for t, db, user, addr, method in rows)
+    return HEADER + body + "\n"
+
+
+def primary_setup_sql() -> str:
+    """Idempotent roles and database, run by the primary's entrypoint on every start.
+
+    Passwords are read by psql from the secret files, never passed on a command line.
+    """
+    return f"""-- Rendered by transvidio-cluster. Runs on every start of the primary; idempotent.
+\\set ON_ERROR_STOP on
+\\set replication_password `cat {SECRETS_DIR}/replication-password`
+\\set app_password `cat {SECRETS_DIR}/app-db-password`
+SELECT 'CREATE ROLE {POSTGRES_REPLICATION_USER} WITH LOGIN REPLICATION'
+  WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{POSTGRES_REPLICATION_USER}') \\gexec
+ALTER ROLE {POSTGRES_REPLICATION_USER} WITH LOGIN REPLICATION NOSUPERUSER PASSWORD :'replication_password';
+SELECT 'CREATE ROLE {POSTGRES_APP_USER} WITH LOGIN'
+  WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{POSTGRES_APP_USER}') \\gexec
+ALTER ROLE {POSTGRES_APP_USER} WITH LOGIN NOSUPERUSER NOREPLICATION PASSWORD :'app_password';
+GRANT pg_monitor TO {POSTGRES_APP_USER};
+SELECT 'CREATE DATABASE {POSTGRES_DB} OWNER {POSTGRES_APP_USER}'
+  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{POSTGRES_DB}') \\gexec
+REVOKE CONNECT ON DATABASE {POSTGRES_DB} FROM PUBLIC;
+GRANT CONNECT ON DATABASE {POSTGRES_DB} TO {POSTGRES_APP_USER};
+"""
+
+
+# --- Redis and Sentinel ---------------------------------------------------------------
+
+
+def redis_conf(settings: Settings, node: Node) -> str:
+    """A data node's config. Its role (master or replica) is decided at start by asking the Sentinels."""
+    r = settings.redis
+    lines = [
+        "bind 0.0.0.0",
+        f"port {REDIS_PORT}",
+        "protected-mode no",
+        "dir /data",
+        "appendonly yes",
+        "appendfsync everysec",
+        f"maxmemory {r.maxmemory}",
+        f"maxmemory-policy {r.maxmemory_policy}",
+        f"min-replicas-to-write {r.min_replicas_to_write}",
+        f"min-replicas-max-lag {r.min_replicas_max_lag}",
+        f"replica-announce-ip {node.hostname}",
+        "replica-read-only yes",
+        "replica-serve-stale-data yes",
+        "repl-diskless-sync yes",
+    ]
+    return HEADER + "\n".join(lines) + "\n"
+
+
+def sentinel_conf(settings: Settings, node: Node) -> str:
+    """The Sentinel seed; the entrypoint copies it to the volume when absent, adds auth."""
+    r = settings.redis
+    master = Topology(settings).redis_nodes[0]
+    lines = [
+        f"port {SENTINEL_PORT}",
+        "bind 0.0.0.0",
+        "protected-mode no",
+        "dir /data",
+        "sentinel resolve-hostnames yes",
+        "sentinel announce-hostnames yes",
+        f"sentinel announce-ip {node.hostname}",
+        f"sentinel monitor {REDIS_MASTER_NAME} {master.hostname} {REDIS_PORT} {r.quorum}",
+        f"sentinel down-after-milliseconds {REDIS_MASTER_NAME} {r.down_after_ms}",
+        f"sentinel failover-timeout {REDIS_MASTER_NAME} {r.failover_timeout_ms}",
+        f"sentinel parallel-syncs {REDIS_MASTER_NAME} 1",
+    ]
+    return HEADER + "\n".join(lines) + "\n"
+
+
+def sentinel_addresses(settings: Settings) -> str:
+    """`host:port,host:port` of every Sentinel, as data nodes and backends take it."""
+    return ",".join(f"{s.hostname}:{SENTINEL_PORT}" for s in Topology(settings).sentinels)
+
+
+# --- MPI ------------------------------------------------------------------------------
+
+
+def hostfile(settings: Settings) -> str:
+    slots = settings.mpi.slots_per_node
+    return "".join(f"{node.hostname} slots={slots}\n" for node in Topology(settings).mpi_nodes)
+
+
+def known_hosts(settings: Settings, host_public_keys: Sequence[str]) -> str:
+    """One `name,ip key` line per MPI node, pinned to the keys the stack generated."""
+    nodes = Topology(settings).mpi_nodes
+    if len(nodes) != len(host_public_keys):
+        raise ValueError(f"{len(nodes)} MPI nodes but {len(host_public_keys)} host keys")
+    return "".join(
+        f"{node.hostname},{node.data_ip} {key.strip()}\n" for node, key in zip(nodes, host_public_keys, strict=True)
+    )
+
+
+def openmpi_mca_params(settings: Settings) -> str:
+    """Open MPI's own parameters: TCP only, pinned to the data subnet."""
+    subnet = settings.network.data_subnet
+    return (
+        HEADER
+        + f"btl = self,tcp\nbtl_tcp_if_include = {subnet}\noob_tcp_if_include = {subnet}\n"
+        + "btl_vader_single_copy_mechanism = none\n"
+    )
+
+
+def prte_mca_params(settings: Settings) -> str:
+    """PRRTE (Open MPI 5's launcher): interface pinning and ssh options."""
+    subnet = settings.network.data_subnet
+    return (
+        HEADER
+        + f"prte_if_include = {subnet}\n"
+        + "plm_ssh_args = -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=10\n"
+    )
+
+
+# --- backend --------------------------------------------------------------------------
+
+# Secret members of the backend's env contract; the components pass them as secret Outputs.
+BACKEND_SECRET_ENV = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "SECRET_KEY")
+
+
+def backend_environment(settings: Settings) -> dict[str, str]:
+    """The backend's env contract, without its secrets (see BACKEND_SECRET_ENV)."""
+    topo = Topology(settings)
+    return {
+        "POSTGRES_MASTER_HOST": topo.postgres_primary.hostname,
+        "POSTGRES_SLAVE_HOSTS": ",".join(r.hostname for r in topo.postgres_replicas),
+        "POSTGRES_PORT": str(POSTGRES_PORT),
+        "POSTGRES_DB": POSTGRES_DB,
+        "POSTGRES_USER": POSTGRES_APP_USER,
+        "REDIS_SENTINELS": sentinel_addresses(settings),
+        "REDIS_MASTER_NAME": REDIS_MASTER_NAME,
+        "MPI_MASTER_HOST": topo.mpi_master.hostname,
+        "MPI_SSH_PORT": str(SSH_PORT),
+        "UPLOADS_DIR": UPLOADS_DIR,
+        "OUTPUTS_DIR": OUTPUTS_DIR,
+    }
+
+
+# --- nginx ----------------------------------------------------------------------------
+
+
+def nginx_conf(settings: Settings, backends: Sequence[Node]) -> str:
+    """The load balancer: /api/ to every backend, /outputs/ from the shared volume.
+
+    Upstreams are fixed addresses, not names: nginx resolves names once at start, and
+    a backend that is down at that moment would otherwise keep nginx from starting.
+    """
+    ngx = settings.nginx
+    gateway = settings.network.edge_subnet.network_address + 1
+    servers = "\n".join(
+        f"        server {b.edge_ip}:{BACKEND_PORT} max_fails=2 fail_timeout=10s;  # {b.hostname}" for b in backends
+    )
+    tls = ""
+    if settings.tls_enabled:
+        tls = f"""
+        listen {NGINX_HTTPS_PORT} ssl;
+        ssl_certificate {SECRETS_DIR}/tls.crt;
+        ssl_certificate_key {SECRETS_DIR}/tls.key;
+        ssl_protocols TLSv1.2 TLSv1.3;"""
+    return f"""# Rendered by transvidio-cluster from the stack's settings; edit the stack config, not this file.
+worker_processes {ngx.worker_processes};
+pid /tmp/nginx.pid;
+error_log stderr warn;
+
+events {{
+    worker_connections {ngx.worker_connections};
+}}
+
+http {{
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    access_log /dev/stdout;
+    server_tokens off;
+    sendfile on;
+    client_body_temp_path /var/cache/nginx/client_temp;
+    proxy_temp_path /var/cache/nginx/proxy_temp;
+    fastcgi_temp_path /var/cache/nginx/fastcgi_temp;
+    uwsgi_temp_path /var/cache/nginx/uwsgi_temp;
+    scgi_temp_path /var/cache/nginx/scgi_temp;
+
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        ''      '';
+    }}
+
+    upstream backends {{
+        zone backends 64k;
+{servers}
+        keepalive 32;
+    }}
+
+    server {{
+        listen {NGINX_HTTP_PORT};{tls}
+        server_name _;
+
+        client_max_body_size {ngx.max_body_size_mb}m;
+        # These time the gaps between reads, not whole transfers: a slow 500 MB upload is fine.
+        client_body_timeout 120s;
+        send_timeout 120s;
+
+        location = /health {{
+            access_log off;
+            default_type text/plain;
+            return 200 "ok\\n";
+        }}
+
+        location = /nginx-status {{
+            stub_status;
+            # The bridge gateway is how the host (and anything published) reaches us.
+            deny {gateway};
+            allow 127.0.0.1;
+            allow {settings.network.edge_subnet};
+            deny all;
+        }}
+
+        location /outputs/ {{
+            alias {OUTPUTS_DIR}/;
+            autoindex off;
+            limit_except GET HEAD {{ deny all; }}
+        }}
+
+        location /api/ {{
+            proxy_pass http://backends;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_set_header X-Real-IP $remote_addr;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            # Passive health: a dead backend is skipped; POSTs are never replayed.
+            proxy_next_upstream error timeout http_502 http_503 http_504;
+            proxy_next_upstream_tries 3;
+            proxy_connect_timeout 2s;
+            proxy_send_timeout 300s;
+            proxy_read_timeout 300s;
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+# --- the render command ---------------------------------------------------------------
+
+
+def rendered_files(settings: Settings, host_public_keys: Sequence[str] | None = None) -> dict[str, str]:
+    """Every rendered file of the stack, keyed by a path relative to the output directory."""
+    topo = Topology(settings)
+    keys = host_public_keys or [f"ssh-ed25519 <host key of {n.hostname}>" for n in topo.mpi_nodes]
+    files = {
+        "postgres/pg_hba.conf": pg_hba_conf(settings),
+        "postgres/primary-setup.sql": primary_setup_sql(),
+        f"postgres/{topo.postgres_primary.hostname}.conf": postgresql_conf(settings, topo.postgres_primary),
+        "nginx/nginx.conf": nginx_conf(settings, topo.backends),
+        "backend/environment": "".join(f"{k}={v}\n" for k, v in sorted(backend_environment(settings).items()))
+        + "".join(f"{k}=<secret>\n" for k in BACKEND_SECRET_ENV),
+        "mpi/hostfile": hostfile(settings),
+        "mpi/known_hosts": known_hosts(settings, keys),
+        "mpi/openmpi-mca-params.conf": openmpi_mca_params(settings),
+        "mpi/prte-mca-params.conf": prte_mca_params(settings),
+    }
+    for replica in topo.postgres_replicas:
+        files[f"postgres/{replica.hostname}.conf"] = postgresql_conf(settings, replica)
+    for node in topo.redis_nodes:
+        files[f"redis/{node.hostname}.conf"] = redis_conf(settings, node)
+    for sentinel in topo.sentinels:
+        files[f"redis/{sentinel.hostname}.conf"] = sentinel_conf(settings, sentinel)
+    return files
+
+
+def read_stack_file(project_dir: pathlib.Path, stack: str) -> dict[str, Any]:
+    """The `transvidio:` keys of Pulumi.<stack>.yaml over Pulumi.yaml's defaults, without the prefix."""
+    import yaml
+
+    project = yaml.safe_load((project_dir / "Pulumi.yaml").read_text())
+    raw: dict[str, Any] = {}
+    for key, declaration in (project.get("config") or {}).items():
+        if isinstance(declaration, dict) and "default" in declaration:
+            raw[key.split(":", 1)[-1]] = declaration["default"]
+    stack_file = project_dir / f"Pulumi.{stack}.yaml"
+    if not stack_file.exists():
+        raise SettingsError(f"no stack file {stack_file}")
+    for key, value in ((yaml.safe_load(stack_file.read_text()) or {}).get("config") or {}).items():
+        if key.startswith(PROJECT + ":"):
+            raw[key.split(":", 1)[1]] = value
+    return raw
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write every file a stack puts into its containers.")
+    parser.add_argument("--stack", required=True, help="stack name: reads Pulumi.<stack>.yaml")
+    parser.add_argument("--out", required=True, type=pathlib.Path, help="directory to write into")
+    parser.add_argument("--project-dir", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent.parent)
+    args = parser.parse_args(argv)
+    raw = read_stack_file(args.project_dir, args.stack)
+    try:
+        # Secrets are not read: a `secure:` value only tells that the key is set.
+        tls = all(isinstance(raw.get(k), dict) for k in ("tlsCertificate", "tlsKey"))
+        settings = parse(args.stack, raw, tls_enabled=tls)
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for relative, text in sorted(rendered_files(settings).items()):
+        path = args.out / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

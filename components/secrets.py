@@ -1,0 +1,62 @@
+"""ClusterSecrets: the stack's passwords, generated unless set as secret config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_random as random
+
+from components.settings import SecretOverrides
+
+# Config key -> (child name, length). URL-safe alphabet: these land in DSNs and config files.
+GENERATED = {
+    "postgresPassword": ("postgres-superuser", 32),
+    "replicationPassword": ("postgres-replication", 32),
+    "appDbPassword": ("postgres-app", 32),
+    "redisPassword": ("redis", 32),
+    "secretKey": ("secret-key", 48),
+}
+
+
+@dataclass(frozen=True)
+class ClusterSecretsArgs:
+    overrides: SecretOverrides
+
+
+class ClusterSecrets(pulumi.ComponentResource):
+    """Deploys one RandomPassword per secret the cluster needs; each output is secret.
+
+    A value set with `pulumi config set --secret <key>` replaces the generated one
+    (the RandomPassword is still created, so switching back is not a new password).
+    """
+
+    postgres_password: pulumi.Output[str]
+    replication_password: pulumi.Output[str]
+    app_db_password: pulumi.Output[str]
+    redis_password: pulumi.Output[str]
+    secret_key: pulumi.Output[str]
+    tls_certificate: pulumi.Output[str] | None
+    tls_key: pulumi.Output[str] | None
+
+    def __init__(self, name: str, args: ClusterSecretsArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("transvidio:secrets:ClusterSecrets", name, None, opts)
+        values: dict[str, pulumi.Output[str]] = {}
+        for key, (child, length) in GENERATED.items():
+            generated = random.RandomPassword(
+                f"{name}-{child}",
+                length=length,
+                special=False,
+                opts=pulumi.ResourceOptions(parent=self),
+            )
+            override = args.overrides.get(key)
+            values[key] = pulumi.Output.secret(override if override is not None else generated.result)
+        self.postgres_password = values["postgresPassword"]
+        self.replication_password = values["replicationPassword"]
+        self.app_db_password = values["appDbPassword"]
+        self.redis_password = values["redisPassword"]
+        self.secret_key = values["secretKey"]
+        cert, key = args.overrides.get("tlsCertificate"), args.overrides.get("tlsKey")
+        self.tls_certificate = pulumi.Output.secret(cert) if cert is not None else None
+        self.tls_key = pulumi.Output.secret(key) if key is not None else None
+        self.register_outputs({})

@@ -1,0 +1,470 @@
+"""Stack settings: the one place that reads configuration.
+
+`load()` turns `pulumi.Config("transvidio")` into frozen, validated dataclasses;
+`parse()` does the same from plain values (a stack file read by `components.render`,
+or a test), so both paths share every rule. Every error names the key, the value
+and what is allowed, and is raised before any resource is registered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+PROJECT = "transvidio"
+
+
+class SettingsError(ValueError):
+    """A configuration value is wrong; the message says which, and what is allowed."""
+
+
+# --- value parsers --------------------------------------------------------------------
+
+Parser = Callable[[str, Any], Any]
+
+_SIZE_RE = re.compile(r"^(\d+)\s*([kmgt]?)b?$", re.IGNORECASE)
+_SIZE_FACTORS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+# Docker's reference grammar, simplified: [registry[:port]/]path[:tag][@digest]
+_IMAGE_RE = re.compile(
+    r"^(?:[a-z0-9]+(?:[._-][a-z0-9]+)*(?::\d+)?/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    r"(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
+)
+
+
+def _fail(key: str, value: Any, allowed: str) -> SettingsError:
+    return SettingsError(f"{PROJECT}:{key}={value!r}: {allowed}")
+
+
+def integer(low: int, high: int) -> Parser:
+    def parse(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise _fail(key, value, f"must be a whole number from {low} to {high}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise _fail(key, value, f"must be a whole number from {low} to {high}") from None
+        if not low <= number <= high:
+            raise _fail(key, value, f"must be a whole number from {low} to {high}")
+        return number
+
+    return parse
+
+
+def optional_port(key: str, value: Any) -> int | None:
+    """A host port, or 0/null for 'not published'."""
+    if value in (None, 0, "0", ""):
+        return None
+    result: int = integer(1, 65535)(key, value)
+    return result
+
+
+def boolean(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise _fail(key, value, "must be true or false")
+
+
+def size_bytes(key: str, value: Any) -> int:
+    """'512MB', '1gb', '256m', '64k' or a number of bytes."""
+    match = _SIZE_RE.match(str(value).strip())
+    if not match or int(match.group(1)) == 0:
+        raise _fail(key, value, "must be a size such as 256MB, 1GB or 512m")
+    return int(match.group(1)) * _SIZE_FACTORS[match.group(2).lower()]
+
+
+def megabytes(minimum: int) -> Parser:
+    def parse(key: str, value: Any) -> int:
+        mb = size_bytes(key, value) // 1024**2
+        if mb < minimum:
+            raise _fail(key, value, f"must be at least {minimum}MB")
+        return mb
+
+    return parse
+
+
+def choice(*allowed: str) -> Parser:
+    def parse(key: str, value: Any) -> str:
+        if value not in allowed:
+            raise _fail(key, value, "must be one of " + ", ".join(allowed))
+        return str(value)
+
+    return parse
+
+
+def image_reference(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not _IMAGE_RE.match(value):
+        raise _fail(key, value, "must be an image reference such as debian:trixie-slim")
+    return value
+
+
+def optional_image_reference(key: str, value: Any) -> str | None:
+    return None if value in (None, "") else image_reference(key, value)
+
+
+def subnet(key: str, value: Any) -> ipaddress.IPv4Network:
+    try:
+        network = ipaddress.IPv4Network(str(value), strict=True)
+    except ValueError:
+        raise _fail(key, value, "must be an IPv4 subnet in CIDR form such as 10.210.1.0/24") from None
+    if not network.is_private:
+        raise _fail(key, value, "must be a private subnet (10/8, 172.16/12 or 192.168/16)")
+    return network
+
+
+def ip_address(key: str, value: Any) -> str:
+    try:
+        return str(ipaddress.IPv4Address(str(value)))
+    except ValueError:
+        raise _fail(key, value, "must be an IPv4 address such as 127.0.0.1 or 0.0.0.0") from None
+
+
+def worker_processes(key: str, value: Any) -> str:
+    if value == "auto":
+        return "auto"
+    return str(integer(1, 64)(key, value))
+
+
+def _setting(config_key: str, default: Any, parse: Parser, doc: str) -> Any:
+    """A dataclass field read from `config_key`; `doc` feeds the README's reference."""
+    return field(metadata={"key": config_key, "default": default, "parse": parse, "doc": doc})
+
+
+# --- sections -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """The two bridge networks and where published ports bind."""
+
+    edge_subnet: ipaddress.IPv4Network = _setting(
+        "edgeSubnet", "10.211.0.0/24", subnet, "Subnet of the edge network (nginx, backends)."
+    )
+    data_subnet: ipaddress.IPv4Network = _setting(
+        "dataSubnet", "10.211.1.0/24", subnet, "Subnet of the data network (databases, Redis, MPI, backends)."
+    )
+    data_internal: bool = _setting(
+        "dataInternal", True, boolean, "Make the data network internal (no route out, no published ports)."
+    )
+    publish_host_ip: str = _setting(
+        "publishHostIp", "0.0.0.0", ip_address, "Host address every published port binds to."
+    )
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """Where the images come from."""
+
+    base: str = _setting("base", "debian:trixie-slim", image_reference, "Debian base every role's image is built FROM.")
+    backend: str | None = _setting(
+        "backend", "", optional_image_reference, "A user's backend image; unset builds images/backend."
+    )
+
+
+@dataclass(frozen=True)
+class PostgresSettings:
+    """PostgreSQL primary and streaming replicas."""
+
+    replica_count: int = _setting("replicas", 2, integer(0, 8), "Streaming replicas.")
+    shared_buffers: int = _setting("sharedBuffers", "512MB", size_bytes, "shared_buffers.")
+    work_mem: int = _setting("workMem", "32MB", size_bytes, "work_mem.")
+    maintenance_work_mem: int = _setting("maintenanceWorkMem", "128MB", size_bytes, "maintenance_work_mem.")
+    max_slot_wal_keep_size: int = _setting(
+        "maxSlotWalKeepSize", "1GB", size_bytes, "WAL a lost replica's slot may pin before it is invalidated."
+    )
+    memory_mb: int = _setting("memory", "1GB", megabytes(128), "Memory limit per PostgreSQL container.")
+    shm_size_mb: int = _setting("shmSize", "256MB", megabytes(64), "/dev/shm size per PostgreSQL container.")
+    publish_port: int | None = _setting(
+        "publishPort", 0, optional_port, "Host port of the primary; replicas take the next ones. 0: none."
+    )
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """Redis data nodes and Sentinels."""
+
+    replica_count: int = _setting("replicas", 2, integer(1, 8), "Redis replicas of the master.")
+    sentinel_count: int = _setting("sentinels", 3, integer(1, 7), "Sentinels (3 or more in prod).")
+    quorum: int = _setting("quorum", 2, integer(1, 7), "Sentinels that must agree the master is down.")
+    down_after_ms: int = _setting(
+        "downAfterMs", 5000, integer(500, 600000), "Silence before a Sentinel calls a node down."
+    )
+    failover_timeout_ms: int = _setting(
+        "failoverTimeoutMs", 60000, integer(1000, 3600000), "Sentinel failover-timeout."
+    )
+    maxmemory: int = _setting("maxmemory", "1GB", size_bytes, "Redis maxmemory.")
+    maxmemory_policy: str = _setting(
+        "maxmemoryPolicy",
+        "allkeys-lru",
+        choice("noeviction", "allkeys-lru", "allkeys-lfu", "volatile-lru", "volatile-lfu", "volatile-ttl"),
+        "Eviction policy at maxmemory.",
+    )
+    min_replicas_to_write: int = _setting(
+        "minReplicasToWrite", 1, integer(0, 8), "Replicas a master needs to accept writes."
+    )
+    min_replicas_max_lag: int = _setting(
+        "minReplicasMaxLag", 10, integer(1, 3600), "Seconds of replica silence that stop writes."
+    )
+    memory_mb: int = _setting("memory", "1536MB", megabytes(64), "Memory limit per Redis data node.")
+    sentinel_memory_mb: int = _setting("sentinelMemory", "64MB", megabytes(32), "Memory limit per Sentinel.")
+    publish_port: int | None = _setting(
+        "publishPort", 0, optional_port, "Host port of node 0; the other nodes take the next ones. 0: none."
+    )
+    sentinel_publish_port: int | None = _setting(
+        "sentinelPublishPort", 0, optional_port, "Host port of Sentinel 1; the others take the next. 0: none."
+    )
+
+
+@dataclass(frozen=True)
+class MpiSettings:
+    """Open MPI master and workers."""
+
+    worker_count: int = _setting("workers", 2, integer(1, 16), "MPI workers besides the master.")
+    slots_per_node: int = _setting("slotsPerNode", 1, integer(1, 64), "MPI slots per node in the hostfile.")
+    memory_mb: int = _setting("memory", "2GB", megabytes(128), "Memory limit per MPI node.")
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """The application servers behind nginx."""
+
+    replica_count: int = _setting("replicas", 3, integer(1, 20), "Backend containers.")
+    memory_mb: int = _setting("memory", "1GB", megabytes(128), "Memory limit per backend.")
+
+
+@dataclass(frozen=True)
+class NginxSettings:
+    """The load balancer."""
+
+    worker_processes: str = _setting("workerProcesses", "4", worker_processes, "nginx worker_processes.")
+    worker_connections: int = _setting("workerConnections", 2048, integer(64, 65535), "nginx worker_connections.")
+    http_port: int = _setting("httpPort", 80, integer(1, 65535), "Host port for HTTP.")
+    https_port: int | None = _setting(
+        "httpsPort", 0, optional_port, "Host port for HTTPS (needs tlsCertificate and tlsKey). 0: none."
+    )
+    max_body_size_mb: int = _setting("maxBodySize", "500MB", megabytes(1), "Largest upload accepted.")
+    memory_mb: int = _setting("memory", "256MB", megabytes(32), "Memory limit of the nginx container.")
+
+
+SECTIONS: dict[str, type] = {
+    "network": NetworkSettings,
+    "images": ImageSettings,
+    "postgres": PostgresSettings,
+    "redis": RedisSettings,
+    "mpi": MpiSettings,
+    "backend": BackendSettings,
+    "nginx": NginxSettings,
+}
+
+# Secret keys: `pulumi config set --secret KEY VALUE` replaces the generated value.
+SECRET_KEYS: dict[str, str] = {
+    "postgresPassword": "PostgreSQL superuser password (generated when unset).",
+    "replicationPassword": "PostgreSQL replication role password (generated when unset).",
+    "appDbPassword": "PostgreSQL application role password (generated when unset).",
+    "redisPassword": "Redis and Sentinel password (generated when unset).",
+    "secretKey": "Backend SECRET_KEY (generated when unset).",
+    "tlsCertificate": "PEM certificate chain for nginx HTTPS (optional).",
+    "tlsKey": "PEM private key for nginx HTTPS (optional).",
+}
+
+
+def defaults(section: str) -> dict[str, Any]:
+    """The section's defaults keyed by config key, as Pulumi.yaml declares them."""
+    return {f.metadata["key"]: f.metadata["default"] for f in dataclasses.fields(SECTIONS[section])}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the program needs, validated."""
+
+    project: str
+    stack: str
+    network: NetworkSettings
+    images: ImageSettings
+    postgres: PostgresSettings
+    redis: RedisSettings
+    mpi: MpiSettings
+    backend: BackendSettings
+    nginx: NginxSettings
+    tls_enabled: bool
+
+    @property
+    def prefix(self) -> str:
+        """Prefix of every Docker name, so stacks coexist on one host."""
+        return f"{self.project}-{self.stack}"
+
+    @property
+    def is_production(self) -> bool:
+        return self.stack == "prod" or self.stack.startswith("prod-")
+
+
+def _parse_section(section: str, raw: Any) -> Any:
+    cls = SECTIONS[section]
+    raw = {} if raw is None else raw
+    if not isinstance(raw, Mapping):
+        raise _fail(section, raw, "must be an object, e.g. `pulumi config set --path " + section + ".<key> VALUE`")
+    fields = {f.metadata["key"]: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise SettingsError(
+            f"{PROJECT}:{section}.{unknown[0]} is not a setting of {section}; allowed keys: {', '.join(sorted(fields))}"
+        )
+    values = {}
+    for key, spec in fields.items():
+        value = raw.get(key, spec.metadata["default"])
+        values[spec.name] = spec.metadata["parse"](f"{section}.{key}", value)
+    return cls(**values)
+
+
+# Fixed host offsets per role in the data and edge subnets: scaling one role never moves
+# another role's address, so nothing else is replaced and nobody holds a stale IP.
+ADDRESS_BLOCKS: dict[str, tuple[int, int]] = {
+    "postgres": (10, 9),  # primary .10, replicas .11-.18
+    "redis": (20, 9),  # node 0 .20 (initial master), replicas .21-.28
+    "sentinel": (30, 7),  # .30-.36
+    "mpi": (40, 17),  # master .40, workers .41-.56
+    "nginx": (90, 1),
+    "backend": (100, 20),  # .100-.119
+}
+
+
+def _role_sizes(s: Settings) -> dict[str, int]:
+    return {
+        "postgres": 1 + s.postgres.replica_count,
+        "redis": 1 + s.redis.replica_count,
+        "sentinel": s.redis.sentinel_count,
+        "mpi": 1 + s.mpi.worker_count,
+        "nginx": 1,
+        "backend": s.backend.replica_count,
+    }
+
+
+def _check_subnet(key: str, network: ipaddress.IPv4Network, roles: dict[str, int]) -> None:
+    highest_role, highest = max(
+        ((role, ADDRESS_BLOCKS[role][0] + count - 1) for role, count in roles.items()), key=lambda item: item[1]
+    )
+    # The last address is the broadcast address; .1 is the gateway.
+    if highest >= network.num_addresses - 1:
+        raise _fail(
+            key,
+            str(network),
+            f"holds host offsets 1-{network.num_addresses - 2}, but {highest_role} needs offset {highest}: "
+            "use a /25 or larger",
+        )
+
+
+def _published_ports(s: Settings) -> list[tuple[int, str]]:
+    ports: list[tuple[int, str]] = [(s.nginx.http_port, "nginx.httpPort")]
+    if s.nginx.https_port:
+        ports.append((s.nginx.https_port, "nginx.httpsPort"))
+    ranges = [
+        (s.postgres.publish_port, 1 + s.postgres.replica_count, "postgres.publishPort"),
+        (s.redis.publish_port, 1 + s.redis.replica_count, "redis.publishPort"),
+        (s.redis.sentinel_publish_port, s.redis.sentinel_count, "redis.sentinelPublishPort"),
+    ]
+    for first, count, key in ranges:
+        if first:
+            if first + count - 1 > 65535:
+                raise _fail(key, first, f"needs {count} ports from there, past 65535")
+            ports.extend((first + offset, key) for offset in range(count))
+    return ports
+
+
+def _validate(s: Settings) -> None:
+    r = s.redis
+    if r.quorum > r.sentinel_count:
+        raise SettingsError(
+            f"{PROJECT}:redis.sentinels={r.sentinel_count} with quorum {r.quorum}: "
+            "the quorum must be between 1 and the number of Sentinels"
+        )
+    if s.is_production and r.sentinel_count < 3:
+        raise SettingsError(
+            f"{PROJECT}:redis.sentinels={r.sentinel_count} on stack {s.stack}: production needs at least 3 "
+            "Sentinels (a failover needs a majority of them; fewer cannot survive losing one)"
+        )
+    if r.min_replicas_to_write > r.replica_count - 1:
+        raise SettingsError(
+            f"{PROJECT}:redis.minReplicasToWrite={r.min_replicas_to_write} with {r.replica_count} replicas: "
+            f"must be at most {r.replica_count - 1} (redis.replicas - 1), or the master a failover promotes "
+            "refuses every write while the old master is down"
+        )
+    if s.network.edge_subnet.overlaps(s.network.data_subnet):
+        raise _fail(
+            "network.dataSubnet", str(s.network.data_subnet), f"overlaps network.edgeSubnet={s.network.edge_subnet}"
+        )
+    sizes = _role_sizes(s)
+    _check_subnet("network.dataSubnet", s.network.data_subnet, sizes)
+    _check_subnet("network.edgeSubnet", s.network.edge_subnet, {"nginx": 1, "backend": sizes["backend"]})
+    seen: dict[int, str] = {}
+    for port, key in _published_ports(s):
+        if port in seen:
+            raise SettingsError(
+                f"{PROJECT}:{key} publishes host port {port}, already published by {PROJECT}:{seen[port]}: "
+                "every published port must be distinct"
+            )
+        seen[port] = key
+    data_ports = [key for _, key in _published_ports(s) if not key.startswith("nginx.")]
+    if data_ports and s.network.data_internal:
+        raise SettingsError(
+            f"{PROJECT}:{data_ports[0]} publishes a port while network.dataInternal=true: an internal network "
+            "has no published ports; set network.dataInternal=false (dev only) or the port to 0"
+        )
+    if s.is_production and data_ports:
+        raise SettingsError(
+            f"{PROJECT}:{data_ports[0]} is set on stack {s.stack}: production publishes only nginx; set it to 0"
+        )
+    if s.nginx.https_port and not s.tls_enabled:
+        raise SettingsError(
+            f"{PROJECT}:nginx.httpsPort={s.nginx.https_port} needs the secrets tlsCertificate and tlsKey "
+            "(`pulumi config set --secret tlsCertificate < cert.pem`)"
+        )
+
+
+def parse(stack: str, raw: Mapping[str, Any], tls_enabled: bool = False) -> Settings:
+    """Settings from plain config values keyed without the project prefix."""
+    unknown = sorted(set(raw) - set(SECTIONS) - set(SECRET_KEYS))
+    if unknown:
+        raise SettingsError(
+            f"{PROJECT}:{unknown[0]} is not a setting; allowed keys: {', '.join(sorted([*SECTIONS, *SECRET_KEYS]))}"
+        )
+    sections = {name: _parse_section(name, raw.get(name)) for name in SECTIONS}
+    settings = Settings(project=PROJECT, stack=stack, tls_enabled=tls_enabled, **sections)
+    _validate(settings)
+    return settings
+
+
+@dataclass(frozen=True)
+class SecretOverrides:
+    """Secrets set with `pulumi config set --secret`; None means 'generate it'."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str) -> Any:
+        return self.values.get(key)
+
+
+def load() -> tuple[Settings, SecretOverrides]:
+    """Read and validate the stack's configuration from Pulumi."""
+    import pulumi
+
+    config = pulumi.Config(PROJECT)
+    # Top-level keys too, so a typo such as `transvidio:redsi` is an error, not a silent default.
+    raw: dict[str, Any] = {
+        key.split(":", 1)[1]: None for key in pulumi.runtime.get_config_env() if key.startswith(PROJECT + ":")
+    }
+    for name in SECTIONS:
+        try:
+            value = config.get_object(name)
+        except pulumi.ConfigTypeError:
+            raise _fail(name, config.get(name), "must be an object of settings") from None
+        raw[name] = value
+    overrides = {key: value for key in SECRET_KEYS if (value := config.get_secret(key)) is not None}
+    tls_enabled = "tlsCertificate" in overrides and "tlsKey" in overrides
+    settings = parse(pulumi.get_stack(), raw, tls_enabled=tls_enabled)
+    return settings, SecretOverrides(overrides)

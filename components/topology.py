@@ -1,0 +1,124 @@
+"""The cluster's nodes: names, addresses and published ports, derived from settings.
+
+Pure and deterministic; the components, the renderers and the tests all read the
+same plan, so a hostfile, an nginx upstream and a container's address never disagree.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from components.settings import ADDRESS_BLOCKS, Settings
+
+POSTGRES_PORT = 5432
+REDIS_PORT = 6379
+SENTINEL_PORT = 26379
+BACKEND_PORT = 8000
+NGINX_HTTP_PORT = 8080  # inside the container: nginx runs unprivileged
+NGINX_HTTPS_PORT = 8443
+SSH_PORT = 22
+REDIS_MASTER_NAME = "transvidio"
+POSTGRES_DB = "transvidio"
+POSTGRES_APP_USER = "transvidio"
+POSTGRES_REPLICATION_USER = "replicator"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One container of the cluster."""
+
+    role: str  # postgres-primary, postgres-replica, redis, sentinel, mpi-master, mpi-worker, backend, nginx
+    hostname: str  # DNS name inside the stack's networks
+    container_name: str  # Docker name, prefixed with the stack
+    data_ip: str | None
+    edge_ip: str | None
+    host_port: int | None = None
+
+    @property
+    def slot_name(self) -> str:
+        """PostgreSQL replication slot name of a replica."""
+        return self.hostname.replace("-", "_")
+
+
+def _address(subnet: ipaddress.IPv4Network, block: str, index: int) -> str:
+    return str(subnet.network_address + ADDRESS_BLOCKS[block][0] + index)
+
+
+def _port(first: int | None, index: int) -> int | None:
+    return None if first is None else first + index
+
+
+@dataclass(frozen=True)
+class Topology:
+    settings: Settings
+
+    def _node(
+        self, role: str, hostname: str, block: str, index: int, edge: bool, data: bool = True, port: int | None = None
+    ) -> Node:
+        net = self.settings.network
+        return Node(
+            role=role,
+            hostname=hostname,
+            container_name=f"{self.settings.prefix}-{hostname}",
+            data_ip=_address(net.data_subnet, block, index) if data else None,
+            edge_ip=_address(net.edge_subnet, block, index) if edge else None,
+            host_port=port,
+        )
+
+    @property
+    def postgres_primary(self) -> Node:
+        return self._node(
+            "postgres-primary", "postgres-primary", "postgres", 0, False, port=self.settings.postgres.publish_port
+        )
+
+    @property
+    def postgres_replicas(self) -> list[Node]:
+        first = self.settings.postgres.publish_port
+        return [
+            self._node("postgres-replica", f"postgres-replica-{i}", "postgres", i, False, port=_port(first, i))
+            for i in range(1, self.settings.postgres.replica_count + 1)
+        ]
+
+    @property
+    def redis_nodes(self) -> list[Node]:
+        """Node 0 is the initial master; after a failover any node may be."""
+        first = self.settings.redis.publish_port
+        return [
+            self._node("redis", f"redis-{i}", "redis", i, False, port=_port(first, i))
+            for i in range(self.settings.redis.replica_count + 1)
+        ]
+
+    @property
+    def sentinels(self) -> list[Node]:
+        first = self.settings.redis.sentinel_publish_port
+        return [
+            self._node("sentinel", f"sentinel-{i + 1}", "sentinel", i, False, port=_port(first, i))
+            for i in range(self.settings.redis.sentinel_count)
+        ]
+
+    @property
+    def mpi_master(self) -> Node:
+        return self._node("mpi-master", "mpi-master", "mpi", 0, False)
+
+    @property
+    def mpi_workers(self) -> list[Node]:
+        return [
+            self._node("mpi-worker", f"mpi-worker-{i}", "mpi", i, False)
+            for i in range(1, self.settings.mpi.worker_count + 1)
+        ]
+
+    @property
+    def mpi_nodes(self) -> list[Node]:
+        return [self.mpi_master, *self.mpi_workers]
+
+    @property
+    def backends(self) -> list[Node]:
+        return [
+            self._node("backend", f"backend-{i + 1}", "backend", i, True)
+            for i in range(self.settings.backend.replica_count)
+        ]
+
+    @property
+    def nginx(self) -> Node:
+        return self._node("nginx", "nginx", "nginx", 0, True, data=False, port=self.settings.nginx.http_port)

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Starts a PostgreSQL primary or streaming replica (PG_ROLE=primary|replica).
+# Config comes from the stack's uploads in /etc/transvidio/postgres, secrets from
+# files in /etc/transvidio/secrets. Every step is safe to repeat on a restart.
+set -euo pipefail
+
+CONF_DIR=/etc/transvidio/postgres
+SECRETS_DIR=/etc/transvidio/secrets
+RUN_DIR=/var/lib/postgresql/run
+: "${PGDATA:=/var/lib/postgresql/data}"
+: "${PG_ROLE:?PG_ROLE must be primary or replica}"
+: "${PG_NODE:?PG_NODE names this node (its config is $CONF_DIR/\$PG_NODE.conf)}"
+
+# Debian installs one major version under /usr/lib/postgresql/<major>/bin; find it.
+PG_BIN=$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d | sort -V | tail -n 1)
+export PATH="$PG_BIN:$PATH"
+export PGHOST="$RUN_DIR"
+
+log() { printf '%s entrypoint[%s]: %s\n' "$(date -u +%FT%TZ)" "$PG_NODE" "$*" >&2; }
+
+server_options=(-c "config_file=$CONF_DIR/$PG_NODE.conf")
+
+init_primary() {
+    log "initialising a new cluster in $PGDATA"
+    initdb --pgdata="$PGDATA" --username=postgres --pwfile="$SECRETS_DIR/postgres-password" \
+        --auth-local=peer --auth-host=scram-sha-256 --encoding=UTF8 --locale=C.UTF-8 --data-checksums >/dev/null
+}
+
+run_setup() {
+    # Roles and database on every start, over the unix socket only: nothing can
+    # connect over the network (and the TCP healthcheck fails) until this is done.
+    pg_ctl --pgdata="$PGDATA" --wait --silent \
+        -o "-c config_file=$CONF_DIR/$PG_NODE.conf -c listen_addresses=''" start
+    psql --no-psqlrc --quiet --username=postgres --dbname=postgres --file="$CONF_DIR/primary-setup.sql"
+    pg_ctl --pgdata="$PGDATA" --wait --silent --mode=fast stop
+}
+
+write_passfile() {
+    # libpq reads the replication password from here (primary_conninfo passfile=).
+    local password
+    password=$(cat "$SECRETS_DIR/replication-password")
+    umask 077
+    printf '%s:%s:*:%s:%s\n' "$PRIMARY_HOST" 5432 "${REPLICATION_USER:-replicator}" "$password" >"$RUN_DIR/pgpass"
+    printf '%s:%s:replication:%s:%s\n' "$PRIMARY_HOST" 5432 "${REPLICATION_USER:-replicator}" "$password" >>"$RUN_DIR/pgpass"
+    export PGPASSFILE="$RUN_DIR/pgpass"
+}
+
+bootstrap_replica() {
+    local slot=$1
+    local primary=(--host="$PRIMARY_HOST" --port=5432 --username="${REPLICATION_USER:-replicator}" --no-password)
+    log "waiting for the primary $PRIMARY_HOST"
+    until pg_isready --quiet "${primary[@]:0:3}"; do sleep 1; done
+    # A fresh base backup does not need what an old slot of ours kept (a wiped
+    # volume, an invalidated slot): drop it if present, then create it anew.
+    pg_receivewal "${primary[@]}" --slot="$slot" --drop-slot 2>/dev/null || true
+    pg_receivewal "${primary[@]}" --slot="$slot" --create-slot --if-not-exists
+    log "taking a base backup through slot $slot"
+    find "$PGDATA" -mindepth 1 -delete
+    pg_basebackup "${primary[@]}" --pgdata="$PGDATA" --wal-method=stream --slot="$slot" \
+        --checkpoint=fast --progress --verbose 2>&1 | tail -n 3 >&2
+}
+
+case "$PG_ROLE" in
+primary)
+    if [ ! -s "$PGDATA/PG_VERSION" ]; then
+        init_primary
+    fi
+    run_setup
+    ;;
+replica)
+    : "${PRIMARY_HOST:?PRIMARY_HOST names the primary}"
+    : "${PG_SLOT:?PG_SLOT names the replication slot of this replica}"
+    write_passfile
+    if [ ! -s "$PGDATA/PG_VERSION" ]; then
+        bootstrap_replica "$PG_SLOT"
+    else
+        log "data present: resuming streaming through slot $PG_SLOT"
+    fi
+    touch "$PGDATA/standby.signal"
+    ;;
+*)
+    log "PG_ROLE=$PG_ROLE: must be primary or replica"
+    exit 64
+    ;;
+esac
+
+log "starting postgres as $PG_ROLE"
+exec postgres -D "$PGDATA" "${server_options[@]}"

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Starts a Redis data node that follows whoever the Sentinels say is master.
+# A node never assumes it is master when it has data: a restarted old master that
+# did so would become a second master. Only on the cluster's first start (no data,
+# no Sentinel answering) does the initial master (INITIAL_MASTER) take the role.
+set -euo pipefail
+
+CONF_DIR=/etc/transvidio/redis
+RUN_CONF=/var/lib/redis/run/redis.conf
+: "${REDIS_NODE:?REDIS_NODE names this node (its hostname)}"
+: "${INITIAL_MASTER:?INITIAL_MASTER names the node that is master on first start}"
+: "${REDIS_SENTINELS:?REDIS_SENTINELS lists host:port of every Sentinel}"
+: "${REDIS_MASTER_NAME:=transvidio}"
+: "${SENTINEL_WAIT_SECONDS:=30}"
+
+log() { printf '%s redis-node[%s]: %s\n' "$(date -u +%FT%TZ)" "$REDIS_NODE" "$*" >&2; }
+
+REDISCLI_AUTH=$(cat /etc/transvidio/secrets/redis-password)
+export REDISCLI_AUTH
+
+ask_sentinels() {
+    local entry host port answer
+    IFS=',' read -r -a entries <<<"$REDIS_SENTINELS"
+    for entry in "${entries[@]}"; do
+        host=${entry%:*}
+        port=${entry##*:}
+        answer=$(timeout 2 redis-cli -h "$host" -p "$port" --no-auth-warning \
+            SENTINEL get-master-addr-by-name "$REDIS_MASTER_NAME" 2>/dev/null | head -n 1) || continue
+        if [ -n "$answer" ] && [[ "$answer" != *ERR* ]]; then
+            printf '%s\n' "$answer"
+            return 0
+        fi
+    done
+    return 1
+}
+
+has_data() { [ -d /data/appendonlydir ] || [ -s /data/dump.rdb ]; }
+
+master=""
+deadline=$((SECONDS + SENTINEL_WAIT_SECONDS))
+while :; do
+    if master=$(ask_sentinels); then
+        log "Sentinels say the master is $master"
+        break
+    fi
+    if ! has_data; then
+        master=$INITIAL_MASTER
+        log "no Sentinel answers and no data here: first start, initial master is $master"
+        break
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+        # Data but nobody to ask: come back as a replica of the initial master, never
+        # as a master; the Sentinels reconfigure us once they are back.
+        master=$INITIAL_MASTER
+        [ "$master" = "$REDIS_NODE" ] && master=""
+        log "no Sentinel answered in ${SENTINEL_WAIT_SECONDS}s; following ${master:-nobody (read-only until told)}"
+        break
+    fi
+    sleep 1
+done
+
+password=$REDISCLI_AUTH
+umask 077
+{
+    cat "$CONF_DIR/$REDIS_NODE.conf"
+    printf 'requirepass "%s"\nmasterauth "%s"\n' "$password" "$password"
+    if [ "$master" != "$REDIS_NODE" ]; then
+        printf 'replicaof %s 6379\n' "${master:-$INITIAL_MASTER}"
+    fi
+} >"$RUN_CONF"
+unset password REDISCLI_AUTH
+exec redis-server "$RUN_CONF"

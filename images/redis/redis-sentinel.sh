@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Starts a Sentinel. Sentinel rewrites its config with what it learns (current
+# master, epochs, known peers), so that file lives on the volume and is seeded from
+# the stack's template only when absent. On later starts the template's settings
+# (quorum, timeouts, auth) are applied again while the learned state is kept.
+set -euo pipefail
+
+: "${SENTINEL_NODE:?SENTINEL_NODE names this Sentinel (its hostname)}"
+: "${REDIS_MASTER_NAME:=transvidio}"
+TEMPLATE=/etc/transvidio/redis/$SENTINEL_NODE.conf
+STATE=/data/sentinel.conf
+
+log() { printf '%s sentinel[%s]: %s\n' "$(date -u +%FT%TZ)" "$SENTINEL_NODE" "$*" >&2; }
+
+password=$(cat /etc/transvidio/secrets/redis-password)
+umask 077
+next=$(mktemp /data/sentinel.conf.XXXXXX)
+{
+    if [ -s "$STATE" ]; then
+        # Keep the monitored master's current address, take the quorum from the template.
+        quorum=$(awk -v name="$REDIS_MASTER_NAME" '$1 == "sentinel" && $2 == "monitor" && $3 == name {print $6}' "$TEMPLATE")
+        current=$(awk -v name="$REDIS_MASTER_NAME" '$1 == "sentinel" && $2 == "monitor" && $3 == name {print $4, $5}' "$STATE")
+        log "state found: master is $current"
+        awk '!($1 == "sentinel" && $2 == "monitor")' "$TEMPLATE" | grep -v '^#'
+        printf 'sentinel monitor %s %s %s\n' "$REDIS_MASTER_NAME" "$current" "$quorum"
+        # What Sentinel learned: its id, epochs, known replicas and Sentinels.
+        awk '$1 == "sentinel" && ($2 == "myid" || $2 ~ /epoch$/ || $2 ~ /^known-/)' "$STATE"
+    else
+        log "no state: seeding from the template"
+        grep -v '^#' "$TEMPLATE"
+    fi
+    printf 'requirepass "%s"\n' "$password"
+    printf 'sentinel sentinel-pass "%s"\n' "$password"
+    printf 'sentinel auth-pass %s "%s"\n' "$REDIS_MASTER_NAME" "$password"
+} >"$next"
+# Order matters: global options (resolve-hostnames) before the monitor line, and
+# the options that name the master after it.
+awk -v name="$REDIS_MASTER_NAME" '!($1 == "sentinel" && $3 == name)' "$next" >"$STATE.new"
+awk -v name="$REDIS_MASTER_NAME" '$1 == "sentinel" && $2 == "monitor" && $3 == name' "$next" >>"$STATE.new"
+awk -v name="$REDIS_MASTER_NAME" '$1 == "sentinel" && $2 != "monitor" && $3 == name' "$next" >>"$STATE.new"
+rm -f "$next"
+mv "$STATE.new" "$STATE"
+unset password
+exec redis-server "$STATE" --sentinel

@@ -1,0 +1,376 @@
+"""The whole program under Pulumi mocks, for both real stack files."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from typing import Any
+
+import pytest
+
+from components import render
+from components.settings import parse
+from components.topology import Topology
+from tests.program import Evaluation, Registration, evaluate, is_secret, plain, stack_config
+
+CONTAINER = "docker:index/container:Container"
+STACKS = ("dev", "prod")
+
+
+@cache
+def evaluated(stack: str) -> Evaluation:
+    return evaluate(stack)
+
+
+def env_of(container: Registration) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in plain(container.inputs["envs"]))
+
+
+def uploads_of(container: Registration) -> dict[str, dict[str, Any]]:
+    return {u["file"]: u for u in plain(container.inputs.get("uploads", []))}
+
+
+def networks_of(container: Registration) -> dict[str, dict[str, Any]]:
+    return {n["name"]: n for n in plain(container.inputs["networksAdvanced"])}
+
+
+def labels_of(container: Registration) -> dict[str, str]:
+    return {item["label"]: item["value"] for item in container.inputs["labels"]}
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_counts_and_docker_names(stack: str) -> None:
+    ev = evaluated(stack)
+    s = parse(stack, stack_config(stack))
+    names = set(ev.containers)
+    prefix = f"transvidio-{stack}-"
+    expected = {"postgres-primary", "nginx", "mpi-master"}
+    expected |= {f"postgres-replica-{i}" for i in range(1, s.postgres.replica_count + 1)}
+    expected |= {f"redis-{i}" for i in range(s.redis.replica_count + 1)}
+    expected |= {f"sentinel-{i}" for i in range(1, s.redis.sentinel_count + 1)}
+    expected |= {f"mpi-worker-{i}" for i in range(1, s.mpi.worker_count + 1)}
+    expected |= {f"backend-{i}" for i in range(1, s.backend.replica_count + 1)}
+    assert names == {prefix + n for n in expected}
+    docker_named = ev.of_type("docker:index/network:Network") + ev.of_type("docker:index/volume:Volume")
+    assert all(r.inputs["name"].startswith(prefix) for r in docker_named)
+    assert all(r.inputs["imageName"].startswith(prefix) for r in ev.of_type("docker:index/image:Image"))
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_components_have_typed_tokens_and_parent_their_children(stack: str) -> None:
+    ev = evaluated(stack)
+    components = {r.name: r.type for r in ev.registrations if r.type.startswith("transvidio:")}
+    assert components == {
+        "secrets": "transvidio:secrets:ClusterSecrets",
+        "network": "transvidio:network:ClusterNetworks",
+        "postgres": "transvidio:postgres:PostgresReplicaSet",
+        "redis": "transvidio:redis:RedisSentinelGroup",
+        "mpi": "transvidio:mpi:MpiCluster",
+        "backend": "transvidio:backend:BackendPool",
+        "nginx": "transvidio:nginx:NginxLB",
+    }
+    for registration in ev.registrations:
+        if registration.type.startswith("transvidio:"):
+            continue
+        parent_type = registration.urn.split("::")[2].split("$")[0]
+        assert parent_type.startswith("transvidio:"), registration.urn
+        parent_name = next(n for n, t in components.items() if t == parent_type)
+        assert registration.name.startswith(parent_name), (registration.name, parent_name)
+    assert len({r.urn for r in ev.registrations}) == len(ev.registrations)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_container_gets_the_hygiene(stack: str) -> None:
+    for name, container in evaluated(stack).containers.items():
+        i = container.inputs
+        assert i["restart"] == "unless-stopped", name
+        assert i["logDriver"] == "json-file" and i["logOpts"] == {"max-file": "3", "max-size": "10m"}, name
+        assert i["memory"] >= 32, name
+        assert i["securityOpts"] == ["no-new-privileges:true"], name
+        assert i["capabilities"]["drops"] == ["ALL"], name
+        assert i["healthcheck"]["tests"][0] == "CMD" and len(i["healthcheck"]["tests"]) > 1, name
+        assert i["image"].startswith("sha256:"), name
+        labels = labels_of(container)
+        assert labels["io.transvidio.project"] == "transvidio"
+        assert labels["io.transvidio.stack"] == stack
+        assert labels["io.transvidio.component"] in {"postgres", "redis", "mpi", "backend", "nginx"}
+        assert labels["io.transvidio.role"]
+        assert i["hostname"] in {alias for n in networks_of(container).values() for alias in n["aliases"]}
+        assert container.options["delete_before_replace"] is True, name
+        assert container.options["replace_on_changes"] == ["healthcheck"], name
+
+
+def test_only_nginx_publishes_in_prod_and_the_data_tier_is_internal_only() -> None:
+    ev = evaluated("prod")
+    publishing = {name for name, c in ev.containers.items() if c.inputs.get("ports")}
+    assert publishing == {"transvidio-prod-nginx"}
+    nginx_ports = plain(ev.containers["transvidio-prod-nginx"].inputs["ports"])
+    assert nginx_ports == [{"internal": 8080, "external": 80, "ip": "0.0.0.0", "protocol": "tcp"}]
+    networks = {r.inputs["name"]: r.inputs for r in ev.of_type("docker:index/network:Network")}
+    assert networks["transvidio-prod-data"]["internal"] is True
+    assert networks["transvidio-prod-edge"]["internal"] is False
+    for name, container in ev.containers.items():
+        attached = set(networks_of(container))
+        role = labels_of(container)["io.transvidio.role"]
+        if role in {"postgres-primary", "postgres-replica", "redis", "sentinel", "mpi-master", "mpi-worker"}:
+            assert attached == {"transvidio-prod-data"}, name
+        elif role == "backend":
+            assert attached == {"transvidio-prod-data", "transvidio-prod-edge"}, name
+        else:
+            assert attached == {"transvidio-prod-edge"}, name
+
+
+def test_dev_publishes_debug_ports_on_loopback_after_the_seed_port_map() -> None:
+    ev = evaluated("dev")
+    published = {
+        name.removeprefix("transvidio-dev-"): [
+            (p["ip"], p["external"], p["internal"]) for p in plain(c.inputs["ports"])
+        ]
+        for name, c in ev.containers.items()
+        if c.inputs.get("ports")
+    }
+    assert published == {
+        "postgres-primary": [("127.0.0.1", 5432, 5432)],
+        "postgres-replica-1": [("127.0.0.1", 5433, 5432)],
+        "redis-0": [("127.0.0.1", 6379, 6379)],
+        "redis-1": [("127.0.0.1", 6380, 6379)],
+        "sentinel-1": [("127.0.0.1", 26379, 26379)],
+        "nginx": [("127.0.0.1", 8080, 8080)],
+    }
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_fixed_addresses_match_the_topology(stack: str) -> None:
+    ev = evaluated(stack)
+    topo = Topology(parse(stack, stack_config(stack)))
+    nodes = [
+        topo.postgres_primary,
+        *topo.postgres_replicas,
+        *topo.redis_nodes,
+        *topo.sentinels,
+        *topo.mpi_nodes,
+        *topo.backends,
+        topo.nginx,
+    ]
+    for node in nodes:
+        networks = networks_of(ev.containers[node.container_name])
+        if node.data_ip:
+            assert networks[f"transvidio-{stack}-data"]["ipv4Address"] == node.data_ip
+        if node.edge_ip:
+            assert networks[f"transvidio-{stack}-edge"]["ipv4Address"] == node.edge_ip
+    addresses = [n.data_ip for n in nodes if n.data_ip] + [n.edge_ip for n in nodes if n.edge_ip]
+    assert len(addresses) == len(set(addresses))
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_backend_env_contract(stack: str) -> None:
+    ev = evaluated(stack)
+    s = parse(stack, stack_config(stack))
+    for backend in (c for c in ev.containers.values() if labels_of(c)["io.transvidio.role"] == "backend"):
+        env = env_of(backend)
+        assert env["POSTGRES_MASTER_HOST"] == "postgres-primary"
+        assert env["POSTGRES_SLAVE_HOSTS"].split(",") == [
+            f"postgres-replica-{i}" for i in range(1, s.postgres.replica_count + 1)
+        ]
+        assert env["POSTGRES_DB"] == "transvidio" and env["POSTGRES_USER"] == "transvidio"
+        assert env["REDIS_SENTINELS"].split(",") == [
+            f"sentinel-{i}:26379" for i in range(1, s.redis.sentinel_count + 1)
+        ]
+        assert env["REDIS_MASTER_NAME"] == "transvidio"
+        assert env["MPI_MASTER_HOST"] == "mpi-master"
+        assert env["OUTPUTS_DIR"] == render.OUTPUTS_DIR
+        assert env["POSTGRES_PASSWORD"] and env["REDIS_PASSWORD"] and env["SECRET_KEY"]
+        assert is_secret(backend.inputs["envs"])
+        mounts = {v["containerPath"]: v for v in backend.inputs["volumes"]}
+        assert set(mounts) == {render.UPLOADS_DIR, render.OUTPUTS_DIR}
+        assert backend.inputs["healthcheck"]["tests"] == ["CMD", "python3", "/usr/local/bin/healthcheck.py"]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_postgres_primary_waits_and_replicas_follow_it(stack: str) -> None:
+    ev = evaluated(stack)
+    containers = ev.containers
+    primary = containers[f"transvidio-{stack}-postgres-primary"]
+    assert primary.inputs["wait"] is True
+    assert primary.inputs["shmSize"] >= 64
+    assert env_of(primary)["PG_ROLE"] == "primary"
+    assert f"{render.POSTGRES_CONF_DIR}/primary-setup.sql" in uploads_of(primary)
+    replicas = [c for c in containers.values() if labels_of(c)["io.transvidio.role"] == "postgres-replica"]
+    assert replicas
+    # Registration order is dependency order: no replica registers before the primary returned.
+    order = [r.name for r in ev.registrations]
+    for replica in replicas:
+        assert order.index(replica.name) > order.index(primary.name)
+        assert primary.urn in replica.options["dependencies"]
+        env = env_of(replica)
+        assert env["PG_ROLE"] == "replica" and env["PRIMARY_HOST"] == "postgres-primary"
+        assert env["PG_SLOT"] == replica.inputs["hostname"].replace("-", "_")
+        assert replica.inputs["healthcheck"]["tests"] == ["CMD", "/usr/local/bin/healthcheck.sh"]
+    volumes = {v["containerPath"]: v["volumeName"] for c in [primary, *replicas] for v in c.inputs["volumes"]}
+    assert set(volumes) == {"/var/lib/postgresql/data"}
+    assert len({v["volumeName"] for c in [primary, *replicas] for v in c.inputs["volumes"]}) == len(replicas) + 1
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_redis_nodes_and_sentinels(stack: str) -> None:
+    ev = evaluated(stack)
+    s = parse(stack, stack_config(stack))
+    nodes = [c for c in ev.containers.values() if labels_of(c)["io.transvidio.role"] == "redis"]
+    sentinels = [c for c in ev.containers.values() if labels_of(c)["io.transvidio.role"] == "sentinel"]
+    assert len(nodes) == s.redis.replica_count + 1 and len(sentinels) == s.redis.sentinel_count
+    master = ev.containers[f"transvidio-{stack}-redis-0"]
+    assert master.inputs["wait"] is True
+    for node in nodes:
+        env = env_of(node)
+        assert env["INITIAL_MASTER"] == "redis-0" and env["REDIS_NODE"] == node.inputs["hostname"]
+        conf = uploads_of(node)[f"{render.REDIS_CONF_DIR}/{node.inputs['hostname']}.conf"]["content"]
+        assert "appendonly yes" in conf
+        password = uploads_of(node)[f"{render.SECRETS_DIR}/redis-password"]
+        assert password["permissions"] == "0400" and password["owner"] == "10002"
+    for sentinel in sentinels:
+        assert sentinel.inputs["entrypoints"] == ["/usr/local/bin/redis-sentinel.sh"]
+        conf = uploads_of(sentinel)[f"{render.REDIS_CONF_DIR}/{sentinel.inputs['hostname']}.conf"]["content"]
+        assert f"sentinel monitor transvidio redis-0 6379 {s.redis.quorum}" in conf
+        assert {v["containerPath"] for v in sentinel.inputs["volumes"]} == {"/data"}
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_mpi_keys_hostfile_and_known_hosts(stack: str) -> None:
+    ev = evaluated(stack)
+    s = parse(stack, stack_config(stack))
+    keys = {r.name: r for r in ev.of_type("tls:index/privateKey:PrivateKey")}
+    assert all(k.inputs["algorithm"] == "ED25519" for k in keys.values())
+    assert len(keys) == 1 + 1 + s.mpi.worker_count  # client key + one host key per node
+    mpi_nodes = [c for c in ev.containers.values() if labels_of(c)["io.transvidio.component"] == "mpi"]
+    assert len(mpi_nodes) == 1 + s.mpi.worker_count
+    for node in mpi_nodes:
+        uploads = uploads_of(node)
+        hostname = node.inputs["hostname"]
+        assert uploads[f"{render.MPI_CONF_DIR}/hostfile"]["content"] == render.hostfile(s)
+        known = uploads["/etc/ssh/ssh_known_hosts"]["content"].splitlines()
+        assert len(known) == len(mpi_nodes)
+        for line in known:
+            host = line.split(",")[0]
+            host_key = keys[f"mpi-{host}-host-key" if not host.startswith("mpi-") else f"{host}-host-key"]
+            assert line.endswith(host_key.outputs["public_key_openssh"].strip())
+        own_key = keys[f"{hostname}-host-key"]
+        assert uploads["/etc/ssh/ssh_host_ed25519_key"]["owner"] == "0"
+        assert uploads["/etc/ssh/ssh_host_ed25519_key"]["permissions"] == "0400"
+        assert uploads["/etc/ssh/ssh_host_ed25519_key"]["content"] == plain(own_key.outputs["private_key_openssh"])
+        assert uploads["/home/app/.ssh/id_ed25519"]["owner"] == "10010"
+        assert (
+            uploads["/home/app/.ssh/authorized_keys"]["content"] == keys["mpi-client-key"].outputs["public_key_openssh"]
+        )
+        assert (
+            "btl_tcp_if_include = " + str(s.network.data_subnet)
+            in uploads["/home/app/.openmpi/mca-params.conf"]["content"]
+        )
+
+
+def test_nginx_upstream_follows_the_backend_count_and_scaling_touches_only_backends_and_nginx() -> None:
+    three = evaluate("prod")
+    five = evaluate("prod", {"backend": {"replicas": 5}})
+    conf = uploads_of(five.containers["transvidio-prod-nginx"])[f"{render.NGINX_CONF_DIR}/nginx.conf"]["content"]
+    assert [line.split()[1] for line in conf.splitlines() if line.strip().startswith("server 10.")] == [
+        f"10.211.0.{100 + i}:8000" for i in range(5)
+    ]
+    before = {r.urn: r.inputs for r in three.registrations}
+    after = {r.urn: r.inputs for r in five.registrations}
+    added = set(after) - set(before)
+    assert {urn.rsplit("::", 1)[1] for urn in added} == {"backend-4", "backend-5"}
+    changed = {urn.rsplit("::", 1)[1] for urn in before if urn in after and before[urn] != after[urn]}
+    assert changed == {"nginx"}
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_no_secret_appears_outside_a_secret(stack: str) -> None:
+    ev = evaluated(stack)
+    secret_values = {plain(r.outputs["result"]) for r in ev.of_type("random:index/randomPassword:RandomPassword")} | {
+        plain(r.outputs["private_key_openssh"]) for r in ev.of_type("tls:index/privateKey:PrivateKey")
+    }
+    assert len(secret_values) == 5 + len(ev.of_type("tls:index/privateKey:PrivateKey"))
+
+    def leaks(value: Any) -> list[str]:
+        if is_secret(value):
+            return []
+        if isinstance(value, dict):
+            return [leak for v in value.values() for leak in leaks(v)]
+        if isinstance(value, list):
+            return [leak for v in value for leak in leaks(v)]
+        return [s for s in secret_values if isinstance(value, str) and s in value]
+
+    for registration in ev.registrations:
+        assert leaks(registration.inputs) == [], registration.name
+    found_in_secret = json.dumps(plain([r.inputs for r in ev.registrations]))
+    assert all(s in found_in_secret for s in secret_values)  # they do reach the containers
+    for name, (value, secret) in ev.exports.items():
+        if any(s in json.dumps(value) for s in secret_values):
+            assert secret, f"export {name} leaks a secret"
+    for name in (
+        "postgresPrimaryDsn",
+        "postgresReplicaDsns",
+        "postgresSuperuserPassword",
+        "redisPassword",
+        "secretKey",
+    ):
+        assert ev.exports[name][1], name
+
+
+def test_secret_config_replaces_a_generated_password() -> None:
+    ev = evaluate("dev", secret_config={"redisPassword": "chosen-by-the-operator"})
+    node = ev.containers["transvidio-dev-redis-0"]
+    password = uploads_of(node)[f"{render.SECRETS_DIR}/redis-password"]["content"]
+    assert password == "chosen-by-the-operator"
+    assert is_secret(node.inputs["uploads"])
+    assert env_of(ev.containers["transvidio-dev-backend-1"])["REDIS_PASSWORD"] == "chosen-by-the-operator"
+
+
+def test_passwords_are_url_safe_and_stable() -> None:
+    for password in evaluated("prod").of_type("random:index/randomPassword:RandomPassword"):
+        assert password.inputs["special"] is False
+        assert password.inputs["length"] >= 32
+        assert "keepers" not in password.inputs
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_evaluating_twice_gives_identical_inputs(stack: str) -> None:
+    first, second = evaluate(stack), evaluate(stack)
+    assert [(r.urn, plain(r.inputs)) for r in first.registrations] == [
+        (r.urn, plain(r.inputs)) for r in second.registrations
+    ] or sorted((r.urn, json.dumps(plain(r.inputs), sort_keys=True)) for r in first.registrations) == sorted(
+        (r.urn, json.dumps(plain(r.inputs), sort_keys=True)) for r in second.registrations
+    )
+    assert first.exports == second.exports
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_data_volumes_survive_destroy(stack: str) -> None:
+    ev = evaluated(stack)
+    volumes = ev.of_type("docker:index/volume:Volume")
+    assert volumes
+    assert all(v.options["retain_on_delete"] for v in volumes)
+    names = {v.inputs["name"] for v in volumes}
+    for container in ev.containers.values():
+        for volume in container.inputs.get("volumes", []):
+            assert volume["volumeName"] in names
+
+
+def test_images_build_from_images_dir_on_the_configured_base() -> None:
+    ev = evaluate("prod", {"images": {"base": "debian:forky-slim"}})
+    images = {r.name: r.inputs for r in ev.of_type("docker:index/image:Image")}
+    assert set(images) == {f"{role}-image" for role in ("postgres", "redis", "mpi", "backend", "nginx")}
+    for name, inputs in images.items():
+        role = name.removesuffix("-image")
+        assert inputs["build"]["context"] == f"images/{role}"
+        assert inputs["build"]["dockerfile"] == f"images/{role}/Dockerfile"
+        assert inputs["build"]["args"]["BASE_IMAGE"] == "debian:forky-slim"
+        assert inputs["skipPush"] is True
+
+
+def test_a_users_backend_image_replaces_the_build() -> None:
+    ev = evaluate("prod", {"images": {"backend": "registry.example.com/team/backend:1.4"}})
+    assert "backend-image" not in {r.name for r in ev.of_type("docker:index/image:Image")}
+    remote = ev.named("backend-image")
+    assert remote.type == "docker:index/remoteImage:RemoteImage"
+    assert remote.inputs["name"] == "registry.example.com/team/backend:1.4"
+    assert ev.containers["transvidio-prod-backend-1"].inputs["image"] == remote.outputs["image_id"]

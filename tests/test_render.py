@@ -1,0 +1,187 @@
+"""The renderers on their own: pure functions from settings to the files containers get."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+from typing import Any
+
+from components import render
+from components.settings import Settings, parse
+from components.topology import Topology
+from tests.program import PROJECT_DIR, stack_config
+
+
+def settings(stack: str = "prod", **overrides: dict[str, Any]) -> Settings:
+    return parse(stack, stack_config(stack, overrides))
+
+
+def upstream_servers(conf: str) -> list[str]:
+    block = conf[conf.index("upstream backends {") : conf.index("}", conf.index("upstream backends {"))]
+    return re.findall(r"server (\S+) ", block)
+
+
+def test_nginx_upstream_lists_every_backend_and_follows_the_count() -> None:
+    for count in (1, 3, 5):
+        s = settings(backend={"replicas": count})
+        servers = upstream_servers(render.nginx_conf(s, Topology(s).backends))
+        assert servers == [f"10.211.0.{100 + i}:8000" for i in range(count)]
+
+
+def test_nginx_conf_carries_the_proxy_contract() -> None:
+    s = settings()
+    conf = render.nginx_conf(s, Topology(s).backends)
+    assert "client_max_body_size 500m;" in conf
+    assert "max_fails=2 fail_timeout=10s" in conf
+    assert "proxy_next_upstream error timeout http_502 http_503 http_504;" in conf
+    assert "non_idempotent" not in conf
+    assert "proxy_set_header Upgrade $http_upgrade;" in conf
+    assert "proxy_set_header Connection $connection_upgrade;" in conf
+    assert f"alias {render.OUTPUTS_DIR}/;" in conf
+    assert "worker_processes 4;" in conf and "worker_connections 2048;" in conf
+    status = conf[conf.index("location = /nginx-status") :]
+    status = status[: status.index("}")]
+    assert status.index("deny 10.211.0.1;") < status.index("allow 10.211.0.0/24;") < status.index("deny all;")
+    assert "ssl_certificate" not in conf
+
+
+def test_nginx_conf_adds_tls_only_when_enabled() -> None:
+    s = parse("prod", stack_config("prod", {"nginx": {"httpsPort": 443}}), tls_enabled=True)
+    conf = render.nginx_conf(s, Topology(s).backends)
+    assert "listen 8443 ssl;" in conf
+    assert f"ssl_certificate {render.SECRETS_DIR}/tls.crt;" in conf
+
+
+def test_sentinel_monitor_line_uses_the_quorum_and_the_initial_master() -> None:
+    s = settings(redis={"sentinels": 5, "quorum": 3})
+    conf = render.sentinel_conf(s, Topology(s).sentinels[4])
+    assert "sentinel monitor transvidio redis-0 6379 3" in conf
+    assert "sentinel announce-ip sentinel-5" in conf
+    assert "sentinel resolve-hostnames yes" in conf and "sentinel announce-hostnames yes" in conf
+    assert "sentinel down-after-milliseconds transvidio 5000" in conf
+    assert "sentinel failover-timeout transvidio 60000" in conf
+    # resolve-hostnames must precede the monitor line that names a host.
+    assert conf.index("resolve-hostnames") < conf.index("sentinel monitor")
+
+
+def test_redis_conf_persists_and_bounds_writes() -> None:
+    s = settings()
+    conf = render.redis_conf(s, Topology(s).redis_nodes[2])
+    for line in (
+        "appendonly yes",
+        "min-replicas-to-write 1",
+        "min-replicas-max-lag 10",
+        "replica-announce-ip redis-2",
+        f"maxmemory {1024**3}",
+        "maxmemory-policy allkeys-lru",
+    ):
+        assert line in conf.splitlines()
+    assert "requirepass" not in conf  # the password is added at start from the secret file
+
+
+def test_hostfile_and_known_hosts_list_every_mpi_node() -> None:
+    s = settings(mpi={"workers": 3, "slotsPerNode": 2})
+    assert render.hostfile(s).splitlines() == [
+        "mpi-master slots=2",
+        "mpi-worker-1 slots=2",
+        "mpi-worker-2 slots=2",
+        "mpi-worker-3 slots=2",
+    ]
+    keys = [f"ssh-ed25519 KEY{i}\n" for i in range(4)]
+    assert render.known_hosts(s, keys).splitlines() == [
+        "mpi-master,10.211.1.40 ssh-ed25519 KEY0",
+        "mpi-worker-1,10.211.1.41 ssh-ed25519 KEY1",
+        "mpi-worker-2,10.211.1.42 ssh-ed25519 KEY2",
+        "mpi-worker-3,10.211.1.43 ssh-ed25519 KEY3",
+    ]
+
+
+def test_mpi_is_pinned_to_the_data_subnet() -> None:
+    s = settings()
+    assert "btl_tcp_if_include = 10.211.1.0/24" in render.openmpi_mca_params(s)
+    assert "prte_if_include = 10.211.1.0/24" in render.prte_mca_params(s)
+    assert "StrictHostKeyChecking=yes" in render.prte_mca_params(s)
+
+
+def test_pg_hba_allows_replication_only_from_the_data_subnet_with_scram() -> None:
+    s = settings()
+    rows = [line.split() for line in render.pg_hba_conf(s).splitlines() if line and not line.startswith("#")]
+    assert ["host", "replication", "replicator", "10.211.1.0/24", "scram-sha-256"] in rows
+    assert rows[-1] == ["host", "all", "all", "0.0.0.0/0", "reject"]
+    assert not any(r[0] == "host" and r[2] == "postgres" for r in rows)
+
+
+def test_postgresql_conf_replication_settings_and_replica_slot() -> None:
+    s = settings()
+    topo = Topology(s)
+    primary = render.postgresql_conf(s, topo.postgres_primary)
+    for line in (
+        "wal_level = replica",
+        "shared_buffers = '512MB'",
+        "work_mem = '32MB'",
+        "maintenance_work_mem = '128MB'",
+        "max_slot_wal_keep_size = '1GB'",
+        "password_encryption = 'scram-sha-256'",
+    ):
+        assert line in primary.splitlines()
+    assert "primary_conninfo" not in primary
+    replica = render.postgresql_conf(s, topo.postgres_replicas[1])
+    assert "primary_slot_name = 'postgres_replica_2'" in replica
+    assert "host=postgres-primary" in replica and "user=replicator" in replica
+
+
+def test_primary_setup_sql_is_idempotent_and_reads_passwords_from_files() -> None:
+    sql = render.primary_setup_sql()
+    assert "WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'replicator')" in sql
+    assert "WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'transvidio')" in sql
+    assert f"`cat {render.SECRETS_DIR}/replication-password`" in sql
+
+
+def test_rendering_is_deterministic_and_has_no_secrets() -> None:
+    s = settings()
+    first, second = render.rendered_files(s), render.rendered_files(s)
+    assert first == second
+    assert not any("password" in text.lower() and "requirepass" in text for text in first.values())
+
+
+def test_render_command_writes_every_file_of_a_stack(tmp_path: pathlib.Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "components.render", "--stack", "prod", "--out", str(tmp_path)],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert written == set(render.rendered_files(settings()))
+    assert "redis/sentinel-3.conf" in written and "postgres/postgres-replica-2.conf" in written
+    assert result.stdout.count("\n") == len(written)
+    env = (tmp_path / "backend/environment").read_text()
+    assert "POSTGRES_PASSWORD=<secret>" in env and "POSTGRES_SLAVE_HOSTS=postgres-replica-1,postgres-replica-2" in env
+
+
+def test_render_command_reports_a_bad_setting(tmp_path: pathlib.Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "Pulumi.yaml").write_text((PROJECT_DIR / "Pulumi.yaml").read_text())
+    (project / "Pulumi.bad.yaml").write_text("config:\n  transvidio:backend:\n    replicas: 99\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "components.render",
+            "--stack",
+            "bad",
+            "--out",
+            str(tmp_path / "out"),
+            "--project-dir",
+            str(project),
+        ],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "transvidio:backend.replicas=99" in result.stderr

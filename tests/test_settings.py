@@ -1,0 +1,157 @@
+"""Settings: every bad value stops the program with a message naming key, value and rule."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import yaml
+
+from components import settings as cfg
+from tests.program import PROJECT_DIR, evaluate, stack_config
+
+
+def parse_stack(stack: str, overrides: dict[str, Any] | None = None, tls: bool = False) -> cfg.Settings:
+    return cfg.parse(stack, stack_config(stack, overrides), tls_enabled=tls)
+
+
+def test_both_stacks_parse_to_the_documented_shapes() -> None:
+    dev, prod = parse_stack("dev"), parse_stack("prod")
+    assert (dev.backend.replica_count, dev.postgres.replica_count, dev.redis.replica_count) == (1, 1, 1)
+    assert (dev.redis.sentinel_count, dev.redis.quorum, dev.mpi.worker_count) == (1, 1, 1)
+    assert (prod.backend.replica_count, prod.postgres.replica_count, prod.redis.replica_count) == (3, 2, 2)
+    assert (prod.redis.sentinel_count, prod.redis.quorum, prod.mpi.worker_count) == (3, 2, 2)
+    assert dev.network.publish_host_ip == "127.0.0.1"
+    assert prod.postgres.publish_port is None and prod.redis.publish_port is None
+
+
+def test_prod_defaults_are_the_seed_guides_tuning() -> None:
+    prod = parse_stack("prod")
+    assert prod.postgres.shared_buffers == 512 * 1024**2
+    assert prod.postgres.work_mem == 32 * 1024**2
+    assert prod.postgres.maintenance_work_mem == 128 * 1024**2
+    assert prod.redis.maxmemory == 1024**3
+    assert (prod.nginx.worker_processes, prod.nginx.worker_connections) == ("4", 2048)
+
+
+def test_pulumi_yaml_declares_exactly_the_settings_defaults() -> None:
+    project = yaml.safe_load((PROJECT_DIR / "Pulumi.yaml").read_text())
+    assert project["name"] == "transvidio"
+    assert project["runtime"]["name"] == "python"
+    assert project["runtime"]["options"]["virtualenv"] == ".venv"
+    for section in cfg.SECTIONS:
+        declared = project["config"][section]
+        assert declared["description"]
+        assert declared["default"] == cfg.defaults(section), section
+
+
+def test_every_setting_has_a_default_that_parses() -> None:
+    for section, cls in cfg.SECTIONS.items():
+        for spec in dataclasses.fields(cls):
+            spec.metadata["parse"](f"{section}.{spec.metadata['key']}", spec.metadata["default"])
+
+
+ERRORS = [
+    ("dev", {"backend": {"replicas": 0}}, "transvidio:backend.replicas=0", "from 1 to 20"),
+    ("dev", {"backend": {"replicas": 21}}, "transvidio:backend.replicas=21", "from 1 to 20"),
+    ("dev", {"postgres": {"replicas": "two"}}, "transvidio:postgres.replicas='two'", "whole number"),
+    ("dev", {"mpi": {"workers": True}}, "transvidio:mpi.workers=True", "whole number"),
+    (
+        "dev",
+        {"redis": {"sentinels": 1, "quorum": 2}},
+        "transvidio:redis.sentinels=1 with quorum 2",
+        "between 1 and the number of Sentinels",
+    ),
+    (
+        "prod",
+        {"redis": {"sentinels": 2, "quorum": 2}},
+        "transvidio:redis.sentinels=2 on stack prod",
+        "at least 3 Sentinels",
+    ),
+    (
+        "dev",
+        {"redis": {"publishPort": 5432}},
+        "transvidio:redis.publishPort publishes host port 5432",
+        "already published by transvidio:postgres.publishPort",
+    ),
+    ("dev", {"nginx": {"httpPort": 26379}}, "host port 26379", "every published port must be distinct"),
+    ("dev", {"postgres": {"memory": "lots"}}, "transvidio:postgres.memory='lots'", "must be a size"),
+    ("dev", {"redis": {"maxmemory": "1 zettabyte"}}, "transvidio:redis.maxmemory='1 zettabyte'", "must be a size"),
+    ("dev", {"postgres": {"memory": "16MB"}}, "transvidio:postgres.memory='16MB'", "at least 128MB"),
+    ("dev", {"images": {"base": "Debian:Trixie!"}}, "transvidio:images.base='Debian:Trixie!'", "image reference"),
+    ("dev", {"images": {"backend": "UPPER/case"}}, "transvidio:images.backend='UPPER/case'", "image reference"),
+    (
+        "dev",
+        {"network": {"dataSubnet": "10.210.1.0/26"}},
+        "transvidio:network.dataSubnet='10.210.1.0/26'",
+        "backend needs offset 100",
+    ),
+    ("dev", {"network": {"dataSubnet": "10.210.1.0/33"}}, "transvidio:network.dataSubnet", "CIDR"),
+    ("dev", {"network": {"dataSubnet": "8.8.8.0/24"}}, "transvidio:network.dataSubnet='8.8.8.0/24'", "private"),
+    ("dev", {"network": {"dataSubnet": "10.210.0.0/16"}}, "transvidio:network.dataSubnet", "overlaps"),
+    ("dev", {"redis": {"sentinals": 3}}, "transvidio:redis.sentinals is not a setting of redis", "allowed keys"),
+    ("dev", {"postgress": {"replicas": 1}}, "transvidio:postgress is not a setting", "allowed keys"),
+    ("dev", {"redis": "three"}, "transvidio:redis='three'", "must be an object"),
+    ("dev", {"redis": {"minReplicasToWrite": 1}}, "transvidio:redis.minReplicasToWrite=1 with 1 replicas", "at most 0"),
+    ("dev", {"redis": {"maxmemoryPolicy": "random"}}, "transvidio:redis.maxmemoryPolicy='random'", "one of"),
+    (
+        "dev",
+        {"network": {"dataInternal": True}},
+        "transvidio:postgres.publishPort publishes a port while",
+        "network.dataInternal=false",
+    ),
+    (
+        "prod",
+        {"network": {"dataInternal": False}, "postgres": {"publishPort": 5432}},
+        "transvidio:postgres.publishPort is set on stack prod",
+        "production publishes only nginx",
+    ),
+    ("prod", {"nginx": {"httpsPort": 443}}, "transvidio:nginx.httpsPort=443", "tlsCertificate and tlsKey"),
+    (
+        "dev",
+        {"network": {"publishHostIp": "localhost"}},
+        "transvidio:network.publishHostIp='localhost'",
+        "IPv4 address",
+    ),
+    ("dev", {"nginx": {"workerProcesses": "many"}}, "transvidio:nginx.workerProcesses='many'", "from 1 to 64"),
+    ("dev", {"redis": {"publishPort": 65535}}, "transvidio:redis.publishPort=65535", "past 65535"),
+]
+
+
+@pytest.mark.parametrize(("stack", "overrides", "names", "allowed"), ERRORS, ids=[e[2] for e in ERRORS])
+def test_bad_value_is_named_with_what_is_allowed(
+    stack: str, overrides: dict[str, Any], names: str, allowed: str
+) -> None:
+    with pytest.raises(cfg.SettingsError) as raised:
+        parse_stack(stack, overrides)
+    assert names in str(raised.value)
+    assert allowed in str(raised.value)
+
+
+def test_a_bad_value_stops_the_program_before_any_resource_is_registered() -> None:
+    with pytest.raises(Exception, match=r"transvidio:redis\.sentinels=1 with quorum 2") as raised:
+        evaluate("dev", {"redis": {"sentinels": 1, "quorum": 2}})
+    assert "registered" not in str(raised.value)
+    # A fresh, valid evaluation afterwards is unaffected.
+    assert evaluate("dev").containers
+
+
+def test_bad_value_registers_nothing() -> None:
+    from tests.program import FakeMocks
+
+    created: list[str] = []
+
+    class Counting(FakeMocks):
+        def new_resource(self, args):
+            created.append(args.name)
+            return super().new_resource(args)
+
+    with pytest.raises(Exception, match=r"transvidio:postgres\.memory"):
+        evaluate("dev", {"postgres": {"memory": "lots"}}, mocks=Counting())
+    assert created == []
+
+
+def test_https_port_is_accepted_with_a_certificate_and_key() -> None:
+    settings = parse_stack("prod", {"nginx": {"httpsPort": 443}}, tls=True)
+    assert settings.nginx.https_port == 443
