@@ -53,12 +53,12 @@ class RedisSentinelGroup(pulumi.ComponentResource):
         common_env = [
             f"REDIS_MASTER_NAME={REDIS_MASTER_NAME}",
             f"REDIS_SENTINELS={self.sentinel_addresses}",
-            f"INITIAL_MASTER={initial_master.hostname}",
+            f"INITIAL_MASTER={initial_master.data_ip}",
         ]
         self.master = self._node(
             initial_master,
             render.redis_conf(s, initial_master),
-            [*common_env, f"REDIS_NODE={initial_master.hostname}"],
+            [*common_env, f"REDIS_NODE={initial_master.hostname}", f"REDIS_ANNOUNCE_IP={initial_master.data_ip}"],
             REDIS_PORT,
             s.redis.memory_mb,
             wait=True,
@@ -68,7 +68,7 @@ class RedisSentinelGroup(pulumi.ComponentResource):
             self._node(
                 node,
                 render.redis_conf(s, node),
-                [*common_env, f"REDIS_NODE={node.hostname}"],
+                [*common_env, f"REDIS_NODE={node.hostname}", f"REDIS_ANNOUNCE_IP={node.data_ip}"],
                 REDIS_PORT,
                 s.redis.memory_mb,
                 wait=False,

@@ -79,7 +79,8 @@ def postgresql_conf(settings: Settings, node: Node) -> str:
         "wal_receiver_timeout = '30s'",
         "wal_sender_timeout = '30s'",
         "log_destination = 'stderr'",
-        "log_connections = on",
+        # Off: healthchecks connect every few seconds and would flood the log.
+        "log_connections = off",
         "log_replication_commands = on",
         "log_line_prefix = '%m [%p] %q%u@%d '",
     ]
@@ -146,7 +147,8 @@ def redis_conf(settings: Settings, node: Node) -> str:
         f"maxmemory-policy {r.maxmemory_policy}",
         f"min-replicas-to-write {r.min_replicas_to_write}",
         f"min-replicas-max-lag {r.min_replicas_max_lag}",
-        f"replica-announce-ip {node.hostname}",
+        # Fixed addresses, not names: Sentinel and clients never resolve a stopped container's name.
+        f"replica-announce-ip {node.data_ip}",
         "replica-read-only yes",
         "replica-serve-stale-data yes",
         "repl-diskless-sync yes",
@@ -163,10 +165,12 @@ def sentinel_conf(settings: Settings, node: Node) -> str:
         "bind 0.0.0.0",
         "protected-mode no",
         "dir /data",
+        # Every node keeps a fixed address (see Topology), so Sentinel works with addresses and
+        # never blocks on DNS for a container that is down; names are still accepted in commands.
         "sentinel resolve-hostnames yes",
-        "sentinel announce-hostnames yes",
-        f"sentinel announce-ip {node.hostname}",
-        f"sentinel monitor {REDIS_MASTER_NAME} {master.hostname} {REDIS_PORT} {r.quorum}",
+        "sentinel announce-hostnames no",
+        f"sentinel announce-ip {node.data_ip}",
+        f"sentinel monitor {REDIS_MASTER_NAME} {master.data_ip} {REDIS_PORT} {r.quorum}",
         f"sentinel down-after-milliseconds {REDIS_MASTER_NAME} {r.down_after_ms}",
         f"sentinel failover-timeout {REDIS_MASTER_NAME} {r.failover_timeout_ms}",
         f"sentinel parallel-syncs {REDIS_MASTER_NAME} 1",
@@ -175,8 +179,8 @@ def sentinel_conf(settings: Settings, node: Node) -> str:
 
 
 def sentinel_addresses(settings: Settings) -> str:
-    """`host:port,host:port` of every Sentinel, as data nodes and backends take it."""
-    return ",".join(f"{s.hostname}:{SENTINEL_PORT}" for s in Topology(settings).sentinels)
+    """`ip:port,ip:port` of every Sentinel, as data nodes and backends take it."""
+    return ",".join(f"{s.data_ip}:{SENTINEL_PORT}" for s in Topology(settings).sentinels)
 
 
 # --- MPI ------------------------------------------------------------------------------

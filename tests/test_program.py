@@ -174,7 +174,7 @@ def test_backend_env_contract(stack: str) -> None:
         ]
         assert env["POSTGRES_DB"] == "transvidio" and env["POSTGRES_USER"] == "transvidio"
         assert env["REDIS_SENTINELS"].split(",") == [
-            f"sentinel-{i}:26379" for i in range(1, s.redis.sentinel_count + 1)
+            f"{s.network.data_subnet.network_address + 30 + i}:26379" for i in range(s.redis.sentinel_count)
         ]
         assert env["REDIS_MASTER_NAME"] == "transvidio"
         assert env["MPI_MASTER_HOST"] == "mpi-master"
@@ -222,7 +222,9 @@ def test_redis_nodes_and_sentinels(stack: str) -> None:
     assert master.inputs["wait"] is True
     for node in nodes:
         env = env_of(node)
-        assert env["INITIAL_MASTER"] == "redis-0" and env["REDIS_NODE"] == node.inputs["hostname"]
+        assert env["INITIAL_MASTER"] == str(s.network.data_subnet.network_address + 20)
+        assert env["REDIS_NODE"] == node.inputs["hostname"]
+        assert env["REDIS_ANNOUNCE_IP"] == networks_of(node)[f"transvidio-{stack}-data"]["ipv4Address"]
         conf = uploads_of(node)[f"{render.REDIS_CONF_DIR}/{node.inputs['hostname']}.conf"]["content"]
         assert "appendonly yes" in conf
         password = uploads_of(node)[f"{render.SECRETS_DIR}/redis-password"]
@@ -230,7 +232,7 @@ def test_redis_nodes_and_sentinels(stack: str) -> None:
     for sentinel in sentinels:
         assert sentinel.inputs["entrypoints"] == ["/usr/local/bin/redis-sentinel.sh"]
         conf = uploads_of(sentinel)[f"{render.REDIS_CONF_DIR}/{sentinel.inputs['hostname']}.conf"]["content"]
-        assert f"sentinel monitor transvidio redis-0 6379 {s.redis.quorum}" in conf
+        assert f"sentinel monitor transvidio {s.network.data_subnet.network_address + 20} 6379 {s.redis.quorum}" in conf
         assert {v["containerPath"] for v in sentinel.inputs["volumes"]} == {"/data"}
 
 

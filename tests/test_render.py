@@ -57,9 +57,9 @@ def test_nginx_conf_adds_tls_only_when_enabled() -> None:
 def test_sentinel_monitor_line_uses_the_quorum_and_the_initial_master() -> None:
     s = settings(redis={"sentinels": 5, "quorum": 3})
     conf = render.sentinel_conf(s, Topology(s).sentinels[4])
-    assert "sentinel monitor transvidio redis-0 6379 3" in conf
-    assert "sentinel announce-ip sentinel-5" in conf
-    assert "sentinel resolve-hostnames yes" in conf and "sentinel announce-hostnames yes" in conf
+    assert "sentinel monitor transvidio 10.211.1.20 6379 3" in conf  # redis-0's fixed address
+    assert "sentinel announce-ip 10.211.1.34" in conf
+    assert "sentinel resolve-hostnames yes" in conf and "sentinel announce-hostnames no" in conf
     assert "sentinel down-after-milliseconds transvidio 5000" in conf
     assert "sentinel failover-timeout transvidio 60000" in conf
     # resolve-hostnames must precede the monitor line that names a host.
@@ -73,7 +73,7 @@ def test_redis_conf_persists_and_bounds_writes() -> None:
         "appendonly yes",
         "min-replicas-to-write 1",
         "min-replicas-max-lag 10",
-        "replica-announce-ip redis-2",
+        "replica-announce-ip 10.211.1.22",
         f"maxmemory {1024**3}",
         "maxmemory-policy allkeys-lru",
     ):

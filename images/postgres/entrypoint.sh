@@ -29,9 +29,13 @@ init_primary() {
 run_setup() {
     # Roles and database on every start, over the unix socket only: nothing can
     # connect over the network (and the TCP healthcheck fails) until this is done.
+    # A socket directory of its own: the healthcheck (which uses the usual one) fails meanwhile.
+    local setup_socket=/var/lib/postgresql/setup
+    mkdir -p "$setup_socket"
     pg_ctl --pgdata="$PGDATA" --wait --silent \
-        -o "-c config_file=$CONF_DIR/$PG_NODE.conf -c listen_addresses=''" start
-    psql --no-psqlrc --quiet --username=postgres --dbname=postgres --file="$CONF_DIR/primary-setup.sql"
+        -o "-c config_file=$CONF_DIR/$PG_NODE.conf -c listen_addresses='' -c unix_socket_directories=$setup_socket" start
+    psql --no-psqlrc --quiet --host="$setup_socket" --username=postgres --dbname=postgres \
+        --file="$CONF_DIR/primary-setup.sql"
     pg_ctl --pgdata="$PGDATA" --wait --silent --mode=fast stop
 }
 

@@ -8,7 +8,8 @@ set -euo pipefail
 CONF_DIR=/etc/transvidio/redis
 RUN_CONF=/var/lib/redis/run/redis.conf
 : "${REDIS_NODE:?REDIS_NODE names this node (its hostname)}"
-: "${INITIAL_MASTER:?INITIAL_MASTER names the node that is master on first start}"
+: "${REDIS_ANNOUNCE_IP:?REDIS_ANNOUNCE_IP is the fixed address of this node}"
+: "${INITIAL_MASTER:?INITIAL_MASTER is the address of the node that is master on first start}"
 : "${REDIS_SENTINELS:?REDIS_SENTINELS lists host:port of every Sentinel}"
 : "${REDIS_MASTER_NAME:=transvidio}"
 : "${SENTINEL_WAIT_SECONDS:=30}"
@@ -52,7 +53,7 @@ while :; do
         # Data but nobody to ask: come back as a replica of the initial master, never
         # as a master; the Sentinels reconfigure us once they are back.
         master=$INITIAL_MASTER
-        [ "$master" = "$REDIS_NODE" ] && master=""
+        [ "$master" = "$REDIS_ANNOUNCE_IP" ] && master=""
         log "no Sentinel answered in ${SENTINEL_WAIT_SECONDS}s; following ${master:-nobody (read-only until told)}"
         break
     fi
@@ -64,7 +65,7 @@ umask 077
 {
     cat "$CONF_DIR/$REDIS_NODE.conf"
     printf 'requirepass "%s"\nmasterauth "%s"\n' "$password" "$password"
-    if [ "$master" != "$REDIS_NODE" ]; then
+    if [ "$master" != "$REDIS_ANNOUNCE_IP" ]; then
         printf 'replicaof %s 6379\n' "${master:-$INITIAL_MASTER}"
     fi
 } >"$RUN_CONF"
