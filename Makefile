@@ -9,7 +9,7 @@ export PULUMI_BACKEND_URL ?= file://$(STATE_DIR)
 SHELL_SCRIPTS := $(shell find images tests -name '*.sh' -not -path '*/.venv/*') .ci/run
 DOCKERFILES := $(wildcard images/*/Dockerfile)
 
-.PHONY: help venv up preview destroy render test lint unit e2e bench clean
+.PHONY: help venv stack up preview destroy render test lint unit e2e clean
 
 help:
 	@echo "make up STACK=dev|prod   deploy with the Pulumi CLI (local state, passphrase secrets)"
@@ -17,7 +17,6 @@ help:
 	@echo "make destroy STACK=...   remove the stack's containers and networks (volumes are kept)"
 	@echo "make render STACK=...    write every rendered config file to build/render/STACK"
 	@echo "make test                static checks, unit tests, end-to-end tests"
-	@echo "make bench               benchmark figures"
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -56,7 +55,20 @@ lint: venv
 unit: venv
 	$(BIN)/python -m pytest -q tests --ignore=tests/e2e
 
-test: lint unit
+ENGINE_DIR ?= /tmp/transvidio-engine
+E2E_DOCKER_HOST = $(if $(DOCKER_HOST),$(DOCKER_HOST),unix://$(ENGINE_DIR)/podman.sock)
+
+# The end-to-end suite: installs and starts Podman (unless DOCKER_HOST names an engine),
+# makes the base image locally, applies both stacks for real, stops the service.
+e2e: venv
+	@bash tests/e2e/engine.sh install || [ -z "$$CI" ]
+	@for base in $$($(BIN)/python -m tests.e2e.bases); do \
+		DOCKER_HOST=$(DOCKER_HOST) ENGINE_DIR=$(ENGINE_DIR) bash tests/e2e/engine.sh base $$base || [ -z "$$CI" ] || exit 1; done
+	@DOCKER_HOST=$(DOCKER_HOST) ENGINE_DIR=$(ENGINE_DIR) bash tests/e2e/engine.sh start || [ -z "$$CI" ]
+	DOCKER_HOST=$(E2E_DOCKER_HOST) $(BIN)/python -m pytest -q tests/e2e; rc=$$?; \
+		DOCKER_HOST=$(DOCKER_HOST) ENGINE_DIR=$(ENGINE_DIR) bash tests/e2e/engine.sh stop; exit $$rc
+
+test: lint unit e2e
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

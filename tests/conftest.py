@@ -1,6 +1,16 @@
 import pathlib
 import sys
+from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from tests.e2e import report
+
+    if report.LINES:
+        terminalreporter.section("end-to-end timings (benchmark figures, not asserts)")
+        for line in report.LINES:
+            terminalreporter.write_line(line)

@@ -143,7 +143,8 @@ def test_rendering_is_deterministic_and_has_no_secrets() -> None:
     s = settings()
     first, second = render.rendered_files(s), render.rendered_files(s)
     assert first == second
-    assert not any("password" in text.lower() and "requirepass" in text for text in first.values())
+    for text in first.values():
+        assert not any(word in text for word in ("requirepass", "masterauth", "auth-pass", "PASSWORD '"))
 
 
 def test_render_command_writes_every_file_of_a_stack(tmp_path: pathlib.Path) -> None:

@@ -155,3 +155,12 @@ def test_bad_value_registers_nothing() -> None:
 def test_https_port_is_accepted_with_a_certificate_and_key() -> None:
     settings = parse_stack("prod", {"nginx": {"httpsPort": 443}}, tls=True)
     assert settings.nginx.https_port == 443
+
+
+def test_readme_documents_every_key() -> None:
+    readme = (PROJECT_DIR / "README.md").read_text()
+    for section, cls in cfg.SECTIONS.items():
+        for spec in dataclasses.fields(cls):
+            assert f"`{section}.{spec.metadata['key']}`" in readme, f"{section}.{spec.metadata['key']}"
+    for key in cfg.SECRET_KEYS:
+        assert f"`{key}`" in readme, key

@@ -1,0 +1,129 @@
+"""End-to-end fixtures: the program's own registrations applied to a real engine.
+
+`make e2e` prepares the engine (Podman's Docker API here, or any engine DOCKER_HOST
+points to) and the locally made base image. Outside CI, a missing engine skips these
+tests with a message naming what to install; in CI it fails them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import docker
+import docker.errors
+import pytest
+
+from components.container import LABEL_PREFIX
+from components.settings import parse
+from components.topology import Topology
+from tests.e2e import report
+from tests.e2e.apply import ApplyError, DockerApplyMocks, is_podman, run_healthcheck, teardown, wait_healthy
+from tests.program import Evaluation, evaluate, plain, stack_config
+
+# The e2e stacks are the real Pulumi.dev.yaml / Pulumi.prod.yaml plus these overrides,
+# and nothing else. None are needed on these machines.
+E2E_OVERRIDES: dict[str, dict[str, Any]] = {"dev": {}, "prod": {}}
+
+
+def engine() -> docker.DockerClient:
+    try:
+        client = docker.from_env(timeout=900)
+        client.ping()
+    except (docker.errors.DockerException, OSError) as error:
+        message = (
+            f"no container engine at DOCKER_HOST={os.environ.get('DOCKER_HOST', '(unset)')} ({error}); "
+            "run `make e2e` (installs Debian's podman, netavark, aardvark-dns, runc, debootstrap) "
+            "or point DOCKER_HOST to a Docker engine"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return client
+
+
+class HealthTicker(threading.Thread):
+    """Runs every container's healthcheck every few seconds, as the engine's timers would.
+
+    Podman schedules healthchecks with systemd timers; without systemd they never run,
+    so status would stay 'starting'. Docker runs them itself: then this does nothing.
+    """
+
+    def __init__(self, client: docker.DockerClient, stack: str, interval: float = 5.0) -> None:
+        super().__init__(daemon=True)
+        self.client, self.stack, self.interval = client, stack, interval
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        if not is_podman(self.client):
+            return
+        while not self.stopped.wait(self.interval):
+            with contextlib.suppress(docker.errors.DockerException, OSError):
+                for container in self.client.containers.list(filters={"label": f"{LABEL_PREFIX}.stack={self.stack}"}):
+                    run_healthcheck(self.client, container.name)
+
+
+@dataclass
+class Deployment:
+    """A stack brought up for real, with what the tests need to reach it."""
+
+    stack: str
+    client: docker.DockerClient
+    evaluation: Evaluation
+    mocks: DockerApplyMocks
+    seconds_to_healthy: float = 0.0
+    container_names: list[str] = field(default_factory=list)
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(parse(self.stack, stack_config(self.stack, E2E_OVERRIDES[self.stack])))
+
+    def name(self, hostname: str) -> str:
+        return f"transvidio-{self.stack}-{hostname}"
+
+    def export(self, name: str) -> Any:
+        return plain(self.evaluation.exports[name][0])
+
+    def exec(self, hostname: str, command: list[str], user: str | None = None) -> tuple[int, str]:
+        result = self.client.containers.get(self.name(hostname)).exec_run(command, user=user or "")
+        return result.exit_code, result.output.decode(errors="replace")
+
+    def wait_all_healthy(self, timeout: float = 300) -> float:
+        started = time.monotonic()
+        for container in self.container_names:
+            wait_healthy(self.client, container, timeout=max(1.0, timeout - (time.monotonic() - started)))
+        return time.monotonic() - started
+
+
+@contextlib.contextmanager
+def deployed(stack: str) -> Iterator[Deployment]:
+    client = engine()
+    teardown(client, stack)  # leftovers of a killed run
+    mocks = DockerApplyMocks(client)
+    started = time.monotonic()
+    ticker = HealthTicker(client, stack)
+    try:
+        evaluation = evaluate(stack, E2E_OVERRIDES[stack], mocks=mocks)
+        deployment = Deployment(stack, client, evaluation, mocks)
+        deployment.container_names = sorted(evaluation.containers)
+        deployment.wait_all_healthy()
+        deployment.seconds_to_healthy = time.monotonic() - started
+        builds = ", ".join(f"{k.removesuffix('-image')} {v:.0f}s" for k, v in sorted(mocks.build_seconds.items()))
+        report.LINES.append(
+            f"{stack}: {len(deployment.container_names)} containers healthy {deployment.seconds_to_healthy:.1f}s "
+            f"after start; image builds: {builds}"
+        )
+        ticker.start()
+        yield deployment
+    finally:
+        ticker.stopped.set()
+        if not os.environ.get("E2E_KEEP"):
+            teardown(client, stack)
+
+
+__all__ = ["ApplyError", "Deployment", "deployed", "engine"]

@@ -1,0 +1,3 @@
+"""Benchmark figures the end-to-end run prints at the end (measurements, not asserts)."""
+
+LINES: list[str] = []

@@ -1,0 +1,175 @@
+"""The dev stack, up for real: replication, Sentinel, MPI over SSH, nginx."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from components.topology import REDIS_MASTER_NAME
+from tests.e2e.apply import run_healthcheck
+from tests.e2e.conftest import Deployment, deployed
+
+
+@pytest.fixture(scope="module")
+def dev() -> Iterator[Deployment]:
+    with deployed("dev") as deployment:
+        yield deployment
+
+
+def dsn_on_host(deployment: Deployment, port: int) -> str:
+    """The app DSN from the stack's (secret) output, pointed at a published debug port."""
+    dsn = str(deployment.export("postgresPrimaryDsn"))
+    credentials = dsn.split("@", 1)[0]
+    return f"{credentials}@127.0.0.1:{port}/transvidio?connect_timeout=5"
+
+
+def http_get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_every_container_is_healthy(dev: Deployment) -> None:
+    topo = dev.topology
+    expected = [
+        topo.postgres_primary,
+        *topo.postgres_replicas,
+        *topo.redis_nodes,
+        *topo.sentinels,
+        *topo.mpi_nodes,
+        *topo.backends,
+        topo.nginx,
+    ]
+    assert dev.container_names == sorted(node.container_name for node in expected)
+    for name in dev.container_names:
+        assert run_healthcheck(dev.client, name) == "healthy", name
+
+
+def test_postgres_replica_streams_from_the_primary(dev: Deployment) -> None:
+    marker = str(uuid.uuid4())
+    with psycopg.connect(dsn_on_host(dev, 5432), autocommit=True) as primary:
+        primary.execute("CREATE TABLE IF NOT EXISTS e2e_replication (marker text PRIMARY KEY)")
+        primary.execute("INSERT INTO e2e_replication VALUES (%s)", (marker,))
+        rows = primary.execute(
+            "SELECT application_name, state FROM pg_stat_replication ORDER BY application_name"
+        ).fetchall()
+        slots = primary.execute("SELECT slot_name, active FROM pg_replication_slots").fetchall()
+    assert rows == [("postgres_replica_1", "streaming")]
+    assert slots == [("postgres_replica_1", True)]
+    deadline = time.monotonic() + 30
+    with psycopg.connect(dsn_on_host(dev, 5433), autocommit=True) as replica:
+        assert replica.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+        found = None
+        while found is None and time.monotonic() < deadline:
+            # Asynchronous: even the table may not have arrived yet.
+            with contextlib.suppress(psycopg.errors.UndefinedTable):
+                found = replica.execute("SELECT 1 FROM e2e_replication WHERE marker = %s", (marker,)).fetchone()
+            if found is None:
+                time.sleep(0.1)
+        assert found == (1,)
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            replica.execute("INSERT INTO e2e_replication VALUES ('nope')")
+
+
+def test_postgres_rejects_a_wrong_password(dev: Deployment) -> None:
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect("postgresql://transvidio:wrong@127.0.0.1:5432/transvidio?connect_timeout=5")
+
+
+def test_redis_replica_is_connected_and_sentinel_has_quorum(dev: Deployment) -> None:
+    password = str(dev.export("redisPassword"))
+    master = redis.Redis(host="127.0.0.1", port=6379, password=password, socket_timeout=5)
+    info: dict[str, Any] = master.info("replication")  # type: ignore[assignment]
+    assert info["role"] == "master"
+    assert info["connected_slaves"] == 1
+    assert info["slave0"]["state"] == "online"
+    sentinel = redis.Redis(host="127.0.0.1", port=26379, password=password, socket_timeout=5)
+    assert sentinel.execute_command("SENTINEL", "CKQUORUM", REDIS_MASTER_NAME).decode().startswith("OK")
+    initial_master = dev.topology.redis_nodes[0]
+    assert sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", REDIS_MASTER_NAME) == [
+        str(initial_master.data_ip).encode(),
+        b"6379",
+    ]
+
+
+def test_redis_refuses_clients_without_the_password(dev: Deployment) -> None:
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=6379, socket_timeout=5).set("k", "v")
+
+
+def test_mpirun_spans_master_and_worker_over_ssh(dev: Deployment) -> None:
+    exit_code, output = dev.exec(
+        "mpi-master",
+        [
+            "mpirun",
+            "--hostfile",
+            "/etc/transvidio/mpi/hostfile",
+            "-np",
+            "2",
+            "python3",
+            "/usr/local/lib/transvidio/cluster_check.py",
+        ],
+        user="app",
+    )
+    assert exit_code == 0, output
+    result = json.loads(output.strip().splitlines()[-1])
+    assert result == {"size": 2, "hosts": ["mpi-master", "mpi-worker-1"]}
+    # The host key is pinned: ssh refuses a host whose key is not in known_hosts.
+    exit_code, output = dev.exec(
+        "mpi-master",
+        [
+            "ssh",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "mpi-worker-1",
+            "true",
+        ],
+        user="app",
+    )
+    assert exit_code != 0 and "Host key verification failed" in output
+
+
+def test_nginx_serves_health_and_reports_every_dependency(dev: Deployment) -> None:
+    status, body = http_get("http://127.0.0.1:8080/health")
+    assert status == 200
+    status, body = http_get("http://127.0.0.1:8080/api/health")
+    assert status == 200, body
+    report = json.loads(body)
+    assert report["status"] == "ok"
+    assert set(report["dependencies"]) == {
+        "postgres-primary",
+        "postgres-replica:postgres-replica-1",
+        "redis",
+        "mpi-master",
+    }
+    assert all(dep["ok"] for dep in report["dependencies"].values())
+
+
+def test_nginx_status_is_for_the_cluster_only(dev: Deployment) -> None:
+    status, _ = http_get("http://127.0.0.1:8080/nginx-status")
+    assert status == 403
+    exit_code, output = dev.exec(
+        "backend-1",
+        [
+            "python3",
+            "-c",
+            "import urllib.request;print(urllib.request.urlopen('http://nginx:8080/nginx-status').read().decode())",
+        ],
+    )
+    assert exit_code == 0 and "Active connections" in output
