@@ -115,7 +115,10 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
     def __init__(self, client: docker.DockerClient) -> None:
         self.client = client
         self.lock = threading.Lock()
+        # Generated secrets and keys by resource name: a second apply with the same mocks
+        # sees the same values, as `pulumi up` would read them back from its state.
         self.generated: dict[str, str] = {}
+        self.keys: dict[str, tuple[str, str]] = {}
         self.build_seconds: dict[str, float] = {}
         self.created: list[str] = []
 
@@ -161,21 +164,26 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
         _reject_unknown("PrivateKey", name, inputs, {"algorithm"})
         if inputs["algorithm"] != "ED25519":
             raise ApplyError(f"PrivateKey {name}: only ED25519 is implemented")
-        key = ed25519.Ed25519PrivateKey.generate()
-        private = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        ).decode()
-        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        return name, {
-            **inputs,
-            "private_key_openssh": pulumi.Output.secret(private),
-            "public_key_openssh": public.decode() + "\n",
-        }
+        with self.lock:
+            if name not in self.keys:
+                key = ed25519.Ed25519PrivateKey.generate()
+                private = key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+                ).decode()
+                public = key.public_key().public_bytes(
+                    serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+                )
+                self.keys[name] = (private, public.decode() + "\n")
+            private, public_line = self.keys[name]
+        return name, {**inputs, "private_key_openssh": pulumi.Output.secret(private), "public_key_openssh": public_line}
 
     # --- networks, volumes, images -------------------------------------------------
 
     def _network(self, name: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         _reject_unknown("Network", name, inputs, {"name", "driver", "internal", "ipamConfigs", "labels"})
+        existing = self.client.networks.list(names=[inputs["name"]])
+        if existing:  # a second apply: the network is already there
+            return str(existing[0].id), inputs
         pools = [docker.types.IPAMPool(subnet=c["subnet"]) for c in inputs.get("ipamConfigs", [])]
         network = self.client.networks.create(
             inputs["name"],
@@ -188,6 +196,11 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
 
     def _volume(self, name: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         _reject_unknown("Volume", name, inputs, {"name", "labels"})
+        try:  # Docker returns an existing volume of that name; Podman says it exists
+            volume = self.client.volumes.get(inputs["name"])
+            return str(volume.id), {**inputs, "mountpoint": volume.attrs.get("Mountpoint", "")}
+        except docker.errors.NotFound:
+            pass
         volume = self.client.volumes.create(
             name=inputs["name"], labels={item["label"]: item["value"] for item in inputs.get("labels", [])}
         )
@@ -263,6 +276,13 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
     def _container(self, name: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         _reject_unknown("Container", name, inputs, self.CONTAINER_INPUTS)
         api = self.client.api
+        try:
+            # A second apply: a container that exists is left as it is (same inputs, same
+            # mocks), as `pulumi up` leaves a resource without a diff.
+            existing = api.inspect_container(inputs["name"])
+            return str(existing["Id"]), {**inputs, "id": existing["Id"]}
+        except docker.errors.NotFound:
+            pass
         networks = inputs.get("networksAdvanced", [])
         health = inputs["healthcheck"]
         _reject_unknown(
