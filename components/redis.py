@@ -54,6 +54,8 @@ class RedisSentinelGroup(pulumi.ComponentResource):
             f"REDIS_MASTER_NAME={REDIS_MASTER_NAME}",
             f"REDIS_SENTINELS={self.sentinel_addresses}",
             f"INITIAL_MASTER={initial_master.data_ip}",
+            f"DOWN_AFTER_MS={s.redis.down_after_ms}",
+            f"FAILOVER_TIMEOUT_MS={s.redis.failover_timeout_ms}",
         ]
         self.master = self._node(
             initial_master,

@@ -13,6 +13,11 @@ RUN_CONF=/var/lib/redis/run/redis.conf
 : "${REDIS_SENTINELS:?REDIS_SENTINELS lists host:port of every Sentinel}"
 : "${REDIS_MASTER_NAME:=transvidio}"
 : "${SENTINEL_WAIT_SECONDS:=30}"
+: "${DOWN_AFTER_MS:=30000}"
+: "${FAILOVER_TIMEOUT_MS:=180000}"
+# A Sentinel that finds no replica with fresh enough INFO aborts and retries a failover
+# only after 2 x failover-timeout: wait out one retry before resuming as master.
+FAILOVER_WAIT_SECONDS=$((2 * FAILOVER_TIMEOUT_MS / 1000 + 5))
 
 log() { printf '%s redis-node[%s]: %s\n' "$(date -u +%FT%TZ)" "$REDIS_NODE" "$*" >&2; }
 
@@ -59,6 +64,40 @@ while :; do
     fi
     sleep 1
 done
+
+request_failover() {
+    local entry host port answer
+    IFS=',' read -r -a entries <<<"$REDIS_SENTINELS"
+    for entry in "${entries[@]}"; do
+        host=${entry%:*}
+        port=${entry##*:}
+        answer=$(timeout 2 redis-cli -h "$host" -p "$port" --no-auth-warning \
+            SENTINEL failover "$REDIS_MASTER_NAME" 2>&1) || continue
+        log "asked $host for a failover: $answer"
+        case "$answer" in OK | *INPROG*) return 0 ;; esac
+    done
+    return 1
+}
+
+if [ "$master" = "$REDIS_ANNOUNCE_IP" ] && has_data; then
+    # We were the master and went down (a crash, a kill, a replacement). Our data may lack
+    # the last writes (appendfsync everysec) while a replica holds everything acknowledged
+    # with WAIT: stay down, have the Sentinels promote that replica now (rather than after
+    # down-after-milliseconds), then follow it. Only if nobody can take over do we resume
+    # as master.
+    log "the Sentinels still name me master after a restart: asking for a failover"
+    request_failover || log "no Sentinel started a failover; waiting for one to detect us down"
+    deadline=$((SECONDS + DOWN_AFTER_MS / 1000 + FAILOVER_WAIT_SECONDS))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        if answer=$(ask_sentinels) && [ "$answer" != "$REDIS_ANNOUNCE_IP" ]; then
+            master=$answer
+            log "the Sentinels promoted $master: following it"
+            break
+        fi
+        sleep 0.2
+    done
+    [ "$master" = "$REDIS_ANNOUNCE_IP" ] && log "no replica took over: resuming as master"
+fi
 
 password=$REDISCLI_AUTH
 umask 077

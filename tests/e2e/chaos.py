@@ -1,0 +1,228 @@
+"""Failures made for real, and the clients the data-tier tests and benchmarks use.
+
+kill -9 of a container's main process from the host (what a crash looks like to the
+engine, which then applies the restart policy), network disconnects, and clients that
+reach the data tier at the containers' fixed addresses (the host is the bridge's
+gateway, inside the data subnet that pg_hba allows).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import docker
+import docker.errors
+import psycopg
+import redis
+import redis.sentinel
+
+from components.topology import POSTGRES_DB, POSTGRES_REPLICATION_USER, REDIS_MASTER_NAME, SENTINEL_PORT, Node
+from tests.e2e.apply import wait_healthy
+from tests.e2e.conftest import Deployment
+from tests.program import plain
+
+
+def node(deployment: Deployment, hostname: str) -> Node:
+    topo = deployment.topology
+    everything = [
+        topo.postgres_primary,
+        *topo.postgres_replicas,
+        *topo.redis_nodes,
+        *topo.sentinels,
+        *topo.mpi_nodes,
+        *topo.backends,
+        topo.nginx,
+    ]
+    return next(n for n in everything if n.hostname == hostname)
+
+
+def data_ip(deployment: Deployment, hostname: str) -> str:
+    address = node(deployment, hostname).data_ip
+    assert address is not None
+    return address
+
+
+def started_at(deployment: Deployment, hostname: str) -> str:
+    return str(deployment.client.api.inspect_container(deployment.name(hostname))["State"]["StartedAt"])
+
+
+def kill9(deployment: Deployment, hostname: str) -> str:
+    """SIGKILL the container's main process from the host; returns its previous start time."""
+    state = deployment.client.api.inspect_container(deployment.name(hostname))["State"]
+    os.kill(int(state["Pid"]), signal.SIGKILL)
+    return str(state["StartedAt"])
+
+
+def wait_restarted(deployment: Deployment, hostname: str, before: str, timeout: float = 60) -> None:
+    """Until the restart policy has started the container again, then until healthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = deployment.client.api.inspect_container(deployment.name(hostname))["State"]
+            if state.get("Running") and state.get("StartedAt") != before:
+                wait_healthy(deployment.client, deployment.name(hostname), timeout=max(5, deadline - time.monotonic()))
+                return
+        except docker.errors.APIError:
+            pass  # Podman cannot inspect a container mid-restart
+        time.sleep(0.2)
+    raise AssertionError(f"{hostname} was not restarted within {timeout}s")
+
+
+def logs(deployment: Deployment, hostname: str, since: float | None = None) -> str:
+    raw = deployment.client.api.logs(deployment.name(hostname), since=int(since) if since else None)
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+
+
+def disconnect(deployment: Deployment, hostname: str) -> None:
+    deployment.client.networks.get(f"transvidio-{deployment.stack}-data").disconnect(deployment.name(hostname))
+
+
+def reconnect(deployment: Deployment, hostname: str) -> None:
+    """Back on the data network with the address and alias the program gave it."""
+    registration = deployment.evaluation.containers[deployment.name(hostname)]
+    data = next(n for n in plain(registration.inputs["networksAdvanced"]) if n["name"].endswith("-data"))
+    deployment.client.networks.get(data["name"]).connect(
+        deployment.name(hostname), aliases=data["aliases"], ipv4_address=data["ipv4Address"]
+    )
+
+
+# --- PostgreSQL -----------------------------------------------------------------------
+
+
+def app_password(deployment: Deployment) -> str:
+    dsn = str(deployment.export("postgresPrimaryDsn"))
+    return dsn.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+
+
+def pg(deployment: Deployment, hostname: str, **kwargs: Any) -> psycopg.Connection[Any]:
+    """The application role's connection to a node, as a backend would make it."""
+    dsn = str(deployment.export("postgresPrimaryDsn"))
+    user = dsn.split("://", 1)[1].split(":", 1)[0]
+    return psycopg.connect(
+        host=data_ip(deployment, hostname),
+        port=5432,
+        dbname=POSTGRES_DB,
+        user=user,
+        password=app_password(deployment),
+        connect_timeout=3,
+        autocommit=True,
+        **kwargs,
+    )
+
+
+def replication_password(deployment: Deployment) -> str:
+    registration = deployment.evaluation.containers[deployment.name("postgres-primary")]
+    uploads = {u["file"]: u["content"] for u in plain(registration.inputs["uploads"])}
+    return str(next(v for k, v in uploads.items() if k.endswith("/replication-password")))
+
+
+def streaming_replicas(deployment: Deployment) -> dict[str, str]:
+    with pg(deployment, "postgres-primary") as conn:
+        rows = conn.execute("SELECT application_name, state FROM pg_stat_replication").fetchall()
+    return {str(name): str(state) for name, state in rows}
+
+
+def wait_streaming(deployment: Deployment, count: int, timeout: float = 90) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    rows: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        try:
+            rows = streaming_replicas(deployment)
+        except psycopg.OperationalError:
+            rows = {}
+        if list(rows.values()).count("streaming") >= count:
+            return rows
+        time.sleep(0.5)
+    raise AssertionError(f"{count} replicas not streaming after {timeout}s: {rows}")
+
+
+def replication_user() -> str:
+    return POSTGRES_REPLICATION_USER
+
+
+# --- Redis ----------------------------------------------------------------------------
+
+
+def redis_password(deployment: Deployment) -> str:
+    return str(deployment.export("redisPassword"))
+
+
+def redis_node(deployment: Deployment, hostname: str) -> redis.Redis:
+    return redis.Redis(
+        host=data_ip(deployment, hostname),
+        port=6379,
+        password=redis_password(deployment),
+        socket_timeout=2,
+        socket_connect_timeout=2,
+    )
+
+
+def sentinel_client(deployment: Deployment) -> redis.sentinel.Sentinel:
+    password = redis_password(deployment)
+    return redis.sentinel.Sentinel(
+        [(s.data_ip, SENTINEL_PORT) for s in deployment.topology.sentinels],
+        sentinel_kwargs={"password": password, "socket_timeout": 1},
+        password=password,
+        socket_timeout=1,
+        socket_connect_timeout=1,
+    )
+
+
+def sentinel_direct(deployment: Deployment, hostname: str) -> redis.Redis:
+    return redis.Redis(
+        host=data_ip(deployment, hostname),
+        port=SENTINEL_PORT,
+        password=redis_password(deployment),
+        socket_timeout=2,
+        socket_connect_timeout=2,
+    )
+
+
+def current_master(deployment: Deployment) -> str:
+    """The hostname of the node the Sentinels call master."""
+    address, _ = sentinel_client(deployment).discover_master(REDIS_MASTER_NAME)
+    return next(n.hostname for n in deployment.topology.redis_nodes if n.data_ip == address)
+
+
+def roles(deployment: Deployment) -> dict[str, str]:
+    result = {}
+    for n in deployment.topology.redis_nodes:
+        try:
+            result[n.hostname] = str(redis_node(deployment, n.hostname).info("replication")["role"])
+        except redis.exceptions.RedisError as error:
+            result[n.hostname] = f"down ({type(error).__name__})"
+    return result
+
+
+def sentinels_know(deployment: Deployment, replicas: int) -> bool:
+    """Every Sentinel lists every replica as up (a fresh Sentinel learns them from INFO)."""
+    for sentinel in deployment.topology.sentinels:
+        known = sentinel_direct(deployment, sentinel.hostname).execute_command(
+            "SENTINEL", "REPLICAS", REDIS_MASTER_NAME
+        )
+        flags = [dict(zip(entry[::2], entry[1::2], strict=True)).get(b"flags") for entry in known]
+        if len(flags) != replicas or any(flag != b"slave" for flag in flags):
+            return False
+    return True
+
+
+def wait_settled(deployment: Deployment, timeout: float = 90) -> str:
+    """Until one master, every other node its connected replica, known to every Sentinel."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            master = current_master(deployment)
+            info = redis_node(deployment, master).info("replication")
+            last = (master, roles(deployment), info.get("connected_slaves"))
+            replicas = len(deployment.topology.redis_nodes) - 1
+            one_master = list(last[1].values()).count("master") == 1 and info["role"] == "master"
+            if one_master and info.get("connected_slaves") == replicas and sentinels_know(deployment, replicas):
+                return master
+        except redis.exceptions.RedisError as error:
+            last = repr(error)
+        time.sleep(0.5)
+    raise AssertionError(f"Redis did not settle on one master with every replica in {timeout}s: {last}")

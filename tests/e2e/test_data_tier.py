@@ -1,0 +1,346 @@
+"""The data tier's promises on the prod stack's own containers, with failures made for real.
+
+Tests run in file order and each leaves the cluster healthy for the next.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+import redis
+
+from components.topology import REDIS_MASTER_NAME
+from tests.e2e import chaos, report
+from tests.e2e.apply import wait_healthy
+from tests.e2e.conftest import Deployment, deployed
+from tests.program import evaluate
+
+STACK = "prod"
+
+
+@pytest.fixture(scope="module")
+def prod() -> Iterator[Deployment]:
+    with deployed(STACK) as deployment:
+        yield deployment
+
+
+def wait_row(conn: psycopg.Connection, marker: str, timeout: float = 30) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            if conn.execute("SELECT 1 FROM e2e_rows WHERE marker = %s", (marker,)).fetchone():
+                return time.monotonic() - started
+        except psycopg.errors.UndefinedTable:
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"row {marker} not replicated within {timeout}s")
+
+
+def ensure_table(prod: Deployment) -> None:
+    with chaos.pg(prod, "postgres-primary") as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS e2e_rows (id bigserial PRIMARY KEY, marker text UNIQUE)")
+
+
+# --- PostgreSQL -----------------------------------------------------------------------
+
+
+def test_both_replicas_stream_each_through_its_own_slot(prod: Deployment) -> None:
+    replicas = [r.slot_name for r in prod.topology.postgres_replicas]
+    assert chaos.wait_streaming(prod, len(replicas)) == dict.fromkeys(replicas, "streaming")
+    with chaos.pg(prod, "postgres-primary") as conn:
+        slots = dict(conn.execute("SELECT slot_name, active FROM pg_replication_slots").fetchall())
+        keep = conn.execute("SHOW max_slot_wal_keep_size").fetchone()
+    assert slots == dict.fromkeys(replicas, True)
+    assert keep == ("1GB",)
+
+
+def test_a_write_on_the_primary_reaches_both_replicas_which_refuse_writes(prod: Deployment) -> None:
+    ensure_table(prod)
+    marker = str(uuid.uuid4())
+    with chaos.pg(prod, "postgres-primary") as primary:
+        primary.execute("INSERT INTO e2e_rows (marker) VALUES (%s)", (marker,))
+    delays = []
+    for replica in prod.topology.postgres_replicas:
+        with chaos.pg(prod, replica.hostname) as conn:
+            delays.append(wait_row(conn, marker))
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                conn.execute("INSERT INTO e2e_rows (marker) VALUES ('refused')")
+    report.LINES.append("prod: write-to-visible on replicas: " + ", ".join(f"{d * 1000:.0f} ms" for d in delays))
+
+
+def test_the_replication_role_connects_only_for_replication_and_only_with_its_password(prod: Deployment) -> None:
+    address = chaos.data_ip(prod, "postgres-primary")
+    password = chaos.replication_password(prod)
+    user = chaos.replication_user()
+    # A plain SQL session of the replication role is refused, even with the right password.
+    with pytest.raises(psycopg.OperationalError, match=r"pg_hba\.conf rejects connection"):
+        psycopg.connect(host=address, user=user, password=password, dbname="transvidio", connect_timeout=3)
+    # A replication connection with a wrong password is refused.
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(
+            host=address, user=user, password="wrong", dbname="replication", replication="true", connect_timeout=3
+        )
+    # With its password, it may replicate.
+    with psycopg.connect(
+        host=address,
+        user=user,
+        password=password,
+        dbname="replication",
+        replication="true",
+        connect_timeout=3,
+        autocommit=True,
+    ) as conn:
+        assert conn.execute("IDENTIFY_SYSTEM").fetchone() is not None
+    # From the edge network nothing reaches the primary at all (nginx has no route to it).
+    code, _ = prod.exec("nginx", ["timeout", "3", "bash", "-c", f"</dev/tcp/{address}/5432"])
+    assert code != 0
+
+
+def put_file(prod: Deployment, hostname: str, path: str, content: str, uid: int) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo(path.lstrip("/"))
+        data = content.encode()
+        info.size, info.mode, info.uid, info.gid = len(data), 0o400, uid, uid
+        archive.addfile(info, io.BytesIO(data))
+    assert prod.client.api.put_archive(prod.name(hostname), "/", buffer.getvalue())
+
+
+def test_a_wrong_replication_password_fails_the_replica_loudly_and_leaves_the_primary_alone(
+    prod: Deployment,
+) -> None:
+    replica = prod.topology.postgres_replicas[-1].hostname
+    secret = "/etc/transvidio/secrets/replication-password"
+    real = chaos.replication_password(prod)
+    container = prod.client.containers.get(prod.name(replica))
+    container.stop(timeout=10)
+    since = time.time()
+    put_file(prod, replica, secret, "not-the-password", uid=10001)
+    container.start()
+    deadline = time.monotonic() + 60
+    while 'password authentication failed for user "replicator"' not in chaos.logs(prod, replica, since):
+        assert time.monotonic() < deadline, chaos.logs(prod, replica, since)[-2000:]
+        time.sleep(0.5)
+    assert wait_healthy(prod.client, prod.name("postgres-primary"), timeout=10) >= 0
+    others = [r.slot_name for r in prod.topology.postgres_replicas[:-1]]
+    assert {k: v for k, v in chaos.streaming_replicas(prod).items() if k in others} == dict.fromkeys(
+        others, "streaming"
+    )
+    # Put the real password back: the replica streams again from its own data.
+    container.stop(timeout=10)
+    put_file(prod, replica, secret, real, uid=10001)
+    container.start()
+    chaos.wait_streaming(prod, len(prod.topology.postgres_replicas))
+
+
+def test_a_killed_replica_restarts_resumes_from_its_volume_and_catches_up(prod: Deployment) -> None:
+    ensure_table(prod)
+    replica = prod.topology.postgres_replicas[0].hostname
+    since = time.time()
+    before = chaos.kill9(prod, replica)
+    written = []
+    with chaos.pg(prod, "postgres-primary") as primary:
+        for _ in range(50):  # while it is down: its slot keeps this WAL
+            marker = str(uuid.uuid4())
+            primary.execute("INSERT INTO e2e_rows (marker) VALUES (%s)", (marker,))
+            written.append(marker)
+    chaos.wait_restarted(prod, replica, before)
+    log = chaos.logs(prod, replica, since)
+    assert "resuming streaming" in log and "base backup" not in log
+    with chaos.pg(prod, replica) as conn:
+        wait_row(conn, written[-1])
+        count = conn.execute("SELECT count(*) FROM e2e_rows WHERE marker = ANY(%s)", (written,)).fetchone()
+    assert count == (len(written),)
+
+
+def test_a_replica_rebuilt_from_nothing_bootstraps_again_with_its_slot(prod: Deployment) -> None:
+    replica = prod.topology.postgres_replicas[-1]
+    container = prod.client.containers.get(prod.name(replica.hostname))
+    container.remove(force=True)
+    prod.client.volumes.get(f"transvidio-{STACK}-{replica.hostname}-data").remove(force=True)
+    with chaos.pg(prod, "postgres-primary") as conn:  # the old slot is still there, inactive
+        assert conn.execute(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (replica.slot_name,)
+        ).fetchone() == (False,)
+    since = time.time()
+    evaluate(STACK, mocks=prod.mocks)  # `pulumi up` again: only the missing pieces are made
+    wait_healthy(prod.client, prod.name(replica.hostname), timeout=120)
+    log = chaos.logs(prod, replica.hostname, since)
+    assert "taking a base backup" in log and "already exists" not in log
+    chaos.wait_streaming(prod, len(prod.topology.postgres_replicas))
+    with chaos.pg(prod, "postgres-primary") as conn:
+        row = conn.execute(
+            "SELECT active, wal_status FROM pg_replication_slots WHERE slot_name = %s", (replica.slot_name,)
+        ).fetchone()
+    assert row == (True, "reserved")
+
+
+def test_a_killed_primary_restarts_with_its_data_and_loses_no_acknowledged_write(prod: Deployment) -> None:
+    ensure_table(prod)
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            marker = str(uuid.uuid4())
+            try:
+                with chaos.pg(prod, "postgres-primary") as conn:
+                    conn.execute("INSERT INTO e2e_rows (marker) VALUES (%s)", (marker,))
+                acknowledged.append(marker)
+            except psycopg.Error:
+                time.sleep(0.2)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    time.sleep(2)
+    before = chaos.kill9(prod, "postgres-primary")
+    chaos.wait_restarted(prod, "postgres-primary", before, timeout=120)
+    time.sleep(2)
+    stop.set()
+    thread.join()
+    with chaos.pg(prod, "postgres-primary") as conn:
+        present = {m for (m,) in conn.execute("SELECT marker FROM e2e_rows WHERE marker = ANY(%s)", (acknowledged,))}
+    assert len(acknowledged) > 10
+    assert present == set(acknowledged)
+    chaos.wait_streaming(prod, len(prod.topology.postgres_replicas))
+
+
+# --- Redis and Sentinel ---------------------------------------------------------------
+
+
+def test_redis_replication_quorum_and_auth(prod: Deployment) -> None:
+    master = chaos.wait_settled(prod)
+    assert master == "redis-0"
+    for sentinel in prod.topology.sentinels:
+        answer = chaos.sentinel_direct(prod, sentinel.hostname).execute_command(
+            "SENTINEL", "CKQUORUM", REDIS_MASTER_NAME
+        )
+        assert answer.decode().startswith(f"OK {len(prod.topology.sentinels)} usable Sentinels")
+    for node in prod.topology.redis_nodes:
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(host=node.data_ip, port=6379, socket_timeout=2).ping()
+    for sentinel in prod.topology.sentinels:
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(host=sentinel.data_ip, port=26379, socket_timeout=2).ping()
+
+
+def test_killing_the_master_fails_over_and_keeps_every_waited_write(prod: Deployment) -> None:
+    old_master = chaos.wait_settled(prod)
+    client = chaos.sentinel_client(prod).master_for(REDIS_MASTER_NAME, socket_timeout=1)
+    acknowledged: list[str] = []
+    for i in range(200):
+        key = f"e2e:{uuid.uuid4()}"
+        client.set(key, i)
+        if client.execute_command("WAIT", 1, 1000) >= 1:
+            acknowledged.append(key)
+    before = chaos.kill9(prod, old_master)
+    killed = time.monotonic()
+    first_write = None
+    while first_write is None and time.monotonic() - killed < 60:
+        try:
+            client.set("e2e:after-failover", "ok")
+            first_write = time.monotonic() - killed
+        except (
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            redis.exceptions.ReadOnlyError,
+            redis.exceptions.ResponseError,
+        ):
+            time.sleep(0.05)
+    assert first_write is not None, "no write succeeded within 60 s of the kill"
+    new_master = chaos.current_master(prod)
+    assert new_master != old_master
+    report.LINES.append(f"prod: redis master kill -9 -> first acknowledged write {first_write:.1f}s")
+    missing = [k for k in acknowledged if chaos.redis_node(prod, new_master).get(k) is None]
+    assert len(acknowledged) == 200 and missing == []
+    # The old master comes back by the restart policy, as a replica of the new one.
+    chaos.wait_restarted(prod, old_master, before)
+    assert chaos.wait_settled(prod) == new_master
+    info = chaos.redis_node(prod, old_master).info("replication")
+    assert info["role"] == "slave" and info["master_host"] == chaos.data_ip(prod, new_master)
+
+
+def test_a_restarted_sentinel_still_knows_the_current_master(prod: Deployment) -> None:
+    master = chaos.wait_settled(prod)
+    assert master != "redis-0"  # the previous test moved it: the template still says redis-0
+    sentinel = prod.topology.sentinels[0].hostname
+    before = chaos.kill9(prod, sentinel)
+    chaos.wait_restarted(prod, sentinel, before)
+    address, _ = chaos.sentinel_direct(prod, sentinel).execute_command(
+        "SENTINEL", "GET-MASTER-ADDR-BY-NAME", REDIS_MASTER_NAME
+    )
+    assert address.decode() == chaos.data_ip(prod, master)
+
+
+def test_restarting_every_redis_container_at_once_keeps_one_master(prod: Deployment) -> None:
+    master = chaos.wait_settled(prod)
+    starts = {n.hostname: chaos.kill9(prod, n.hostname) for n in prod.topology.redis_nodes}
+    for hostname, before in starts.items():
+        chaos.wait_restarted(prod, hostname, before)
+    settled = chaos.wait_settled(prod)
+    assert list(chaos.roles(prod).values()).count("master") == 1
+    report.LINES.append(f"prod: all Redis nodes killed at once: master {master} -> {settled}, one master after")
+
+
+def test_an_isolated_master_stops_taking_writes_and_a_failover_happens(prod: Deployment) -> None:
+    settings_lag = prod.topology.settings.redis.min_replicas_max_lag
+    master = chaos.wait_settled(prod)
+    chaos.disconnect(prod, master)
+    cut = time.monotonic()
+    try:
+        password_env = {"REDISCLI_AUTH": chaos.redis_password(prod)}
+        refused = accepted_late = None
+        while time.monotonic() - cut < settings_lag + 15:
+            result = prod.client.containers.get(prod.name(master)).exec_run(
+                ["redis-cli", "--no-auth-warning", "SET", "e2e:isolated", "x"], environment=password_env
+            )
+            output = result.output.decode()
+            elapsed = time.monotonic() - cut
+            if "NOREPLICAS" in output:
+                refused = elapsed
+                break
+            if elapsed > settings_lag + 2 and output.strip() == "OK":
+                accepted_late = elapsed
+            time.sleep(0.5)
+        assert refused is not None and refused <= settings_lag + 2, "the isolated master kept accepting writes"
+        assert accepted_late is None
+        deadline = time.monotonic() + 60
+        while chaos.current_master(prod) == master:
+            assert time.monotonic() < deadline, "no failover while the master was cut off"
+            time.sleep(0.5)
+    finally:
+        chaos.reconnect(prod, master)
+    new_master = chaos.wait_settled(prod)
+    assert new_master != master
+    assert list(chaos.roles(prod).values()).count("master") == 1
+
+
+def test_the_dev_shape_fails_over_too() -> None:
+    with deployed("dev") as dev:
+        master = chaos.wait_settled(dev)
+        client = chaos.sentinel_client(dev).master_for(REDIS_MASTER_NAME, socket_timeout=1)
+        client.set("e2e:before", "1")
+        before = chaos.kill9(dev, master)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.set("e2e:after", "1")
+                break
+            except (
+                redis.exceptions.ConnectionError,
+                redis.exceptions.TimeoutError,
+                redis.exceptions.ReadOnlyError,
+                redis.exceptions.ResponseError,
+            ):
+                assert time.monotonic() < deadline, "dev did not fail over"
+                time.sleep(0.1)
+        assert chaos.current_master(dev) != master
+        chaos.wait_restarted(dev, master, before)
+        assert chaos.wait_settled(dev) != master
