@@ -9,7 +9,7 @@ export PULUMI_BACKEND_URL ?= file://$(STATE_DIR)
 SHELL_SCRIPTS := $(shell find images tests -name '*.sh' -not -path '*/.venv/*') .ci/run
 DOCKERFILES := $(wildcard images/*/Dockerfile)
 
-.PHONY: help venv stack up preview destroy render test lint unit e2e clean
+.PHONY: help venv stack up preview destroy render test lint unit e2e bench clean
 
 help:
 	@echo "make up STACK=dev|prod   deploy with the Pulumi CLI (local state, passphrase secrets)"
@@ -17,6 +17,7 @@ help:
 	@echo "make destroy STACK=...   remove the stack's containers and networks (volumes are kept)"
 	@echo "make render STACK=...    write every rendered config file to build/render/STACK"
 	@echo "make test                static checks, unit tests, end-to-end tests"
+	@echo "make bench               benchmark figures (BENCH_JSON=path writes them as JSON)"
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +70,15 @@ e2e: venv
 		DOCKER_HOST=$(DOCKER_HOST) ENGINE_DIR=$(ENGINE_DIR) bash tests/e2e/engine.sh stop; exit $$rc
 
 test: lint unit e2e
+
+# Benchmark figures (not tests): same engine preparation as e2e.
+bench: venv
+	@bash tests/e2e/engine.sh install
+	@for base in $$($(BIN)/python -m tests.e2e.bases); do \
+		DOCKER_HOST=$(DOCKER_HOST) ENGINE_DIR=$(ENGINE_DIR) bash tests/e2e/engine.sh base $$base || exit 1; done
+	@DOCKER_HOST=$(DOCKER_HOST) ENGINE_DIR=$(ENGINE_DIR) bash tests/e2e/engine.sh start
+	DOCKER_HOST=$(E2E_DOCKER_HOST) $(BIN)/python -m bench.data_tier; rc=$$?; \
+		DOCKER_HOST=$(DOCKER_HOST) ENGINE_DIR=$(ENGINE_DIR) bash tests/e2e/engine.sh stop; exit $$rc
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

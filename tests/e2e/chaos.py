@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, cast
 
 import docker
 import docker.errors
@@ -181,6 +181,11 @@ def sentinel_direct(deployment: Deployment, hostname: str) -> redis.Redis:
     )
 
 
+def replication(client: redis.Redis) -> dict[str, Any]:
+    """INFO replication as a dict (redis-py types it as sync-or-async)."""
+    return cast(dict[str, Any], client.info("replication"))
+
+
 def current_master(deployment: Deployment) -> str:
     """The hostname of the node the Sentinels call master."""
     address, _ = sentinel_client(deployment).discover_master(REDIS_MASTER_NAME)
@@ -191,7 +196,7 @@ def roles(deployment: Deployment) -> dict[str, str]:
     result = {}
     for n in deployment.topology.redis_nodes:
         try:
-            result[n.hostname] = str(redis_node(deployment, n.hostname).info("replication")["role"])
+            result[n.hostname] = str(replication(redis_node(deployment, n.hostname))["role"])
         except redis.exceptions.RedisError as error:
             result[n.hostname] = f"down ({type(error).__name__})"
     return result
@@ -216,7 +221,7 @@ def wait_settled(deployment: Deployment, timeout: float = 90) -> str:
     while time.monotonic() < deadline:
         try:
             master = current_master(deployment)
-            info = redis_node(deployment, master).info("replication")
+            info = replication(redis_node(deployment, master))
             last = (master, roles(deployment), info.get("connected_slaves"))
             replicas = len(deployment.topology.redis_nodes) - 1
             one_master = list(last[1].values()).count("master") == 1 and info["role"] == "master"

@@ -76,12 +76,13 @@ class Deployment:
     client: docker.DockerClient
     evaluation: Evaluation
     mocks: DockerApplyMocks
+    overrides: dict[str, Any] = field(default_factory=dict)
     seconds_to_healthy: float = 0.0
     container_names: list[str] = field(default_factory=list)
 
     @property
     def topology(self) -> Topology:
-        return Topology(parse(self.stack, stack_config(self.stack, E2E_OVERRIDES[self.stack])))
+        return Topology(parse(self.stack, stack_config(self.stack, self.overrides)))
 
     def name(self, hostname: str) -> str:
         return f"transvidio-{self.stack}-{hostname}"
@@ -101,15 +102,19 @@ class Deployment:
 
 
 @contextlib.contextmanager
-def deployed(stack: str) -> Iterator[Deployment]:
+def deployed(stack: str, overrides: dict[str, Any] | None = None) -> Iterator[Deployment]:
+    """Brings the stack up (E2E_OVERRIDES, then `overrides`, e.g. a benchmark's settings)."""
     client = engine()
     teardown(client, stack)  # leftovers of a killed run
     mocks = DockerApplyMocks(client)
     started = time.monotonic()
     ticker = HealthTicker(client, stack)
     try:
-        evaluation = evaluate(stack, E2E_OVERRIDES[stack], mocks=mocks)
-        deployment = Deployment(stack, client, evaluation, mocks)
+        config = {**E2E_OVERRIDES[stack]}
+        for key, value in (overrides or {}).items():
+            config[key] = {**config.get(key, {}), **value}
+        evaluation = evaluate(stack, config, mocks=mocks)
+        deployment = Deployment(stack, client, evaluation, mocks, overrides=config)
         deployment.container_names = sorted(evaluation.containers)
         deployment.wait_all_healthy()
         deployment.seconds_to_healthy = time.monotonic() - started

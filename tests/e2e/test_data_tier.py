@@ -170,7 +170,7 @@ def test_a_replica_rebuilt_from_nothing_bootstraps_again_with_its_slot(prod: Dep
             "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (replica.slot_name,)
         ).fetchone() == (False,)
     since = time.time()
-    evaluate(STACK, mocks=prod.mocks)  # `pulumi up` again: only the missing pieces are made
+    evaluate(STACK, prod.overrides, mocks=prod.mocks)  # `pulumi up` again: only missing pieces are made
     wait_healthy(prod.client, prod.name(replica.hostname), timeout=120)
     log = chaos.logs(prod, replica.hostname, since)
     assert "taking a base backup" in log and "already exists" not in log
@@ -225,10 +225,10 @@ def test_redis_replication_quorum_and_auth(prod: Deployment) -> None:
         assert answer.decode().startswith(f"OK {len(prod.topology.sentinels)} usable Sentinels")
     for node in prod.topology.redis_nodes:
         with pytest.raises(redis.exceptions.AuthenticationError):
-            redis.Redis(host=node.data_ip, port=6379, socket_timeout=2).ping()
+            redis.Redis(host=str(node.data_ip), port=6379, socket_timeout=2).ping()
     for sentinel in prod.topology.sentinels:
         with pytest.raises(redis.exceptions.AuthenticationError):
-            redis.Redis(host=sentinel.data_ip, port=26379, socket_timeout=2).ping()
+            redis.Redis(host=str(sentinel.data_ip), port=26379, socket_timeout=2).ping()
 
 
 def test_killing_the_master_fails_over_and_keeps_every_waited_write(prod: Deployment) -> None:
@@ -263,7 +263,7 @@ def test_killing_the_master_fails_over_and_keeps_every_waited_write(prod: Deploy
     # The old master comes back by the restart policy, as a replica of the new one.
     chaos.wait_restarted(prod, old_master, before)
     assert chaos.wait_settled(prod) == new_master
-    info = chaos.redis_node(prod, old_master).info("replication")
+    info = chaos.replication(chaos.redis_node(prod, old_master))
     assert info["role"] == "slave" and info["master_host"] == chaos.data_ip(prod, new_master)
 
 
