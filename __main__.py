@@ -47,6 +47,7 @@ mpi = MpiCluster(
         networks=networks,
         uploads_volume=backends.uploads_volume.name,
         outputs_volume=backends.outputs_volume.name,
+        postgres_password=secrets.app_db_password,
     ),
 )
 nginx = NginxLB(

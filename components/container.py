@@ -160,13 +160,18 @@ def service_container(
     )
 
 
+# Roles whose image also takes the shared job pipeline (images/common): their build
+# context is images/, the others' only their own directory.
+SHARED_CONTEXT_ROLES = frozenset({"backend", "mpi"})
+
+
 def role_image(name: str, role: str, settings: Settings, parent: pulumi.Resource) -> docker.Image:
-    """Builds images/<role> FROM the configured base; containers use its id."""
+    """Builds images/<role>/Dockerfile FROM the configured base; containers use its id."""
     return docker.Image(
         name,
         image_name=f"{settings.prefix}-{role}:latest",
         build=docker.DockerBuildArgs(
-            context=f"images/{role}",
+            context="images" if role in SHARED_CONTEXT_ROLES else f"images/{role}",
             dockerfile=f"images/{role}/Dockerfile",
             args={"BASE_IMAGE": settings.images.base, "SERVICE_UID": str(SERVICE_UIDS[role])},
         ),

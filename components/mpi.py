@@ -47,6 +47,7 @@ class MpiClusterArgs:
     networks: Networks
     uploads_volume: pulumi.Input[str]
     outputs_volume: pulumi.Input[str]
+    postgres_password: pulumi.Input[str]  # the job runner on the master reads the queue
 
 
 class MpiCluster(pulumi.ComponentResource):
@@ -55,7 +56,8 @@ class MpiCluster(pulumi.ComponentResource):
     The stack generates the app user's SSH key and every node's host key
     (pulumi-tls, ed25519); known_hosts is rendered from those host keys, so no node
     ever skips host key checking. The hostfile lists every node with its slots, and
-    Open MPI and PRRTE are pinned to the data subnet.
+    Open MPI and PRRTE are pinned to the data subnet. The master also runs the job
+    runner, which claims long jobs from PostgreSQL and runs them with mpirun.
     """
 
     def __init__(self, name: str, args: MpiClusterArgs, opts: pulumi.ResourceOptions | None = None) -> None:
@@ -90,17 +92,24 @@ class MpiCluster(pulumi.ComponentResource):
             VolumeMount(args.outputs_volume, render.OUTPUTS_DIR),
         ]
 
+        runner_env: list[pulumi.Input[str]] = [f"{k}={v}" for k, v in sorted(render.mpi_runner_environment(s).items())]
+        runner_env.append(pulumi.Output.secret(pulumi.Output.concat("POSTGRES_PASSWORD=", args.postgres_password)))
+
         def container(node: Node) -> docker.Container:
             host_key = secret_file(
                 "/etc/ssh/ssh_host_ed25519_key", self.host_keys[node.hostname].private_key_openssh, ROOT_UID
             )
+            role_env: list[pulumi.Input[str]] = [
+                f"MPI_HOSTFILE={render.MPI_CONF_DIR}/hostfile",
+                f"MPI_ROLE={node.role}",
+            ]
             spec = ContainerSpec(
                 node=node,
                 component=COMPONENT,
                 image=self.image.repo_digest,
                 healthcheck=["/usr/local/bin/healthcheck.sh"],
                 memory_mb=s.mpi.memory_mb,
-                envs=[f"MPI_HOSTFILE={render.MPI_CONF_DIR}/hostfile", f"MPI_ROLE={node.role}"],
+                envs=role_env + (runner_env if node.role == "mpi-master" else []),
                 volumes=volumes,
                 uploads=[*shared_uploads, host_key],
                 capabilities=SSHD_CAPABILITIES,

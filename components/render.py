@@ -245,6 +245,13 @@ def backend_environment(settings: Settings) -> dict[str, str]:
     }
 
 
+def mpi_runner_environment(settings: Settings) -> dict[str, str]:
+    """The MPI master's job runner: the queue in PostgreSQL and the shared volumes."""
+    contract = backend_environment(settings)
+    keys = ("POSTGRES_MASTER_HOST", "POSTGRES_PORT", "POSTGRES_DB", "POSTGRES_USER", "UPLOADS_DIR", "OUTPUTS_DIR")
+    return {key: contract[key] for key in keys}
+
+
 # --- nginx ----------------------------------------------------------------------------
 
 

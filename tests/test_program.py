@@ -363,7 +363,7 @@ def test_images_build_from_images_dir_on_the_configured_base() -> None:
     assert set(images) == {f"{role}-image" for role in ("postgres", "redis", "mpi", "backend", "nginx")}
     for name, inputs in images.items():
         role = name.removesuffix("-image")
-        assert inputs["build"]["context"] == f"images/{role}"
+        assert inputs["build"]["context"] == ("images" if role in ("backend", "mpi") else f"images/{role}")
         assert inputs["build"]["dockerfile"] == f"images/{role}/Dockerfile"
         assert inputs["build"]["args"]["BASE_IMAGE"] == "debian:forky-slim"
         assert inputs["skipPush"] is True

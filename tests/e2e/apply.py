@@ -119,6 +119,8 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
         # sees the same values, as `pulumi up` would read them back from its state.
         self.generated: dict[str, str] = {}
         self.keys: dict[str, tuple[str, str]] = {}
+        # What each container was created with, as Pulumi's state would hold it.
+        self.applied: dict[str, dict[str, Any]] = {}
         self.build_seconds: dict[str, float] = {}
         self.created: list[str] = []
 
@@ -277,12 +279,17 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
         _reject_unknown("Container", name, inputs, self.CONTAINER_INPUTS)
         api = self.client.api
         try:
-            # A second apply: a container that exists is left as it is (same inputs, same
-            # mocks), as `pulumi up` leaves a resource without a diff.
             existing = api.inspect_container(inputs["name"])
-            return str(existing["Id"]), {**inputs, "id": existing["Id"]}
         except docker.errors.NotFound:
-            pass
+            existing = None
+        if existing is not None:
+            # A second apply: unchanged inputs leave the container as it is, as `pulumi up`
+            # leaves a resource without a diff; changed ones replace it (delete first:
+            # every container has a fixed name).
+            if self.applied.get(inputs["name"], inputs) == inputs:
+                return str(existing["Id"]), {**inputs, "id": existing["Id"]}
+            api.remove_container(existing["Id"], force=True)
+        self.applied[inputs["name"]] = inputs
         networks = inputs.get("networksAdvanced", [])
         health = inputs["healthcheck"]
         _reject_unknown(

@@ -1,0 +1,137 @@
+"""Database routing: writes to the primary, reads round-robin over healthy replicas.
+
+A replica is skipped while it is down (for a few seconds after a failed connection) or
+lagging (not streaming, or replay lag above REPLICA_MAX_LAG_SECONDS as the primary sees
+it); reads fall back to the primary. A read that finds nothing on a replica is retried
+on the primary, so a client always reads its own job right after creating it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from app.config import Config
+
+log = logging.getLogger("transvidio.db")
+T = TypeVar("T")
+
+DOWN_SECONDS = 5.0
+MAX_LAG_SECONDS = float(os.environ.get("REPLICA_MAX_LAG_SECONDS", "5"))
+
+
+class DependencyDownError(Exception):
+    """A dependency the request needs is unavailable; the API answers 503 naming it."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name} unavailable: {reason}")
+        self.name = name
+
+
+class Database:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.primary = self._pool(config.postgres_master_host)
+        self.replicas = {host: self._pool(host) for host in config.postgres_slave_hosts}
+        self._order = itertools.cycle(list(self.replicas) or [""])
+        self.down_until: dict[str, float] = {}
+        self.lagging: set[str] = set()
+
+    def _pool(self, host: str) -> AsyncConnectionPool:
+        c = self.config
+        conninfo = make_conninfo(
+            host=host,
+            port=str(c.postgres_port),
+            dbname=c.postgres_db,
+            user=c.postgres_user,
+            password=c.postgres_password,
+            connect_timeout=str(max(1, int(c.dependency_timeout))),
+        )
+        return AsyncConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=8,
+            timeout=c.dependency_timeout + 1,
+            open=False,
+            kwargs={"autocommit": True},
+            check=AsyncConnectionPool.check_connection,
+            name=host,
+        )
+
+    async def open(self) -> None:
+        for pool in (self.primary, *self.replicas.values()):
+            await pool.open(wait=False)
+
+    async def close(self) -> None:
+        for pool in (self.primary, *self.replicas.values()):
+            await pool.close()
+
+    def read_order(self) -> list[str]:
+        """Healthy replicas, starting from the next in the round-robin."""
+        now = time.monotonic()
+        healthy = [h for h in self.replicas if h not in self.lagging and self.down_until.get(h, 0) <= now]
+        if not healthy:
+            return []
+        start = next(self._order)
+        while start not in healthy:
+            start = next(self._order)
+        index = healthy.index(start)
+        return healthy[index:] + healthy[:index]
+
+    async def write(self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        try:
+            async with self.primary.connection() as conn:
+                return await work(conn)
+        except psycopg.errors.UndefinedTable as error:
+            raise DependencyDownError("postgres-primary", "the jobs schema is not created yet") from error
+        except (psycopg.OperationalError, PoolTimeout) as error:
+            raise DependencyDownError(
+                "postgres-primary", str(error).splitlines()[0] if str(error) else "timeout"
+            ) from error
+
+    async def read(
+        self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T | None]], primary_on_miss: bool = True
+    ) -> T | None:
+        for host in self.read_order():
+            try:
+                async with self.replicas[host].connection() as conn:
+                    found = await work(conn)
+                if found is not None or not primary_on_miss:
+                    return found
+                break  # a miss: the row may not have replayed yet, ask the primary
+            except psycopg.errors.UndefinedTable:
+                break  # the schema has not replayed here yet: a miss
+            except (psycopg.OperationalError, PoolTimeout) as error:
+                log.warning("replica %s skipped for %ss: %s", host, DOWN_SECONDS, error)
+                self.down_until[host] = time.monotonic() + DOWN_SECONDS
+        return await self.write(work)
+
+    async def watch_replicas(self) -> None:
+        """Every 2 s, asks the primary which replicas stream and how far behind they are."""
+        names = {host.replace("-", "_"): host for host in self.replicas}
+        while True:
+            try:
+                async with self.primary.connection() as conn:
+                    cur = await conn.execute(
+                        "SELECT application_name, state, EXTRACT(EPOCH FROM COALESCE(replay_lag, '0'))::float "
+                        "FROM pg_stat_replication"
+                    )
+                    rows = await cur.fetchall()
+                fresh = {
+                    names[name]
+                    for name, state, lag in rows
+                    if name in names and state == "streaming" and lag <= MAX_LAG_SECONDS
+                }
+                self.lagging = set(self.replicas) - fresh
+            except (psycopg.Error, PoolTimeout) as error:
+                log.warning("replica lag unknown (primary unavailable): %s", error)
+            await asyncio.sleep(2)

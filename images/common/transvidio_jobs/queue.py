@@ -1,0 +1,101 @@
+"""Jobs in PostgreSQL: created on the primary, claimed with FOR UPDATE SKIP LOCKED.
+
+A claim is a lease: the runner extends it while it works; a job whose lease expires
+(its runner died) is claimed again, up to `max_attempts`. Completion is conditional on
+still holding the claim, so a job completes exactly once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id uuid PRIMARY KEY,
+    upload_id text NOT NULL,
+    duration_seconds integer NOT NULL CHECK (duration_seconds > 0),
+    target_language text NOT NULL,
+    runner text NOT NULL CHECK (runner IN ('backend', 'mpi')),
+    status text NOT NULL DEFAULT 'queued' CHECK (status IN ('queued', 'running', 'succeeded', 'failed')),
+    attempts integer NOT NULL DEFAULT 0,
+    max_attempts integer NOT NULL DEFAULT 3,
+    claimed_by text,
+    lease_until timestamptz,
+    completions integer NOT NULL DEFAULT 0,
+    result_path text,
+    error text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs (runner, status, created_at);
+"""
+
+COLUMNS = (
+    "id, upload_id, duration_seconds, target_language, runner, status, attempts, max_attempts, "
+    "claimed_by, completions, result_path, error, created_at, updated_at"
+)
+SCHEMA_LOCK = 7317001  # advisory lock: backends starting together create the schema once
+
+
+def ensure_schema(conn: psycopg.Connection[Any]) -> None:
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        conn.execute(SCHEMA)
+
+
+def claim(conn: psycopg.Connection[Any], runner: str, worker: str, lease_seconds: int) -> dict[str, Any] | None:
+    """Takes the oldest claimable job of `runner`'s kind; two claimers never get the same one."""
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "UPDATE jobs SET status = 'failed', error = format('its runner died %%s times', attempts), "
+            "lease_until = NULL, updated_at = now() "
+            "WHERE runner = %s AND status = 'running' AND lease_until < now() AND attempts >= max_attempts",
+            (runner,),
+        )
+        cur.execute(
+            f"UPDATE jobs SET status = 'running', attempts = attempts + 1, claimed_by = %s, "
+            f"lease_until = now() + make_interval(secs => %s), updated_at = now() "
+            f"WHERE id = (SELECT id FROM jobs WHERE runner = %s AND attempts < max_attempts "
+            f"  AND (status = 'queued' OR (status = 'running' AND lease_until < now())) "
+            f"  ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT 1) "
+            f"RETURNING {COLUMNS}",
+            (worker, lease_seconds, runner),
+        )
+        return cur.fetchone()
+
+
+def _holding(job: dict[str, Any]) -> tuple[Any, ...]:
+    return (job["id"], job["claimed_by"], job["attempts"])
+
+
+def extend(conn: psycopg.Connection[Any], job: dict[str, Any], lease_seconds: int) -> bool:
+    cur = conn.execute(
+        "UPDATE jobs SET lease_until = now() + make_interval(secs => %s) "
+        "WHERE id = %s AND claimed_by = %s AND attempts = %s AND status = 'running'",
+        (lease_seconds, *_holding(job)),
+    )
+    return cur.rowcount == 1
+
+
+def complete(conn: psycopg.Connection[Any], job: dict[str, Any], result_path: str) -> bool:
+    """Marks the job succeeded if this claim still holds it; False means another attempt has it."""
+    cur = conn.execute(
+        "UPDATE jobs SET status = 'succeeded', completions = completions + 1, result_path = %s, error = NULL, "
+        "lease_until = NULL, updated_at = now() "
+        "WHERE id = %s AND claimed_by = %s AND attempts = %s AND status = 'running'",
+        (result_path, *_holding(job)),
+    )
+    return cur.rowcount == 1
+
+
+def fail(conn: psycopg.Connection[Any], job: dict[str, Any], reason: str) -> None:
+    """Records the reason; the job is queued again while attempts remain, else failed."""
+    conn.execute(
+        "UPDATE jobs SET status = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END, "
+        "error = %s, lease_until = NULL, updated_at = now() "
+        "WHERE id = %s AND claimed_by = %s AND attempts = %s AND status = 'running'",
+        (reason[-2000:], *_holding(job)),
+    )

@@ -1,0 +1,94 @@
+"""The claim loop shared by the backend's short-job worker and the MPI master's runner."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+from transvidio_jobs import queue
+
+log = logging.getLogger("transvidio.worker")
+
+LEASE_SECONDS = int(os.environ.get("JOB_LEASE_SECONDS", "15"))
+POLL_SECONDS = float(os.environ.get("JOB_POLL_SECONDS", "0.5"))
+
+# Runs one claimed job; returns the result path (relative to outputs) or raises.
+Execute = Callable[[dict[str, Any]], str]
+
+
+def primary_conninfo() -> str:
+    env = os.environ
+    return make_conninfo(
+        host=env["POSTGRES_MASTER_HOST"],
+        port=env.get("POSTGRES_PORT", "5432"),
+        dbname=env["POSTGRES_DB"],
+        user=env["POSTGRES_USER"],
+        password=env["POSTGRES_PASSWORD"],
+        connect_timeout="3",
+    )
+
+
+class Heartbeat(threading.Thread):
+    """Extends the job's lease while it runs, on its own connection."""
+
+    def __init__(self, conninfo: str, job: dict[str, Any]) -> None:
+        super().__init__(daemon=True)
+        self.conninfo, self.job = conninfo, job
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(LEASE_SECONDS / 3):
+            try:
+                with psycopg.connect(self.conninfo, autocommit=True) as conn:
+                    queue.extend(conn, self.job, LEASE_SECONDS)
+            except psycopg.Error as error:
+                log.warning("lease of job %s not extended: %s", self.job["id"], error)
+
+
+def run_once(conninfo: str, runner: str, worker: str, execute: Execute) -> bool:
+    """Claims and runs at most one job; True if there was one."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        job = queue.claim(conn, runner, worker, LEASE_SECONDS)
+    if job is None:
+        return False
+    log.info("job %s: attempt %s on %s", job["id"], job["attempts"], worker)
+    heartbeat = Heartbeat(conninfo, job)
+    heartbeat.start()
+    try:
+        result_path = execute(job)
+    except Exception as error:  # noqa: BLE001 - any failure is recorded on the job
+        heartbeat.stopped.set()
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            queue.fail(conn, job, f"{type(error).__name__}: {error}")
+        log.warning("job %s failed: %s", job["id"], error)
+        return True
+    heartbeat.stopped.set()
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        done = queue.complete(conn, job, result_path)
+    log.info("job %s %s", job["id"], "succeeded" if done else "was taken over; result discarded")
+    return True
+
+
+def run_forever(runner: str, execute: Execute, stop: threading.Event | None = None) -> None:
+    conninfo = primary_conninfo()
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    stop = stop or threading.Event()
+    schema_ready = False
+    while not stop.is_set():
+        try:
+            if not schema_ready:
+                with psycopg.connect(conninfo, autocommit=True) as conn:
+                    queue.ensure_schema(conn)
+                schema_ready = True
+            if not run_once(conninfo, runner, worker, execute):
+                stop.wait(POLL_SECONDS)
+        except psycopg.Error as error:
+            log.warning("job queue unavailable: %s", error)
+            stop.wait(2)
