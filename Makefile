@@ -77,7 +77,8 @@ bench: venv
 	@for base in $$($(BIN)/python -m tests.e2e.bases); do \
 		DOCKER_HOST=$(DOCKER_HOST) ENGINE_DIR=$(ENGINE_DIR) bash tests/e2e/engine.sh base $$base || exit 1; done
 	@DOCKER_HOST=$(DOCKER_HOST) ENGINE_DIR=$(ENGINE_DIR) bash tests/e2e/engine.sh start
-	DOCKER_HOST=$(E2E_DOCKER_HOST) $(BIN)/python -m bench.data_tier; rc=$$?; \
+	DOCKER_HOST=$(E2E_DOCKER_HOST) $(BIN)/python -m bench.data_tier && \
+		DOCKER_HOST=$(E2E_DOCKER_HOST) $(BIN)/python -m bench.pipeline; rc=$$?; \
 		DOCKER_HOST=$(DOCKER_HOST) ENGINE_DIR=$(ENGINE_DIR) bash tests/e2e/engine.sh stop; exit $$rc
 
 clean:

@@ -69,7 +69,7 @@ def first_write_after(deployment: Deployment, fault: str) -> float:
 
 
 def failover(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    with deployed("prod", overrides) as deployment:
+    with deployed("prod", overrides, health_ticker=False) as deployment:
         r = deployment.topology.settings.redis
         result: dict[str, Any] = {
             "settings": {
@@ -121,7 +121,7 @@ def tps(output: str) -> float:
 
 
 def postgres() -> dict[str, Any]:
-    with deployed("prod") as deployment:
+    with deployed("prod", health_ticker=False) as deployment:
         pgbench(deployment, "postgres-primary", "-i", "-s", "10", "-q")
         samples: dict[str, list[float]] = {r.slot_name: [] for r in deployment.topology.postgres_replicas}
         stop = threading.Event()

@@ -60,6 +60,7 @@ class ContainerSpec:
     uploads: Sequence[docker.ContainerUploadArgs] = ()
     extra_ports: Sequence[docker.ContainerPortArgs] = ()
     capabilities: Sequence[str] = ()  # added back after dropping ALL
+    extra_hosts: Sequence[Node] = ()  # written to /etc/hosts: no DNS needed to reach them
     shm_size_mb: int | None = None
     start_period: str = "30s"
     wait: bool = False  # block `pulumi up` until healthy: for what others depend on
@@ -132,6 +133,7 @@ def service_container(
         ]
         or None,
         uploads=list(spec.uploads) or None,
+        hosts=[docker.ContainerHostArgs(host=n.hostname, ip=str(n.data_ip)) for n in spec.extra_hosts] or None,
         healthcheck=docker.ContainerHealthcheckArgs(
             tests=["CMD", *spec.healthcheck],
             interval="5s",

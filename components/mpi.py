@@ -113,6 +113,9 @@ class MpiCluster(pulumi.ComponentResource):
                 volumes=volumes,
                 uploads=[*shared_uploads, host_key],
                 capabilities=SSHD_CAPABILITIES,
+                # MPI launches by name (hostfile, known_hosts): pin the names to the fixed
+                # addresses so a launch never waits on, or fails with, the engine's DNS.
+                extra_hosts=topo.mpi_nodes,
             )
             return service_container(name, spec, s, args.networks, self)
 

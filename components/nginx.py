@@ -67,7 +67,8 @@ class NginxLB(pulumi.ComponentResource):
                 node=node,
                 component=COMPONENT,
                 image=role_image(f"{name}-image", COMPONENT, s, self).repo_digest,
-                healthcheck=["curl", "-fsS", "-o", "/dev/null", f"http://127.0.0.1:{NGINX_HTTP_PORT}/health"],
+                # nginx itself (stub_status answers from 127.0.0.1), not the backends behind it.
+                healthcheck=["curl", "-fsS", "-o", "/dev/null", f"http://127.0.0.1:{NGINX_HTTP_PORT}/nginx-status"],
                 memory_mb=s.nginx.memory_mb,
                 container_port=NGINX_HTTP_PORT,
                 volumes=[VolumeMount(args.outputs_volume, render.OUTPUTS_DIR, read_only=True)],

@@ -217,6 +217,9 @@ def prte_mca_params(settings: Settings) -> str:
     return (
         HEADER
         + f"prte_if_include = {subnet}\n"
+        # Containers share the host's cores: binding every node's first rank to "core 0"
+        # would put all ranks on the same host core and serialise them.
+        + "hwloc_default_binding_policy = none\n"
         + "plm_ssh_args = -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=10\n"
     )
 

@@ -249,6 +249,8 @@ def test_mpi_keys_hostfile_and_known_hosts(stack: str) -> None:
         uploads = uploads_of(node)
         hostname = node.inputs["hostname"]
         assert uploads[f"{render.MPI_CONF_DIR}/hostfile"]["content"] == render.hostfile(s)
+        pinned = {h["host"]: h["ip"] for h in node.inputs["hosts"]}
+        assert pinned == {n.hostname: n.data_ip for n in Topology(s).mpi_nodes}
         known = uploads["/etc/ssh/ssh_known_hosts"]["content"].splitlines()
         assert len(known) == len(mpi_nodes)
         for line in known:

@@ -103,6 +103,7 @@ def test_mpi_is_pinned_to_the_data_subnet() -> None:
     assert "btl_tcp_if_include = 10.211.1.0/24" in render.openmpi_mca_params(s)
     assert "prte_if_include = 10.211.1.0/24" in render.prte_mca_params(s)
     assert "StrictHostKeyChecking=yes" in render.prte_mca_params(s)
+    assert "hwloc_default_binding_policy = none" in render.prte_mca_params(s)
 
 
 def test_pg_hba_allows_replication_only_from_the_data_subnet_with_scram() -> None:

@@ -251,6 +251,7 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
     CONTAINER_INPUTS = frozenset(
         {
             "name",
+            "hosts",
             "hostname",
             "image",
             "envs",
@@ -289,6 +290,9 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
             if self.applied.get(inputs["name"], inputs) == inputs:
                 return str(existing["Id"]), {**inputs, "id": existing["Id"]}
             api.remove_container(existing["Id"], force=True)
+            # Podman tears the old container's port forwarding down asynchronously; a new
+            # container publishing the same port must not come up before that is done.
+            time.sleep(2)
         self.applied[inputs["name"]] = inputs
         networks = inputs.get("networksAdvanced", [])
         health = inputs["healthcheck"]
@@ -312,6 +316,7 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
                 )
                 for v in inputs.get("volumes", [])
             ],
+            extra_hosts={h["host"]: h["ip"] for h in inputs.get("hosts", [])} or None,
             port_bindings={
                 f"{int(p['internal'])}/{p.get('protocol', 'tcp')}": (_host_ip(p.get("ip")), int(p["external"]))
                 for p in ports

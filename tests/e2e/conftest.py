@@ -102,8 +102,12 @@ class Deployment:
 
 
 @contextlib.contextmanager
-def deployed(stack: str, overrides: dict[str, Any] | None = None) -> Iterator[Deployment]:
-    """Brings the stack up (E2E_OVERRIDES, then `overrides`, e.g. a benchmark's settings)."""
+def deployed(stack: str, overrides: dict[str, Any] | None = None, health_ticker: bool = True) -> Iterator[Deployment]:
+    """Brings the stack up (E2E_OVERRIDES, then `overrides`, e.g. a benchmark's settings).
+
+    Benchmarks pass health_ticker=False: on Podman every healthcheck is an exec, which
+    on a 2-core machine is load that the figures should not include.
+    """
     client = engine()
     teardown(client, stack)  # leftovers of a killed run
     mocks = DockerApplyMocks(client)
@@ -123,7 +127,8 @@ def deployed(stack: str, overrides: dict[str, Any] | None = None) -> Iterator[De
             f"{stack}: {len(deployment.container_names)} containers healthy {deployment.seconds_to_healthy:.1f}s "
             f"after start; image builds: {builds}"
         )
-        ticker.start()
+        if health_ticker:
+            ticker.start()
         yield deployment
     finally:
         ticker.stopped.set()

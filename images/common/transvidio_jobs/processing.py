@@ -22,7 +22,7 @@ from typing import Any
 
 SegmentStep = Callable[[bytes, int, str], dict[str, Any]]
 
-ROUNDS = int(os.environ.get("TRANSVIDIO_SEGMENT_ROUNDS", "60000"))
+ROUNDS = int(os.environ.get("TRANSVIDIO_SEGMENT_ROUNDS", "400000"))
 
 
 def reference_step(segment: bytes, index: int, target_language: str) -> dict[str, Any]:

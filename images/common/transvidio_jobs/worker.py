@@ -52,10 +52,9 @@ class Heartbeat(threading.Thread):
                 log.warning("lease of job %s not extended: %s", self.job["id"], error)
 
 
-def run_once(conninfo: str, runner: str, worker: str, execute: Execute) -> bool:
-    """Claims and runs at most one job; True if there was one."""
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        job = queue.claim(conn, runner, worker, LEASE_SECONDS)
+def run_once(conn: psycopg.Connection[Any], conninfo: str, runner: str, worker: str, execute: Execute) -> bool:
+    """Claims and runs at most one job; True if there was one. `conn` is the claim connection."""
+    job = queue.claim(conn, runner, worker, LEASE_SECONDS)
     if job is None:
         return False
     log.info("job %s: attempt %s on %s", job["id"], job["attempts"], worker)
@@ -65,30 +64,31 @@ def run_once(conninfo: str, runner: str, worker: str, execute: Execute) -> bool:
         result_path = execute(job)
     except Exception as error:  # noqa: BLE001 - any failure is recorded on the job
         heartbeat.stopped.set()
-        with psycopg.connect(conninfo, autocommit=True) as conn:
-            queue.fail(conn, job, f"{type(error).__name__}: {error}")
+        queue.fail(conn, job, f"{type(error).__name__}: {error}")
         log.warning("job %s failed: %s", job["id"], error)
         return True
     heartbeat.stopped.set()
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        done = queue.complete(conn, job, result_path)
+    done = queue.complete(conn, job, result_path)
     log.info("job %s %s", job["id"], "succeeded" if done else "was taken over; result discarded")
     return True
 
 
 def run_forever(runner: str, execute: Execute, stop: threading.Event | None = None) -> None:
+    """Polls the queue on one long-lived connection (a new one only after an error)."""
     conninfo = primary_conninfo()
     worker = f"{socket.gethostname()}:{os.getpid()}"
     stop = stop or threading.Event()
-    schema_ready = False
+    conn: psycopg.Connection[Any] | None = None
     while not stop.is_set():
         try:
-            if not schema_ready:
-                with psycopg.connect(conninfo, autocommit=True) as conn:
-                    queue.ensure_schema(conn)
-                schema_ready = True
-            if not run_once(conninfo, runner, worker, execute):
+            if conn is None or conn.closed:
+                conn = psycopg.connect(conninfo, autocommit=True)
+                queue.ensure_schema(conn)
+            if not run_once(conn, conninfo, runner, worker, execute):
                 stop.wait(POLL_SECONDS)
         except psycopg.Error as error:
             log.warning("job queue unavailable: %s", error)
+            if conn is not None:
+                conn.close()
+            conn = None
             stop.wait(2)

@@ -1,0 +1,264 @@
+"""The cluster doing its job on the prod stack: uploads, jobs, MPI fan-out, failures.
+
+Everything goes through nginx's published port, as a user's client would.
+Tests run in file order; scaling comes last.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import pathlib
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.e2e import chaos, report
+from tests.e2e.apply import wait_healthy
+from tests.e2e.conftest import Deployment, deployed
+from tests.program import evaluate
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "images" / "common"))
+from transvidio_jobs import processing
+
+STACK = "prod"
+NGINX = "127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def prod() -> Iterator[Deployment]:
+    with deployed(STACK) as deployment:
+        yield deployment
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return os.urandom(2 * 1024 * 1024)
+
+
+def port(deployment: Deployment) -> int:
+    return deployment.topology.settings.nginx.http_port
+
+
+def request(
+    deployment: Deployment, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    connection = http.client.HTTPConnection(NGINX, port(deployment), timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def api(deployment: Deployment, method: str, path: str, document: Any = None) -> tuple[int, Any]:
+    body = json.dumps(document).encode() if document is not None else None
+    status, _, raw = request(deployment, method, path, body, {"Content-Type": "application/json"})
+    return status, json.loads(raw) if raw else None
+
+
+def upload(deployment: Deployment, data: bytes) -> str:
+    status, _, raw = request(deployment, "POST", "/api/uploads", data, {"Content-Type": "application/octet-stream"})
+    assert status == 201, raw
+    document = json.loads(raw)
+    assert document["size"] == len(data)
+    return str(document["upload_id"])
+
+
+def submit(deployment: Deployment, upload_id: str, duration: int, language: str) -> dict[str, Any]:
+    status, job = api(
+        deployment,
+        "POST",
+        "/api/jobs",
+        {"upload_id": upload_id, "duration_seconds": duration, "target_language": language},
+    )
+    assert status == 201, job
+    return dict(job)
+
+
+def wait_done(deployment: Deployment, job_id: str, timeout: float = 240) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, job = api(deployment, "GET", f"/api/jobs/{job_id}")
+        assert status == 200, job
+        if job["status"] in ("succeeded", "failed"):
+            return dict(job)
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} not done within {timeout}s: {job}")
+
+
+def fetch_result(deployment: Deployment, job: dict[str, Any]) -> dict[str, Any]:
+    status, _, raw = request(deployment, "GET", job["result_url"])
+    assert status == 200
+    return dict(json.loads(raw))
+
+
+def check_result(result: dict[str, Any], data: bytes, job: dict[str, Any], tmp: pathlib.Path) -> None:
+    """Recomputes every segment from the uploaded bytes with the same processing code."""
+    path = tmp / "upload.bin"
+    path.write_bytes(data)
+    duration = job["duration_seconds"]
+    assert [s["index"] for s in result["segments"]] == list(range(duration))
+    for segment in result["segments"]:
+        chunk = processing.read_segment(str(path), duration, segment["index"])
+        assert segment["digest"] == processing.reference_step(chunk, segment["index"], job["target_language"])["digest"]
+    assert result["digest"] == processing.assemble(job["id"], job["target_language"], result["segments"])["digest"]
+
+
+def test_upload_then_a_short_and_a_long_job_complete_with_checked_results(
+    prod: Deployment, video: bytes, tmp_path: pathlib.Path
+) -> None:
+    upload_id = upload(prod, video)
+    short, long = submit(prod, upload_id, 30, "fr"), submit(prod, upload_id, 120, "pt-BR")
+    assert (short["runner"], long["runner"]) == ("backend", "mpi")
+    # Read-your-writes: the job is visible right after its creation.
+    assert api(prod, "GET", f"/api/jobs/{short['id']}")[0] == 200
+    short, long = wait_done(prod, short["id"]), wait_done(prod, long["id"])
+    assert (short["status"], long["status"]) == ("succeeded", "succeeded")
+    assert short["completions"] == 1 and long["completions"] == 1
+    short_result, long_result = fetch_result(prod, short), fetch_result(prod, long)
+    check_result(short_result, video, short, tmp_path)
+    check_result(long_result, video, long, tmp_path)
+    assert short_result["ranks"] == 1
+    ranks = {s["rank"] for s in long_result["segments"]}
+    hosts = {s["host"] for s in long_result["segments"]}
+    assert long_result["ranks"] == len(prod.topology.mpi_nodes) and len(ranks) > 1 and len(hosts) > 1
+
+
+def test_killing_a_backend_during_a_stream_of_gets_fails_no_request(prod: Deployment, video: bytes) -> None:
+    job = wait_done(prod, submit(prod, upload(prod, video[:4096]), 5, "de")["id"])
+    failures: list[str] = []
+    served: dict[str, int] = {}
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                status, headers, _ = request(prod, "GET", f"/api/jobs/{job['id']}")
+                served[headers.get("x-served-by", "?")] = served.get(headers.get("x-served-by", "?"), 0) + 1
+                if status != 200:
+                    failures.append(str(status))
+            except OSError as error:
+                failures.append(repr(error))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)
+    victim = prod.topology.backends[1].hostname
+    before = chaos.kill9(prod, victim)
+    time.sleep(6)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    total = sum(served.values())
+    report.LINES.append(f"prod: {total} GETs through nginx while {victim} was killed: {len(failures)} failed")
+    assert failures == []
+    assert total > 100 and len(served) >= 2
+    chaos.wait_restarted(prod, victim, before)
+
+
+def test_killing_the_job_runner_mid_job_retries_it_and_completes_it_once(prod: Deployment, video: bytes) -> None:
+    job = submit(prod, upload(prod, video), 300, "es")
+    deadline = time.monotonic() + 60
+    while api(prod, "GET", f"/api/jobs/{job['id']}")[1]["status"] != "running":
+        assert time.monotonic() < deadline, "the long job never started"
+        time.sleep(0.2)
+    time.sleep(2)
+    before = chaos.kill9(prod, "mpi-master")  # the runner is the master's main process
+    chaos.wait_restarted(prod, "mpi-master", before)
+    done = wait_done(prod, job["id"], timeout=300)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2 and done["completions"] == 1
+    assert fetch_result(prod, done)["digest"]
+
+
+def test_jobs_complete_while_a_replica_and_the_redis_master_are_down(prod: Deployment, video: bytes) -> None:
+    upload_id = upload(prod, video[:65536])
+    replica = prod.topology.postgres_replicas[0].hostname
+    prod.client.containers.get(prod.name(replica)).stop(timeout=5)
+    try:
+        status, health = api(prod, "GET", "/api/health")
+        assert status == 503 and f"postgres-replica:{replica}" in health["down"]
+        job = wait_done(prod, submit(prod, upload_id, 20, "it")["id"])
+        assert job["status"] == "succeeded"
+    finally:
+        prod.client.containers.get(prod.name(replica)).start()
+    wait_healthy(prod.client, prod.name(replica), timeout=120)
+
+    master = chaos.wait_settled(prod)
+    prod.client.containers.get(prod.name(master)).stop(timeout=5)
+    try:
+        deadline = time.monotonic() + 15
+        seen_down = False
+        while time.monotonic() < deadline and not seen_down:
+            status, health = api(prod, "GET", "/api/health")
+            seen_down = status == 503 and "redis" in health["down"]
+        assert seen_down, "/api/health never reported Redis down"
+        long_job = wait_done(prod, submit(prod, upload_id, 90, "nl")["id"])
+        short_job = wait_done(prod, submit(prod, upload_id, 10, "nl")["id"])
+        assert (long_job["status"], short_job["status"]) == ("succeeded", "succeeded")
+    finally:
+        prod.client.containers.get(prod.name(master)).start()
+    assert chaos.wait_settled(prod) != master
+    deadline = time.monotonic() + 30
+    while api(prod, "GET", "/api/health")[0] != 200:
+        assert time.monotonic() < deadline, api(prod, "GET", "/api/health")
+        time.sleep(1)
+
+
+def test_bad_requests_get_a_4xx_with_a_reason(prod: Deployment) -> None:
+    connection = http.client.HTTPConnection(NGINX, port(prod), timeout=10)
+    connection.putrequest("POST", "/api/uploads")
+    connection.putheader("Content-Length", str(600 * 1024 * 1024))
+    connection.endheaders()
+    assert connection.getresponse().status == 413  # nginx answers before reading the body
+    connection.close()
+    status, _, raw = request(prod, "POST", "/api/jobs", b"{not json", {"Content-Type": "application/json"})
+    assert status == 400 and b"malformed JSON" in raw
+    cases = [
+        ([], "JSON object"),
+        ({"upload_id": "0" * 32, "duration_seconds": 30, "target_language": "fr"}, "does not exist"),
+        ({"upload_id": "zz", "duration_seconds": 30, "target_language": "fr"}, "upload_id"),
+        ({"upload_id": "0" * 32, "duration_seconds": 0, "target_language": "fr"}, "duration_seconds"),
+        ({"upload_id": "0" * 32, "duration_seconds": "30", "target_language": "fr"}, "duration_seconds"),
+        ({"upload_id": "0" * 32, "duration_seconds": 30, "target_language": "French!"}, "target_language"),
+        ({"upload_id": "0" * 32, "duration_seconds": 30, "target_language": "fr", "x": 1}, "unknown field"),
+    ]
+    for document, reason in cases:
+        status, answer = api(prod, "POST", "/api/jobs", document)
+        assert status == 422 and reason in answer["error"], (document, answer)
+    for job_id in ("00000000-0000-0000-0000-000000000000", "not-a-job"):
+        status, answer = api(prod, "GET", f"/api/jobs/{job_id}")
+        assert status == 404 and "no job" in answer["error"]
+    status, _, _ = request(prod, "POST", "/api/uploads", b"", {"Content-Length": "0"})
+    assert status == 400
+
+
+def test_scaling_the_pool_from_3_to_5_by_config_reaches_all_five(prod: Deployment) -> None:
+    before = {c.name: c.id for c in prod.client.containers.list(filters={"label": "io.transvidio.stack=prod"})}
+    evaluate(STACK, {**prod.overrides, "backend": {"replicas": 5}}, mocks=prod.mocks)
+    after = {c.name: c.id for c in prod.client.containers.list(filters={"label": "io.transvidio.stack=prod"})}
+    added = set(after) - set(before)
+    replaced = {name for name in before if name in after and before[name] != after[name]}
+    assert added == {"transvidio-prod-backend-4", "transvidio-prod-backend-5"}
+    assert replaced == {"transvidio-prod-nginx"}
+    for name in [*added, "transvidio-prod-nginx"]:
+        wait_healthy(prod.client, name, timeout=120)
+    served: set[str] = set()
+    errors: list[str] = []
+    deadline = time.monotonic() + 30
+    while len(served) < 5 and time.monotonic() < deadline:
+        try:
+            _, headers, _ = request(prod, "GET", "/api/jobs/00000000-0000-0000-0000-000000000000")
+            served.add(headers.get("x-served-by", "?"))
+        except OSError as error:
+            errors.append(repr(error))
+            time.sleep(0.2)
+    assert served == {f"backend-{i}" for i in range(1, 6)}, errors[-3:]
