@@ -120,5 +120,18 @@ class Topology:
         ]
 
     @property
+    def all_nodes(self) -> list[Node]:
+        """Every container of the stack."""
+        return [
+            self.postgres_primary,
+            *self.postgres_replicas,
+            *self.redis_nodes,
+            *self.sentinels,
+            *self.mpi_nodes,
+            *self.backends,
+            self.nginx,
+        ]
+
+    @property
     def nginx(self) -> Node:
         return self._node("nginx", "nginx", "nginx", 0, True, data=False, port=self.settings.nginx.http_port)

@@ -24,21 +24,26 @@ log() { printf '%s redis-node[%s]: %s\n' "$(date -u +%FT%TZ)" "$REDIS_NODE" "$*"
 REDISCLI_AUTH=$(cat /etc/transvidio/secrets/redis-password)
 export REDISCLI_AUTH
 
-ask_sentinels() {
-    local entry host port answer
+# Sends `SENTINEL <args>` to each Sentinel in turn and prints the first answer that the
+# predicate (first argument) accepts; fails when none does.
+sentinel_query() {
+    local accept=$1 entry answer
+    shift
     IFS=',' read -r -a entries <<<"$REDIS_SENTINELS"
     for entry in "${entries[@]}"; do
-        host=${entry%:*}
-        port=${entry##*:}
-        answer=$(timeout 2 redis-cli -h "$host" -p "$port" --no-auth-warning \
-            SENTINEL get-master-addr-by-name "$REDIS_MASTER_NAME" 2>/dev/null | head -n 1) || continue
-        if [ -n "$answer" ] && [[ "$answer" != *ERR* ]]; then
+        answer=$(timeout 2 redis-cli -h "${entry%:*}" -p "${entry##*:}" --no-auth-warning \
+            SENTINEL "$@" 2>/dev/null | head -n 1) || continue
+        if "$accept" "$answer"; then
             printf '%s\n' "$answer"
             return 0
         fi
     done
     return 1
 }
+
+is_address() { [[ "$1" =~ ^[0-9a-fA-F.:]+$ ]]; }
+failover_started() { [[ "$1" == OK || "$1" == *INPROG* ]]; }
+ask_sentinels() { sentinel_query is_address get-master-addr-by-name "$REDIS_MASTER_NAME"; }
 
 has_data() { [ -d /data/appendonlydir ] || [ -s /data/dump.rdb ]; }
 
@@ -66,17 +71,9 @@ while :; do
 done
 
 request_failover() {
-    local entry host port answer
-    IFS=',' read -r -a entries <<<"$REDIS_SENTINELS"
-    for entry in "${entries[@]}"; do
-        host=${entry%:*}
-        port=${entry##*:}
-        answer=$(timeout 2 redis-cli -h "$host" -p "$port" --no-auth-warning \
-            SENTINEL failover "$REDIS_MASTER_NAME" 2>&1) || continue
-        log "asked $host for a failover: $answer"
-        case "$answer" in OK | *INPROG*) return 0 ;; esac
-    done
-    return 1
+    local answer
+    answer=$(sentinel_query failover_started failover "$REDIS_MASTER_NAME") || return 1
+    log "a Sentinel started the failover: $answer"
 }
 
 if [ "$master" = "$REDIS_ANNOUNCE_IP" ] && has_data; then

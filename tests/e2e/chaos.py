@@ -26,17 +26,7 @@ from tests.program import plain
 
 
 def node(deployment: Deployment, hostname: str) -> Node:
-    topo = deployment.topology
-    everything = [
-        topo.postgres_primary,
-        *topo.postgres_replicas,
-        *topo.redis_nodes,
-        *topo.sentinels,
-        *topo.mpi_nodes,
-        *topo.backends,
-        topo.nginx,
-    ]
-    return next(n for n in everything if n.hostname == hostname)
+    return next(n for n in deployment.topology.all_nodes if n.hostname == hostname)
 
 
 def data_ip(deployment: Deployment, hostname: str) -> str:

@@ -94,6 +94,12 @@ class Deployment:
         result = self.client.containers.get(self.name(hostname)).exec_run(command, user=user or "")
         return result.exit_code, result.output.decode(errors="replace")
 
+    def assert_all_healthy(self) -> None:
+        """Exactly the topology's containers exist, and each passes its healthcheck now."""
+        assert self.container_names == sorted(node.container_name for node in self.topology.all_nodes)
+        for name in self.container_names:
+            assert run_healthcheck(self.client, name) == "healthy", name
+
     def wait_all_healthy(self, timeout: float = 300) -> float:
         started = time.monotonic()
         for container in self.container_names:

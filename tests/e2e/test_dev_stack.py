@@ -16,7 +16,6 @@ import pytest
 import redis
 
 from components.topology import REDIS_MASTER_NAME
-from tests.e2e.apply import run_healthcheck
 from tests.e2e.conftest import Deployment, deployed
 
 
@@ -42,19 +41,7 @@ def http_get(url: str) -> tuple[int, Any]:
 
 
 def test_every_container_is_healthy(dev: Deployment) -> None:
-    topo = dev.topology
-    expected = [
-        topo.postgres_primary,
-        *topo.postgres_replicas,
-        *topo.redis_nodes,
-        *topo.sentinels,
-        *topo.mpi_nodes,
-        *topo.backends,
-        topo.nginx,
-    ]
-    assert dev.container_names == sorted(node.container_name for node in expected)
-    for name in dev.container_names:
-        assert run_healthcheck(dev.client, name) == "healthy", name
+    dev.assert_all_healthy()
 
 
 def test_postgres_replica_streams_from_the_primary(dev: Deployment) -> None:

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.apply import run_healthcheck
 from tests.e2e.conftest import Deployment, deployed
 
 DATA_TIER = {"postgres-primary": 5432, "postgres-replica-1": 5432, "redis-0": 6379, "sentinel-1": 26379}
@@ -36,19 +35,7 @@ def probe_from(deployment: Deployment, hostname: str, address: str, port: int) -
 
 
 def test_every_container_is_healthy(prod: Deployment) -> None:
-    topo = prod.topology
-    expected = [
-        topo.postgres_primary,
-        *topo.postgres_replicas,
-        *topo.redis_nodes,
-        *topo.sentinels,
-        *topo.mpi_nodes,
-        *topo.backends,
-        topo.nginx,
-    ]
-    assert prod.container_names == sorted(node.container_name for node in expected)
-    for name in prod.container_names:
-        assert run_healthcheck(prod.client, name) == "healthy", name
+    prod.assert_all_healthy()
 
 
 def test_from_the_host_only_nginx_answers(prod: Deployment) -> None:
