@@ -47,3 +47,9 @@ def test_run_locally_writes_a_verifiable_result(tmp_path: pathlib.Path) -> None:
     for segment in result["segments"]:
         data = processing.read_segment(str(uploads / "u1"), 5, segment["index"])
         assert segment["digest"] == processing.reference_step(data, segment["index"], "fr")["digest"]
+
+
+def test_a_failure_reason_is_stored_without_control_bytes() -> None:
+    from transvidio_jobs import queue
+
+    assert queue._printable("mpirun\x00 failed:\n\tssh\x1b[0m") == "mpirun failed:\n\tssh[0m"

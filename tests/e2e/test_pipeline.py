@@ -213,6 +213,31 @@ def test_jobs_complete_while_a_replica_and_the_redis_master_are_down(prod: Deplo
         time.sleep(1)
 
 
+def test_a_failed_mpi_run_is_retried_and_a_hopeless_job_fails_with_its_reason(prod: Deployment, video: bytes) -> None:
+    # mpirun cannot reach a stopped worker: the attempt fails with mpirun's own words, and the
+    # job is retried after a backoff; once the worker is back, a retry completes it.
+    worker = prod.topology.mpi_workers[-1].hostname
+    prod.client.containers.get(prod.name(worker)).stop(timeout=5)
+    try:
+        job = submit(prod, upload(prod, video[:65536]), 90, "sv")
+        deadline = time.monotonic() + 90
+        while not (api(prod, "GET", f"/api/jobs/{job['id']}")[1]["error"] or "").startswith("RuntimeError: mpirun"):
+            assert time.monotonic() < deadline, api(prod, "GET", f"/api/jobs/{job['id']}")[1]
+            time.sleep(0.5)
+    finally:
+        prod.client.containers.get(prod.name(worker)).start()
+    wait_healthy(prod.client, prod.name(worker), timeout=60)
+    done = wait_done(prod, job["id"])
+    assert done["status"] == "succeeded" and done["attempts"] >= 2 and done["completions"] == 1, done
+    # An upload that disappeared can never succeed: after its attempts, failed with the reason.
+    upload_id = upload(prod, video[:4096])
+    job = submit(prod, upload_id, 90, "sv")
+    prod.exec("mpi-master", ["rm", "-f", f"/srv/transvidio/uploads/{upload_id}"], user="app")
+    done = wait_done(prod, job["id"])
+    assert done["status"] == "failed" and done["attempts"] == 3, done
+    assert f"upload {upload_id} is missing" in done["error"]
+
+
 def test_bad_requests_get_a_4xx_with_a_reason(prod: Deployment) -> None:
     connection = http.client.HTTPConnection(NGINX, port(prod), timeout=10)
     connection.putrequest("POST", "/api/uploads")
@@ -253,12 +278,15 @@ def test_scaling_the_pool_from_3_to_5_by_config_reaches_all_five(prod: Deploymen
         wait_healthy(prod.client, name, timeout=120)
     served: set[str] = set()
     errors: list[str] = []
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while len(served) < 5 and time.monotonic() < deadline:
         try:
-            _, headers, _ = request(prod, "GET", "/api/jobs/00000000-0000-0000-0000-000000000000")
+            _, headers, _ = request(prod, "GET", "/api/jobs/00000000-0000-0000-0000-000000000000", timeout=5)
             served.add(headers.get("x-served-by", "?"))
         except OSError as error:
+            # Podman 4.3 sometimes takes seconds to forward a published port again after the
+            # container behind it was replaced; the figure is reported, the routing asserted.
             errors.append(repr(error))
-            time.sleep(0.2)
+            time.sleep(0.5)
+    report.LINES.append(f"prod: after scaling 3 -> 5, {len(errors)} request(s) failed before nginx answered")
     assert served == {f"backend-{i}" for i in range(1, 6)}, errors[-3:]

@@ -59,7 +59,8 @@ def claim(conn: psycopg.Connection[Any], runner: str, worker: str, lease_seconds
             f"UPDATE jobs SET status = 'running', attempts = attempts + 1, claimed_by = %s, "
             f"lease_until = now() + make_interval(secs => %s), updated_at = now() "
             f"WHERE id = (SELECT id FROM jobs WHERE runner = %s AND attempts < max_attempts "
-            f"  AND (status = 'queued' OR (status = 'running' AND lease_until < now())) "
+            f"  AND ((status = 'queued' AND (lease_until IS NULL OR lease_until < now())) "
+            f"    OR (status = 'running' AND lease_until < now())) "
             f"  ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT 1) "
             f"RETURNING {COLUMNS}",
             (worker, lease_seconds, runner),
@@ -91,11 +92,22 @@ def complete(conn: psycopg.Connection[Any], job: dict[str, Any], result_path: st
     return cur.rowcount == 1
 
 
+RETRY_BACKOFF_SECONDS = 5
+
+
+def _printable(text: str) -> str:
+    """A reason fit for a text column: a failed program's output may hold NUL bytes."""
+    return "".join(ch for ch in text if ch.isprintable() or ch in "\n\t")
+
+
 def fail(conn: psycopg.Connection[Any], job: dict[str, Any], reason: str) -> None:
-    """Records the reason; the job is queued again while attempts remain, else failed."""
+    """Records the reason; the job is queued again (after a backoff that grows with each
+    attempt, so a node that is briefly down does not use up the attempts) while attempts
+    remain, else failed."""
     conn.execute(
         "UPDATE jobs SET status = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END, "
-        "error = %s, lease_until = NULL, updated_at = now() "
+        "error = %s, lease_until = CASE WHEN attempts < max_attempts "
+        "  THEN now() + make_interval(secs => %s * attempts) END, updated_at = now() "
         "WHERE id = %s AND claimed_by = %s AND attempts = %s AND status = 'running'",
-        (reason[-2000:], *_holding(job)),
+        (_printable(reason)[-2000:], RETRY_BACKOFF_SECONDS, *_holding(job)),
     )
