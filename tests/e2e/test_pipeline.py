@@ -46,9 +46,14 @@ def port(deployment: Deployment) -> int:
 
 
 def request(
-    deployment: Deployment, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    deployment: Deployment,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
 ) -> tuple[int, dict[str, str], bytes]:
-    connection = http.client.HTTPConnection(NGINX, port(deployment), timeout=30)
+    connection = http.client.HTTPConnection(NGINX, port(deployment), timeout=timeout)
     try:
         connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()
