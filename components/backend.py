@@ -56,7 +56,11 @@ class BackendPool(pulumi.ComponentResource):
         envs += [pulumi.Output.secret(pulumi.Output.concat(k, "=", v)) for k, v in sorted(secrets.items())]
         self.uploads_volume = data_volume(name, "uploads", s, COMPONENT, self)
         self.outputs_volume = data_volume(name, "outputs", s, COMPONENT, self)
-        self.members = Topology(s).backends
+        topo = Topology(s)
+        self.members = topo.backends
+        # The hosts the env contract names, pinned to their fixed addresses: a lookup never
+        # waits on the engine's DNS while a container restarts.
+        pinned = [topo.postgres_primary, *topo.postgres_replicas, topo.mpi_master]
         self.containers = [
             service_container(
                 name,
@@ -72,6 +76,7 @@ class BackendPool(pulumi.ComponentResource):
                         VolumeMount(self.outputs_volume.name, render.OUTPUTS_DIR),
                     ],
                     depends_on=args.depends_on,
+                    extra_hosts=pinned,
                 ),
                 s,
                 args.networks,

@@ -113,9 +113,10 @@ class MpiCluster(pulumi.ComponentResource):
                 volumes=volumes,
                 uploads=[*shared_uploads, host_key],
                 capabilities=SSHD_CAPABILITIES,
-                # MPI launches by name (hostfile, known_hosts): pin the names to the fixed
-                # addresses so a launch never waits on, or fails with, the engine's DNS.
-                extra_hosts=topo.mpi_nodes,
+                # MPI launches by name (hostfile, known_hosts) and the runner reaches the
+                # primary by name: pin them to the fixed addresses so neither waits on, or
+                # fails with, the engine's DNS.
+                extra_hosts=[*topo.mpi_nodes, topo.postgres_primary],
             )
             return service_container(name, spec, s, args.networks, self)
 

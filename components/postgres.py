@@ -81,6 +81,7 @@ class PostgresReplicaSet(pulumi.ComponentResource):
                 uploads=[],
                 wait=False,
                 depends_on=[self.primary],
+                extra_hosts=[topo.postgres_primary],
             )
             for replica in topo.postgres_replicas
         ]
@@ -96,6 +97,7 @@ class PostgresReplicaSet(pulumi.ComponentResource):
         uploads: list[docker.ContainerUploadArgs],
         wait: bool,
         depends_on: list[pulumi.Resource],
+        extra_hosts: list[Node] | None = None,
     ) -> docker.Container:
         s = self._args.settings
         volume = data_volume(name, f"{node.hostname}-data", s, COMPONENT, self)
@@ -118,5 +120,6 @@ class PostgresReplicaSet(pulumi.ComponentResource):
             start_period="120s" if node.role == "postgres-replica" else "60s",
             wait=wait,
             depends_on=depends_on,
+            extra_hosts=extra_hosts or [],
         )
         return service_container(name, spec, s, self._args.networks, self)

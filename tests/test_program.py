@@ -181,6 +181,11 @@ def test_backend_env_contract(stack: str) -> None:
         assert env["OUTPUTS_DIR"] == render.OUTPUTS_DIR
         assert env["POSTGRES_PASSWORD"] and env["REDIS_PASSWORD"] and env["SECRET_KEY"]
         assert is_secret(backend.inputs["envs"])
+        pinned = {h["host"]: h["ip"] for h in backend.inputs["hosts"]}
+        topo = Topology(s)
+        assert pinned == {
+            n.hostname: n.data_ip for n in [topo.postgres_primary, *topo.postgres_replicas, topo.mpi_master]
+        }
         mounts = {v["containerPath"]: v for v in backend.inputs["volumes"]}
         assert set(mounts) == {render.UPLOADS_DIR, render.OUTPUTS_DIR}
         assert backend.inputs["healthcheck"]["tests"] == ["CMD", "python3", "/usr/local/bin/healthcheck.py"]
@@ -250,7 +255,8 @@ def test_mpi_keys_hostfile_and_known_hosts(stack: str) -> None:
         hostname = node.inputs["hostname"]
         assert uploads[f"{render.MPI_CONF_DIR}/hostfile"]["content"] == render.hostfile(s)
         pinned = {h["host"]: h["ip"] for h in node.inputs["hosts"]}
-        assert pinned == {n.hostname: n.data_ip for n in Topology(s).mpi_nodes}
+        topo = Topology(s)
+        assert pinned == {n.hostname: n.data_ip for n in [*topo.mpi_nodes, topo.postgres_primary]}
         known = uploads["/etc/ssh/ssh_known_hosts"]["content"].splitlines()
         assert len(known) == len(mpi_nodes)
         for line in known:

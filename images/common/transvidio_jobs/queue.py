@@ -92,7 +92,7 @@ def complete(conn: psycopg.Connection[Any], job: dict[str, Any], result_path: st
     return cur.rowcount == 1
 
 
-RETRY_BACKOFF_SECONDS = 5
+RETRY_BACKOFF_SECONDS = 10
 
 
 def _printable(text: str) -> str:
