@@ -33,7 +33,7 @@ E2E_OVERRIDES: dict[str, dict[str, Any]] = {"dev": {}, "prod": {}}
 
 def engine() -> docker.DockerClient:
     try:
-        client = docker.from_env(timeout=900)
+        client = docker.from_env(timeout=600)
         client.ping()
     except (docker.errors.DockerException, OSError) as error:
         message = (
@@ -65,6 +65,8 @@ class HealthTicker(threading.Thread):
         while not self.stopped.wait(self.interval):
             with contextlib.suppress(docker.errors.DockerException, OSError):
                 for container in self.client.containers.list(filters={"label": f"{LABEL_PREFIX}.stack={self.stack}"}):
+                    if self.stopped.is_set():
+                        break
                     run_healthcheck(self.client, container.name)
 
 
@@ -137,7 +139,11 @@ def deployed(stack: str, overrides: dict[str, Any] | None = None, health_ticker:
             ticker.start()
         yield deployment
     finally:
+        # Let a healthcheck round finish before removing containers: a healthcheck exec
+        # racing a removal is where Podman 4.3 can stop answering.
         ticker.stopped.set()
+        if ticker.is_alive():
+            ticker.join(timeout=120)
         if not os.environ.get("E2E_KEEP"):
             teardown(client, stack)
 
