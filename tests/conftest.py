@@ -3,8 +3,10 @@ import sys
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# The project (components, tests) and the job pipeline the images ship (images/common).
+for path in (ROOT, ROOT / "images" / "common"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

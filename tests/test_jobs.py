@@ -5,12 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import pathlib
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "images" / "common"))
-
-from transvidio_jobs import processing  # noqa: E402
+from transvidio_jobs import processing
 
 
 def test_segments_cover_the_upload_exactly_once() -> None:
@@ -53,3 +49,14 @@ def test_a_failure_reason_is_stored_without_control_bytes() -> None:
     from transvidio_jobs import queue
 
     assert queue._printable("mpirun\x00 failed:\n\tssh\x1b[0m") == "mpirun failed:\n\tssh[0m"
+
+
+def test_the_result_line_survives_the_bytes_mpirun_adds() -> None:
+    assert processing.last_output_line('warning\n{"size": 2}\n\x00') == '{"size": 2}'
+    assert processing.last_output_line('{"a": 1}\n\n') == '{"a": 1}'
+    try:
+        processing.last_output_line("\x00\n")
+    except ValueError as error:
+        assert "nothing" in str(error)
+    else:
+        raise AssertionError("an output with no text must be refused")

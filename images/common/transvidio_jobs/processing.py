@@ -87,3 +87,16 @@ def run_locally(job: dict[str, Any], uploads_dir: str, outputs_dir: str, host: s
     result = assemble(str(job["id"]), language, segments)
     result["ranks"] = 1
     return write_result(outputs_dir, str(job["id"]), result)
+
+
+def last_output_line(output: str) -> str:
+    """The last line an MPI program printed, whatever mpirun adds around it.
+
+    PRRTE can end its forwarded output with a NUL byte (seen on Docker); a result line
+    is the last line that still has text once such bytes are gone.
+    """
+    lines = [line.strip() for line in output.replace("\x00", "").splitlines()]
+    printed = [line for line in lines if line]
+    if not printed:
+        raise ValueError("mpirun printed nothing")
+    return printed[-1]

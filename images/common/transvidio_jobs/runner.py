@@ -13,6 +13,7 @@ import subprocess
 import sys
 from typing import Any
 
+from transvidio_jobs import processing
 from transvidio_jobs.worker import run_forever
 
 MPI_TIMEOUT_SECONDS = int(os.environ.get("MPI_JOB_TIMEOUT_SECONDS", "3600"))
@@ -60,7 +61,7 @@ def execute(job: dict[str, Any]) -> str:
     done = subprocess.run(command, capture_output=True, text=True, timeout=MPI_TIMEOUT_SECONDS, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"mpirun exited {done.returncode}: {(done.stderr or done.stdout)[-1500:]}")
-    return done.stdout.strip().splitlines()[-1]
+    return processing.last_output_line(done.stdout)
 
 
 if __name__ == "__main__":
