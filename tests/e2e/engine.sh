@@ -1,23 +1,43 @@
 #!/usr/bin/env bash
 # Prepares a Docker-API container engine for the end-to-end tests.
-#   engine.sh install       install Podman and friends when missing (Debian, as root)
-#   engine.sh start         start `podman system service` on $ENGINE_DIR/podman.sock
-#   engine.sh stop          stop the service started by `start` (by its PID)
+#   engine.sh install       install the engine (ENGINE=docker|podman) and debootstrap when missing
+#   engine.sh start         start the engine's API on $ENGINE_DIR (its own paths: never a user's daemon)
+#   engine.sh stop          stop what `start` started, by its PID
+#   engine.sh host          print the DOCKER_HOST the tests use
 #   engine.sh base IMAGE    make IMAGE locally from a debootstrapped Debian when absent
-# With DOCKER_HOST already pointing at a real engine, `start` and `stop` do nothing.
+# ENGINE=docker (the default, the engine of record) runs Debian's dockerd with its own
+# data-root, exec-root, socket and pidfile; ENGINE=podman runs `podman system service`.
+# With DOCKER_HOST already pointing at an engine, start and stop do nothing and that
+# engine is used.
 set -euo pipefail
 
-ENGINE_DIR=${ENGINE_DIR:-/tmp/transvidio-engine}
-SOCKET="$ENGINE_DIR/podman.sock"
-PIDFILE="$ENGINE_DIR/podman.pid"
-CONF="$ENGINE_DIR/containers.conf"
+ENGINE=${ENGINE:-docker}
+ENGINE_DIR=${ENGINE_DIR:-/tmp/transvidio-engine}/$ENGINE
 CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 SUITE=${SUITE:-trixie}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 
-log() { printf 'engine: %s\n' "$*" >&2; }
+case "$ENGINE" in
+docker)
+    SOCKET="$ENGINE_DIR/docker.sock"
+    PIDFILE="$ENGINE_DIR/dockerd.pid"
+    ;;
+podman)
+    SOCKET="$ENGINE_DIR/podman.sock"
+    PIDFILE="$ENGINE_DIR/podman.pid"
+    ;;
+*)
+    echo "ENGINE=$ENGINE: must be docker or podman" >&2
+    exit 2
+    ;;
+esac
+CONF="$ENGINE_DIR/containers.conf"
 
-write_conf() {
+log() { printf 'engine(%s): %s\n' "$ENGINE" "$*" >&2; }
+
+external_engine() { [ -n "${DOCKER_HOST:-}" ] && [ "${DOCKER_HOST}" != "unix://$SOCKET" ]; }
+
+write_podman_conf() {
     mkdir -p "$ENGINE_DIR"
     # runc with lowered ulimits: crun (and runc with the defaults) cannot set
     # RLIMIT_NOFILE/NPROC in this sandbox.
@@ -31,37 +51,60 @@ network_backend = "netavark"
 CONF
 }
 
-podman_cmd() { CONTAINERS_CONF="$CONF" podman "$@"; }
-
-external_engine() { [ -n "${DOCKER_HOST:-}" ] && [ "${DOCKER_HOST}" != "unix://$SOCKET" ]; }
-
 # The image commands of whichever engine the tests use.
 engine_cmd() {
     if external_engine; then
         docker "$@"
+    elif [ "$ENGINE" = docker ]; then
+        DOCKER_HOST="unix://$SOCKET" docker "$@"
     else
-        podman_cmd "$@"
+        write_podman_conf
+        CONTAINERS_CONF="$CONF" podman "$@"
     fi
 }
 
 install() {
-    local missing=()
+    local missing=() tools=(debootstrap iptables)
     local tool
-    for tool in podman netavark aardvark-dns runc debootstrap iptables; do
+    if [ "$ENGINE" = docker ]; then
+        tools+=(dockerd docker containerd runc)
+    else
+        tools+=(podman netavark aardvark-dns runc)
+    fi
+    for tool in "${tools[@]}"; do
         command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/lib/podman/$tool" ] || missing+=("$tool")
     done
     if [ "${#missing[@]}" -eq 0 ]; then
         return 0
     fi
     if [ "$(id -u)" -ne 0 ]; then
-        log "missing ${missing[*]}: run as root or install podman netavark aardvark-dns runc debootstrap"
+        log "missing ${missing[*]}: run as root, or install Debian's docker.io (or podman) and debootstrap"
         exit 1
     fi
-    log "installing ${missing[*]}"
+    local packages=(debootstrap iptables ca-certificates)
+    if [ "$ENGINE" = docker ]; then
+        packages+=(docker.io)
+    else
+        packages+=(podman netavark aardvark-dns runc uidmap slirp4netns fuse-overlayfs)
+    fi
+    log "installing ${packages[*]}"
     apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        podman netavark aardvark-dns runc debootstrap uidmap slirp4netns fuse-overlayfs \
-        iptables ca-certificates >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${packages[@]}" >/dev/null
+}
+
+running() { [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
+
+wait_for_api() {
+    local waited=0
+    until [ -S "$SOCKET" ] && engine_cmd version >/dev/null 2>&1; do
+        sleep 0.2
+        waited=$((waited + 1))
+        if [ "$waited" -gt 300 ]; then
+            log "no API on $SOCKET after 60 s; last lines of $ENGINE_DIR/service.log:"
+            tail -n 20 "$ENGINE_DIR/service.log" >&2
+            exit 1
+        fi
+    done
 }
 
 start() {
@@ -69,41 +112,56 @@ start() {
         log "using the engine at DOCKER_HOST=$DOCKER_HOST"
         return 0
     fi
-    write_conf
-    if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
+    mkdir -p "$ENGINE_DIR"
+    if running; then
         return 0
     fi
     rm -f "$SOCKET"
-    CONTAINERS_CONF="$CONF" nohup podman system service --time=0 "unix://$SOCKET" \
-        >"$ENGINE_DIR/service.log" 2>&1 &
-    echo $! >"$PIDFILE"
-    local waited=0
-    until [ -S "$SOCKET" ]; do
-        sleep 0.2
-        waited=$((waited + 1))
-        if [ "$waited" -gt 100 ]; then
-            log "podman service did not create $SOCKET; see $ENGINE_DIR/service.log"
-            exit 1
-        fi
-    done
-    log "podman service up: DOCKER_HOST=unix://$SOCKET"
+    if [ "$ENGINE" = docker ]; then
+        # Everything under ENGINE_DIR: a user's own dockerd (default paths) is never touched.
+        nohup dockerd --data-root "$ENGINE_DIR/root" --exec-root "$ENGINE_DIR/exec" \
+            -H "unix://$SOCKET" --pidfile "$PIDFILE" >"$ENGINE_DIR/service.log" 2>&1 &
+    else
+        write_podman_conf
+        CONTAINERS_CONF="$CONF" nohup podman system service --time=0 "unix://$SOCKET" \
+            >"$ENGINE_DIR/service.log" 2>&1 &
+        echo $! >"$PIDFILE"
+    fi
+    wait_for_api
+    log "up: DOCKER_HOST=unix://$SOCKET"
 }
 
 stop() {
-    if [ -f "$PIDFILE" ]; then
-        kill "$(cat "$PIDFILE")" 2>/dev/null || true
-        rm -f "$PIDFILE" "$SOCKET"
+    external_engine && return 0
+    running || return 0
+    local pid waited=0
+    pid=$(cat "$PIDFILE")
+    kill "$pid" 2>/dev/null || true
+    # dockerd stops its containers and containerd before it exits: wait for that.
+    while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt 300 ]; do
+        sleep 0.2
+        waited=$((waited + 1))
+    done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$PIDFILE" "$SOCKET"
+}
+
+host() {
+    if external_engine; then
+        echo "$DOCKER_HOST"
+    else
+        echo "unix://$SOCKET"
     fi
 }
 
 base() {
     local image=$1
-    write_conf
     if engine_cmd image inspect "$image" >/dev/null 2>&1; then
         return 0
     fi
     local root
     root=$(mktemp -d)
+    mkdir -p "$ENGINE_DIR"
     log "debootstrapping $SUITE into $root for $image"
     debootstrap --variant=minbase "$SUITE" "$root" "$MIRROR" >"$ENGINE_DIR/debootstrap.log" 2>&1 || {
         tail -20 "$ENGINE_DIR/debootstrap.log" >&2
@@ -128,9 +186,10 @@ case "${1:-}" in
 install) install ;;
 start) start ;;
 stop) stop ;;
+host) host ;;
 base) base "${2:?usage: engine.sh base IMAGE}" ;;
 *)
-    echo "usage: engine.sh install|start|stop|base IMAGE" >&2
+    echo "usage: ENGINE=docker|podman engine.sh install|start|stop|host|base IMAGE" >&2
     exit 2
     ;;
 esac
