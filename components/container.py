@@ -24,6 +24,8 @@ SERVICE_UIDS: dict[str, int] = {"postgres": 10001, "redis": 10002, "mpi": 10010,
 ROOT_UID = 0
 
 LOG_OPTS = {"max-file": "3", "max-size": "10m"}
+HEALTHCHECK_INTERVAL_SECONDS = 5
+HEALTHCHECK_TIMEOUT_SECONDS = 4
 RESTART_POLICY = "unless-stopped"
 LABEL_PREFIX = "io.transvidio"
 
@@ -61,10 +63,41 @@ class ContainerSpec:
     extra_ports: Sequence[docker.ContainerPortArgs] = ()
     capabilities: Sequence[str] = ()  # added back after dropping ALL
     extra_hosts: Sequence[Node] = ()  # written to /etc/hosts: no DNS needed to reach them
+    edge_aliases: Sequence[str] = ()  # names shared with other containers on the edge network
     shm_size_mb: int | None = None
-    start_period: str = "30s"
+    start_period_seconds: int = 30
+    # How long a stop (replacement, scale-down, destroy) waits for a clean shutdown before
+    # SIGKILL: without it the provider kills at once.
+    stop_grace_seconds: int = 10
     wait: bool = False  # block `pulumi up` until healthy: for what others depend on
     depends_on: Sequence[pulumi.Resource] = field(default_factory=list)
+
+
+def duration(seconds: int) -> str:
+    """A duration as the provider reads it back (Go's time.Duration.String(): "1m30s", not
+    "90s"), so the next `pulumi up` sees no difference."""
+    if seconds < 0:
+        raise ValueError(f"negative duration {seconds}")
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def volume_mount(mount: VolumeMount) -> docker.ContainerMountArgs:
+    """A named volume. A read-only consumer never copies its image's directory into an empty
+    volume (Docker's copy-up, owner included): the writers' images decide the owner, not the
+    container that happens to mount it first."""
+    return docker.ContainerMountArgs(
+        target=mount.container_path,
+        source=mount.volume_name,
+        type="volume",
+        read_only=mount.read_only,
+        volume_options=docker.ContainerMountVolumeOptionsArgs(no_copy=True) if mount.read_only else None,
+    )
 
 
 def labels(settings: Settings, component: str, role: str) -> list[docker.ContainerLabelArgs]:
@@ -83,7 +116,9 @@ def _networks(spec: ContainerSpec, networks: Networks) -> list[docker.ContainerN
     if spec.node.edge_ip:
         attached.append(
             docker.ContainerNetworksAdvancedArgs(
-                name=networks.edge, aliases=[spec.node.hostname], ipv4_address=spec.node.edge_ip
+                name=networks.edge,
+                aliases=[spec.node.hostname, *spec.edge_aliases],
+                ipv4_address=spec.node.edge_ip,
             )
         )
     return attached
@@ -125,26 +160,25 @@ def service_container(
         command=list(spec.command) or None,
         networks_advanced=_networks(spec, networks),
         ports=_ports(spec, settings) or None,
-        volumes=[
-            docker.ContainerVolumeArgs(
-                volume_name=v.volume_name, container_path=v.container_path, read_only=v.read_only
-            )
-            for v in spec.volumes
-        ]
-        or None,
+        mounts=[volume_mount(v) for v in spec.volumes] or None,
         uploads=list(spec.uploads) or None,
         hosts=[docker.ContainerHostArgs(host=n.hostname, ip=str(n.data_ip)) for n in spec.extra_hosts] or None,
         healthcheck=docker.ContainerHealthcheckArgs(
             tests=["CMD", *spec.healthcheck],
-            interval="5s",
-            timeout="4s",
+            interval=duration(HEALTHCHECK_INTERVAL_SECONDS),
+            timeout=duration(HEALTHCHECK_TIMEOUT_SECONDS),
             retries=5,
-            start_period=spec.start_period,
+            start_period=duration(spec.start_period_seconds),
         ),
         restart=RESTART_POLICY,
         log_driver="json-file",
         log_opts=LOG_OPTS,
         memory=spec.memory_mb,
+        # Swap equal to memory: no swap. Set explicitly, so the provider's in-place update
+        # sends both (Docker refuses a memory limit above the old swap limit) and the value
+        # read back matches.
+        memory_swap=spec.memory_mb,
+        destroy_grace_seconds=spec.stop_grace_seconds,
         shm_size=spec.shm_size_mb,
         security_opts=["no-new-privileges:true"],
         capabilities=docker.ContainerCapabilitiesArgs(drops=["ALL"], adds=sorted(spec.capabilities) or None),

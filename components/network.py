@@ -45,5 +45,6 @@ class ClusterNetworks(pulumi.ComponentResource):
             internal=internal,
             ipam_configs=[docker.NetworkIpamConfigArgs(subnet=subnet)],
             labels=[docker.NetworkLabelArgs(label=f"{LABEL_PREFIX}.{k}", value=v) for k, v in sorted(values.items())],
-            opts=pulumi.ResourceOptions(parent=self),
+            # Fixed names: the old network must go (with the containers on it) before the new one.
+            opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
         )

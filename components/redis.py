@@ -128,5 +128,6 @@ class RedisSentinelGroup(pulumi.ComponentResource):
             ],
             wait=wait,
             depends_on=depends_on,
+            stop_grace_seconds=30,  # an AOF rewrite or RDB save in flight finishes
         )
         return service_container(self._name, spec, s, self._args.networks, self)
