@@ -24,6 +24,7 @@ from components.topology import POSTGRES_PORT, POSTGRES_REPLICATION_USER, Node, 
 
 COMPONENT = "postgres"
 DATA_DIR = "/var/lib/postgresql/data"
+SLOT_KEEPER_MEMORY_MB = 64
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,14 @@ class PostgresReplicaSetArgs:
 
 
 class PostgresReplicaSet(pulumi.ComponentResource):
-    """Deploys a primary and N streaming replicas on the data network.
+    """Deploys a primary, N streaming replicas and a slot keeper on the data network.
 
     Each node has its own retained volume and /dev/shm size. The primary is created
     with `wait=True` and the replicas depend on it; each replica bootstraps with
     pg_basebackup through its own replication slot (only when its volume is empty) and
-    is healthy only while in recovery and streaming.
+    is healthy only while in recovery and streaming. The slot keeper drops the slots of
+    replicas the stack no longer has, so scaling down frees the WAL they pinned; the
+    primary's config does not depend on the replica count, so scaling never restarts it.
     """
 
     def __init__(self, name: str, args: PostgresReplicaSetArgs, opts: pulumi.ResourceOptions | None = None) -> None:
@@ -51,9 +54,10 @@ class PostgresReplicaSet(pulumi.ComponentResource):
         self._args = args
         self.image = role_image(f"{name}-image", COMPONENT, s, self)
         uid = SERVICE_UIDS[COMPONENT]
+        replication_secret = secret_file(f"{render.SECRETS_DIR}/replication-password", args.replication_password, uid)
         self._common_uploads = [
             config_file(f"{render.POSTGRES_CONF_DIR}/pg_hba.conf", render.pg_hba_conf(s)),
-            secret_file(f"{render.SECRETS_DIR}/replication-password", args.replication_password, uid),
+            replication_secret,
         ]
         self.primary = self._node(
             name,
@@ -85,6 +89,30 @@ class PostgresReplicaSet(pulumi.ComponentResource):
             )
             for replica in topo.postgres_replicas
         ]
+        keeper = topo.postgres_slot_keeper
+        self.slot_keeper = service_container(
+            name,
+            ContainerSpec(
+                node=keeper,
+                component=COMPONENT,
+                image=self.image.repo_digest,
+                healthcheck=["/usr/local/bin/healthcheck.sh"],
+                memory_mb=SLOT_KEEPER_MEMORY_MB,
+                envs=[
+                    "PG_ROLE=slots",
+                    f"PG_NODE={keeper.hostname}",
+                    f"PG_STALE_SLOTS={','.join(topo.stale_replica_slots())}",
+                    f"PRIMARY_HOST={topo.postgres_primary.hostname}",
+                    f"REPLICATION_USER={POSTGRES_REPLICATION_USER}",
+                ],
+                uploads=[replication_secret],
+                depends_on=[self.primary],
+                extra_hosts=[topo.postgres_primary],
+            ),
+            s,
+            args.networks,
+            self,
+        )
         self.primary_host = topo.postgres_primary.hostname
         self.replica_hosts = [r.hostname for r in topo.postgres_replicas]
         self.register_outputs({"primary": self.primary_host, "replicas": self.replica_hosts, "port": POSTGRES_PORT})
@@ -117,7 +145,9 @@ class PostgresReplicaSet(pulumi.ComponentResource):
             ],
             shm_size_mb=s.postgres.shm_size_mb,
             # A replica's first base backup copies the whole primary: give it time.
-            start_period="120s" if node.role == "postgres-replica" else "60s",
+            start_period_seconds=120 if node.role == "postgres-replica" else 60,
+            # A fast shutdown checkpoints first: give it time rather than a crash recovery.
+            stop_grace_seconds=60,
             wait=wait,
             depends_on=depends_on,
             extra_hosts=extra_hosts or [],

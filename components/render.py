@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from components.settings import PROJECT, Settings, SettingsError, parse
+from components.settings import MAX_POSTGRES_REPLICAS, PROJECT, Settings, SettingsError, parse
 from components.topology import (
     BACKEND_PORT,
     NGINX_HTTP_PORT,
@@ -58,7 +58,9 @@ def _pg_size(size_bytes: int) -> str:
 def postgresql_conf(settings: Settings, node: Node) -> str:
     """postgresql.conf for the primary or a replica (same shape; replicas add standby settings)."""
     pg = settings.postgres
-    replica_slots = max(pg.replica_count, 1) + 2  # room for a re-bootstrap while the old slot lingers
+    # Sized for the most replicas a stack may have (plus room for a re-bootstrap while an old
+    # slot lingers), not for today's count: scaling replicas leaves this file as it is.
+    replica_slots = MAX_POSTGRES_REPLICAS + 2
     lines = [
         "listen_addresses = '*'",
         f"port = {POSTGRES_PORT}",
@@ -258,17 +260,31 @@ def mpi_runner_environment(settings: Settings) -> dict[str, str]:
 # --- nginx ----------------------------------------------------------------------------
 
 
-def nginx_conf(settings: Settings, backends: Sequence[Node]) -> str:
+# Every backend carries this alias on the edge network; nginx resolves it to find them.
+BACKENDS_ALIAS = "backends"
+NGINX_UPSTREAMS_FILE = "/var/cache/nginx/upstream-servers.conf"
+UPSTREAM_SERVER_PARAMS = "max_fails=2 fail_timeout=10s"
+
+
+def nginx_environment() -> dict[str, str]:
+    """What the nginx entrypoint needs to keep the upstream list in step with the pool."""
+    return {
+        "UPSTREAM_NAME": BACKENDS_ALIAS,
+        "UPSTREAM_PORT": str(BACKEND_PORT),
+        "UPSTREAM_FILE": NGINX_UPSTREAMS_FILE,
+        "UPSTREAM_SERVER_PARAMS": UPSTREAM_SERVER_PARAMS,
+    }
+
+
+def nginx_conf(settings: Settings) -> str:
     """The load balancer: /api/ to every backend, /outputs/ from the shared volume.
 
-    Upstreams are fixed addresses, not names: nginx resolves names once at start, and
-    a backend that is down at that moment would otherwise keep nginx from starting.
+    The upstream's servers are not in this file: the entrypoint writes them to
+    NGINX_UPSTREAMS_FILE from the backends alias and reloads nginx when they change, so
+    scaling the pool changes neither this file nor the nginx container.
     """
     ngx = settings.nginx
     gateway = settings.network.edge_subnet.network_address + 1
-    servers = "\n".join(
-        f"        server {b.edge_ip}:{BACKEND_PORT} max_fails=2 fail_timeout=10s;  # {b.hostname}" for b in backends
-    )
     tls = ""
     if settings.tls_enabled:
         tls = f"""
@@ -304,7 +320,7 @@ http {{
 
     upstream backends {{
         zone backends 64k;
-{servers}
+        include {NGINX_UPSTREAMS_FILE};
         keepalive 32;
     }}
 
@@ -371,7 +387,7 @@ def rendered_files(settings: Settings, host_public_keys: Sequence[str] | None = 
         "postgres/pg_hba.conf": pg_hba_conf(settings),
         "postgres/primary-setup.sql": primary_setup_sql(),
         f"postgres/{topo.postgres_primary.hostname}.conf": postgresql_conf(settings, topo.postgres_primary),
-        "nginx/nginx.conf": nginx_conf(settings, topo.backends),
+        "nginx/nginx.conf": nginx_conf(settings),
         "backend/environment": "".join(f"{k}={v}\n" for k, v in sorted(backend_environment(settings).items()))
         + "".join(f"{k}=<secret>\n" for k in BACKEND_SECRET_ENV),
         "mpi/hostfile": hostfile(settings),

@@ -167,11 +167,16 @@ class ImageSettings:
     )
 
 
+# The most PostgreSQL replicas a stack may have: the primary's slot and sender limits are
+# sized for it once, so scaling replicas never changes (and so never restarts) the primary.
+MAX_POSTGRES_REPLICAS = 8
+
+
 @dataclass(frozen=True)
 class PostgresSettings:
     """PostgreSQL primary and streaming replicas."""
 
-    replica_count: int = _setting("replicas", 2, integer(0, 8), "Streaming replicas.")
+    replica_count: int = _setting("replicas", 2, integer(0, MAX_POSTGRES_REPLICAS), "Streaming replicas.")
     shared_buffers: int = _setting("sharedBuffers", "512MB", size_bytes, "shared_buffers.")
     work_mem: int = _setting("workMem", "32MB", size_bytes, "work_mem.")
     maintenance_work_mem: int = _setting("maintenanceWorkMem", "128MB", size_bytes, "maintenance_work_mem.")
@@ -326,6 +331,7 @@ def _parse_section(section: str, raw: Any) -> Any:
 # another role's address, so nothing else is replaced and nobody holds a stale IP.
 ADDRESS_BLOCKS: dict[str, tuple[int, int]] = {
     "postgres": (10, 9),  # primary .10, replicas .11-.18
+    "postgres-slots": (19, 1),  # the slot keeper .19
     "redis": (20, 9),  # node 0 .20 (initial master), replicas .21-.28
     "sentinel": (30, 7),  # .30-.36
     "mpi": (40, 17),  # master .40, workers .41-.56
@@ -337,6 +343,7 @@ ADDRESS_BLOCKS: dict[str, tuple[int, int]] = {
 def _role_sizes(s: Settings) -> dict[str, int]:
     return {
         "postgres": 1 + s.postgres.replica_count,
+        "postgres-slots": 1,
         "redis": 1 + s.redis.replica_count,
         "sentinel": s.redis.sentinel_count,
         "mpi": 1 + s.mpi.worker_count,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from components.settings import ADDRESS_BLOCKS, Settings
+from components.settings import ADDRESS_BLOCKS, MAX_POSTGRES_REPLICAS, Settings
 
 POSTGRES_PORT = 5432
 REDIS_PORT = 6379
@@ -28,7 +28,8 @@ POSTGRES_REPLICATION_USER = "replicator"
 class Node:
     """One container of the cluster."""
 
-    role: str  # postgres-primary, postgres-replica, redis, sentinel, mpi-master, mpi-worker, backend, nginx
+    # postgres-primary, postgres-replica, postgres-slots, redis, sentinel, mpi-master, mpi-worker, backend, nginx
+    role: str
     hostname: str  # DNS name inside the stack's networks
     container_name: str  # Docker name, prefixed with the stack
     data_ip: str | None
@@ -81,6 +82,17 @@ class Topology:
         ]
 
     @property
+    def postgres_slot_keeper(self) -> Node:
+        """Drops the replication slots of replicas the stack no longer has."""
+        return self._node("postgres-slots", "postgres-slots", "postgres-slots", 0, False)
+
+    def stale_replica_slots(self) -> list[str]:
+        """Slots of every replica the stack could have had but does not have now."""
+        declared = {r.slot_name for r in self.postgres_replicas}
+        possible = [f"postgres-replica-{i}".replace("-", "_") for i in range(1, MAX_POSTGRES_REPLICAS + 1)]
+        return [slot for slot in possible if slot not in declared]
+
+    @property
     def redis_nodes(self) -> list[Node]:
         """Node 0 is the initial master; after a failover any node may be."""
         first = self.settings.redis.publish_port
@@ -125,6 +137,7 @@ class Topology:
         return [
             self.postgres_primary,
             *self.postgres_replicas,
+            self.postgres_slot_keeper,
             *self.redis_nodes,
             *self.sentinels,
             *self.mpi_nodes,

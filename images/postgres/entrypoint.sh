@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Starts a PostgreSQL primary or streaming replica (PG_ROLE=primary|replica).
+# Starts a PostgreSQL primary or streaming replica (PG_ROLE=primary|replica), or the
+# slot keeper (PG_ROLE=slots) that drops the slots of replicas the stack no longer has.
 # Config comes from the stack's uploads in /etc/transvidio/postgres, secrets from
 # files in /etc/transvidio/secrets. Every step is safe to repeat on a restart.
 set -euo pipefail
@@ -64,7 +65,36 @@ bootstrap_replica() {
         --checkpoint=fast --progress --verbose 2>&1 | tail -n 3 >&2
 }
 
+keep_slots() {
+    # A removed replica's slot pins WAL on the primary up to max_slot_wal_keep_size. Its
+    # container is stopped last in an apply (deletes come after creates), so try until the
+    # slot is inactive; an active slot is refused by the primary and never dropped.
+    local primary=(--host="$PRIMARY_HOST" --port=5432 --username="${REPLICATION_USER:-replicator}" --no-password)
+    local slot output
+    trap 'exit 0' INT TERM
+    while true; do
+        if pg_isready --quiet "${primary[@]:0:3}"; then
+            for slot in ${PG_STALE_SLOTS//,/ }; do
+                if output=$(pg_receivewal "${primary[@]}" --slot="$slot" --drop-slot 2>&1); then
+                    log "dropped slot $slot: the stack no longer has its replica"
+                elif [[ $output != *"does not exist"* ]]; then
+                    log "slot $slot not dropped yet: ${output##*ERROR: }"
+                fi
+            done
+            touch "$RUN_DIR/slots-checked"
+        fi
+        sleep "${SLOT_CHECK_SECONDS:-10}" &
+        wait $!
+    done
+}
+
 case "$PG_ROLE" in
+slots)
+    : "${PRIMARY_HOST:?PRIMARY_HOST names the primary}"
+    write_passfile
+    log "keeping slots: dropping ${PG_STALE_SLOTS:-nothing} when inactive"
+    keep_slots
+    ;;
 primary)
     if [ ! -s "$PGDATA/PG_VERSION" ]; then
         init_primary
