@@ -55,7 +55,6 @@ nginx = NginxLB(
     NginxLBArgs(
         settings=settings,
         networks=networks,
-        backends=backends.members,
         backend_containers=backends.containers,
         outputs_volume=backends.outputs_volume.name,
         tls_certificate=secrets.tls_certificate,

@@ -77,6 +77,7 @@ class BackendPool(pulumi.ComponentResource):
                     ],
                     depends_on=args.depends_on,
                     extra_hosts=pinned,
+                    edge_aliases=[render.BACKENDS_ALIAS],  # how nginx finds the pool
                 ),
                 s,
                 args.networks,

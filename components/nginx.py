@@ -20,7 +20,7 @@ from components.container import (
     service_container,
 )
 from components.settings import Settings
-from components.topology import NGINX_HTTP_PORT, NGINX_HTTPS_PORT, Node, Topology
+from components.topology import NGINX_HTTP_PORT, NGINX_HTTPS_PORT, Topology
 
 COMPONENT = "nginx"
 
@@ -29,7 +29,6 @@ COMPONENT = "nginx"
 class NginxLBArgs:
     settings: Settings
     networks: Networks
-    backends: Sequence[Node]
     backend_containers: Sequence[pulumi.Resource]
     outputs_volume: pulumi.Input[str]
     tls_certificate: pulumi.Input[str] | None = None
@@ -39,9 +38,10 @@ class NginxLBArgs:
 class NginxLB(pulumi.ComponentResource):
     """Deploys nginx on the edge network, the only container that publishes ports.
 
-    nginx.conf is rendered from the pool's members, so scaling the pool is a config
-    change; /outputs/ is served read-only from the shared volume; HTTPS is added when
-    a certificate and key are in secret config.
+    nginx.conf does not list the pool's members: the entrypoint finds them by their
+    network alias and reloads nginx in place, so scaling the pool never replaces nginx;
+    /outputs/ is served read-only from the shared volume; HTTPS is added when a
+    certificate and key are in secret config.
     """
 
     def __init__(self, name: str, args: NginxLBArgs, opts: pulumi.ResourceOptions | None = None) -> None:
@@ -49,7 +49,7 @@ class NginxLB(pulumi.ComponentResource):
         s = args.settings
         node = Topology(s).nginx
         uid = SERVICE_UIDS[COMPONENT]
-        uploads = [config_file(f"{render.NGINX_CONF_DIR}/nginx.conf", render.nginx_conf(s, args.backends))]
+        uploads = [config_file(f"{render.NGINX_CONF_DIR}/nginx.conf", render.nginx_conf(s))]
         extra_ports = []
         if s.nginx.https_port and args.tls_certificate is not None and args.tls_key is not None:
             uploads += [
@@ -71,6 +71,7 @@ class NginxLB(pulumi.ComponentResource):
                 healthcheck=["curl", "-fsS", "-o", "/dev/null", f"http://127.0.0.1:{NGINX_HTTP_PORT}/nginx-status"],
                 memory_mb=s.nginx.memory_mb,
                 container_port=NGINX_HTTP_PORT,
+                envs=[f"{k}={v}" for k, v in sorted(render.nginx_environment().items())],
                 volumes=[VolumeMount(args.outputs_volume, render.OUTPUTS_DIR, read_only=True)],
                 uploads=uploads,
                 extra_ports=extra_ports,
