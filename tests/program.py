@@ -92,6 +92,22 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
         self.registrations: list[Registration] = []
 
     def RegisterResource(self, request: Any) -> Any:  # noqa: N802 - gRPC method name
+        options = {
+            "delete_before_replace": request.deleteBeforeReplace,
+            "replace_on_changes": list(request.replaceOnChanges),
+            "retain_on_delete": request.retainOnDelete,
+            "protect": request.protect,
+        }
+        # Mocks that model the engine (the e2e harness) need what new_resource is not told.
+        registering = getattr(self.mocks, "registering", None)
+        if registering is not None:
+            registering(
+                request.type,
+                request.name,
+                list(request.dependencies),
+                {key: list(deps.urns) for key, deps in request.propertyDependencies.items()},
+                options,
+            )
         response = super().RegisterResource(request)
         if request.type != "pulumi:pulumi:Stack":
             urn = self.make_urn(request.parent, request.type, request.name)
@@ -102,14 +118,7 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                     urn=urn,
                     inputs=rpc.deserialize_properties(request.object),
                     outputs=rpc.deserialize_properties(response.object),
-                    options={
-                        "parent": request.parent,
-                        "dependencies": sorted(request.dependencies),
-                        "delete_before_replace": request.deleteBeforeReplace,
-                        "replace_on_changes": list(request.replaceOnChanges),
-                        "retain_on_delete": request.retainOnDelete,
-                        "protect": request.protect,
-                    },
+                    options={"parent": request.parent, "dependencies": sorted(request.dependencies), **options},
                 )
             )
         return response

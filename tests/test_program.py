@@ -34,6 +34,10 @@ def networks_of(container: Registration) -> dict[str, dict[str, Any]]:
     return {n["name"]: n for n in plain(container.inputs["networksAdvanced"])}
 
 
+def mounts_of(container: Registration) -> dict[str, dict[str, Any]]:
+    return {m["target"]: m for m in plain(container.inputs.get("mounts", []))}
+
+
 def labels_of(container: Registration) -> dict[str, str]:
     return {item["label"]: item["value"] for item in container.inputs["labels"]}
 
@@ -44,7 +48,7 @@ def test_counts_and_docker_names(stack: str) -> None:
     s = parse(stack, stack_config(stack))
     names = set(ev.containers)
     prefix = f"transvidio-{stack}-"
-    expected = {"postgres-primary", "nginx", "mpi-master"}
+    expected = {"postgres-primary", "postgres-slots", "nginx", "mpi-master"}
     expected |= {f"postgres-replica-{i}" for i in range(1, s.postgres.replica_count + 1)}
     expected |= {f"redis-{i}" for i in range(s.redis.replica_count + 1)}
     expected |= {f"sentinel-{i}" for i in range(1, s.redis.sentinel_count + 1)}
@@ -112,7 +116,15 @@ def test_only_nginx_publishes_in_prod_and_the_data_tier_is_internal_only() -> No
     for name, container in ev.containers.items():
         attached = set(networks_of(container))
         role = labels_of(container)["io.transvidio.role"]
-        if role in {"postgres-primary", "postgres-replica", "redis", "sentinel", "mpi-master", "mpi-worker"}:
+        if role in {
+            "postgres-primary",
+            "postgres-replica",
+            "postgres-slots",
+            "redis",
+            "sentinel",
+            "mpi-master",
+            "mpi-worker",
+        }:
             assert attached == {"transvidio-prod-data"}, name
         elif role == "backend":
             assert attached == {"transvidio-prod-data", "transvidio-prod-edge"}, name
@@ -186,8 +198,9 @@ def test_backend_env_contract(stack: str) -> None:
         assert pinned == {
             n.hostname: n.data_ip for n in [topo.postgres_primary, *topo.postgres_replicas, topo.mpi_master]
         }
-        mounts = {v["containerPath"]: v for v in backend.inputs["volumes"]}
+        mounts = mounts_of(backend)
         assert set(mounts) == {render.UPLOADS_DIR, render.OUTPUTS_DIR}
+        assert not any(m.get("readOnly") for m in mounts.values())
         assert backend.inputs["healthcheck"]["tests"] == ["CMD", "python3", "/usr/local/bin/healthcheck.py"]
 
 
@@ -211,9 +224,9 @@ def test_postgres_primary_waits_and_replicas_follow_it(stack: str) -> None:
         assert env["PG_ROLE"] == "replica" and env["PRIMARY_HOST"] == "postgres-primary"
         assert env["PG_SLOT"] == replica.inputs["hostname"].replace("-", "_")
         assert replica.inputs["healthcheck"]["tests"] == ["CMD", "/usr/local/bin/healthcheck.sh"]
-    volumes = {v["containerPath"]: v["volumeName"] for c in [primary, *replicas] for v in c.inputs["volumes"]}
-    assert set(volumes) == {"/var/lib/postgresql/data"}
-    assert len({v["volumeName"] for c in [primary, *replicas] for v in c.inputs["volumes"]}) == len(replicas) + 1
+    volumes = [m for c in [primary, *replicas] for m in mounts_of(c).values()]
+    assert {m["target"] for m in volumes} == {"/var/lib/postgresql/data"}
+    assert len({m["source"] for m in volumes}) == len(replicas) + 1
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -238,7 +251,7 @@ def test_redis_nodes_and_sentinels(stack: str) -> None:
         assert sentinel.inputs["entrypoints"] == ["/usr/local/bin/redis-sentinel.sh"]
         conf = uploads_of(sentinel)[f"{render.REDIS_CONF_DIR}/{sentinel.inputs['hostname']}.conf"]["content"]
         assert f"sentinel monitor transvidio {s.network.data_subnet.network_address + 20} 6379 {s.redis.quorum}" in conf
-        assert {v["containerPath"] for v in sentinel.inputs["volumes"]} == {"/data"}
+        assert set(mounts_of(sentinel)) == {"/data"}
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -277,19 +290,86 @@ def test_mpi_keys_hostfile_and_known_hosts(stack: str) -> None:
         )
 
 
-def test_nginx_upstream_follows_the_backend_count_and_scaling_touches_only_backends_and_nginx() -> None:
-    three = evaluate("prod")
+def scaling_diff(overrides: dict[str, Any]) -> tuple[set[str], set[str], set[str]]:
+    """Resource names added, removed and changed when prod is evaluated again with `overrides`."""
+    before = {r.urn: plain(r.inputs) for r in evaluated("prod").registrations}
+    after = {r.urn: plain(r.inputs) for r in evaluate("prod", overrides).registrations}
+    names = lambda urns: {urn.rsplit("::", 1)[1] for urn in urns}  # noqa: E731
+    changed = {urn for urn in before if urn in after and before[urn] != after[urn]}
+    return names(set(after) - set(before)), names(set(before) - set(after)), names(changed)
+
+
+def test_scaling_backends_adds_backends_and_changes_nothing_else() -> None:
+    # nginx finds the pool by its alias: its config and container stay as they are.
+    assert scaling_diff({"backend": {"replicas": 5}}) == ({"backend-4", "backend-5"}, set(), set())
     five = evaluate("prod", {"backend": {"replicas": 5}})
-    conf = uploads_of(five.containers["transvidio-prod-nginx"])[f"{render.NGINX_CONF_DIR}/nginx.conf"]["content"]
-    assert [line.split()[1] for line in conf.splitlines() if line.strip().startswith("server 10.")] == [
-        f"10.211.0.{100 + i}:8000" for i in range(5)
+    for number in (4, 5):
+        backend = five.containers[f"transvidio-prod-backend-{number}"]
+        assert render.BACKENDS_ALIAS in networks_of(backend)["transvidio-prod-edge"]["aliases"]
+        assert render.BACKENDS_ALIAS not in networks_of(backend)["transvidio-prod-data"]["aliases"]
+
+
+def test_scaling_postgres_replicas_never_touches_the_primary() -> None:
+    added, removed, changed = scaling_diff({"postgres": {"replicas": 1}})
+    assert (added, removed) == (set(), {"postgres-replica-2", "postgres-replica-2-data"})
+    # The backends list the replicas they read from (their env and /etc/hosts).
+    assert changed == {"postgres-slots", "backend-1", "backend-2", "backend-3"}
+    keeper = evaluate("prod", {"postgres": {"replicas": 1}}).containers["transvidio-prod-postgres-slots"]
+    stale = env_of(keeper)["PG_STALE_SLOTS"].split(",")
+    assert stale == [f"postgres_replica_{i}" for i in range(2, 9)]
+    assert env_of(evaluated("prod").containers["transvidio-prod-postgres-slots"])["PG_STALE_SLOTS"].split(",") == [
+        f"postgres_replica_{i}" for i in range(3, 9)
     ]
-    before = {r.urn: r.inputs for r in three.registrations}
-    after = {r.urn: r.inputs for r in five.registrations}
-    added = set(after) - set(before)
-    assert {urn.rsplit("::", 1)[1] for urn in added} == {"backend-4", "backend-5"}
-    changed = {urn.rsplit("::", 1)[1] for urn in before if urn in after and before[urn] != after[urn]}
-    assert changed == {"nginx"}
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_duration_is_in_the_form_the_provider_reads_back(stack: str) -> None:
+    from tests.e2e.provider import go_duration, parse_duration
+
+    durations = [
+        (name, key, value)
+        for name, container in evaluated(stack).containers.items()
+        for key, value in container.inputs["healthcheck"].items()
+        if key != "tests" and isinstance(value, str)
+    ]
+    assert {key for _, key, _ in durations} == {"interval", "timeout", "startPeriod"}
+    for name, key, value in durations:
+        assert value == go_duration(parse_duration(value)), (name, key, value)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_memory_swap_equals_memory_and_stops_are_graceful(stack: str) -> None:
+    for name, container in evaluated(stack).containers.items():
+        assert container.inputs["memorySwap"] == container.inputs["memory"], name
+        grace = container.inputs["destroyGraceSeconds"]
+        role = labels_of(container)["io.transvidio.role"]
+        assert grace == (
+            60
+            if role.startswith("postgres") and role != "postgres-slots"
+            else 30
+            if role in ("redis", "sentinel")
+            else 10
+        ), name
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_read_only_mounts_never_copy_their_image_into_a_shared_volume(stack: str) -> None:
+    nginx = evaluated(stack).containers[f"transvidio-{stack}-nginx"]
+    assert mounts_of(nginx)[render.OUTPUTS_DIR] == {
+        "target": render.OUTPUTS_DIR,
+        "source": f"transvidio-{stack}-outputs",
+        "type": "volume",
+        "readOnly": True,
+        "volumeOptions": {"noCopy": True},
+    }
+    for name, container in evaluated(stack).containers.items():
+        for mount in mounts_of(container).values():
+            assert bool(mount.get("readOnly")) == bool(mount.get("volumeOptions", {}).get("noCopy")), name
+
+
+def test_networks_are_replaced_delete_first() -> None:
+    for network in evaluated("prod").of_type("docker:index/network:Network"):
+        assert network.options["delete_before_replace"] is True
 
 
 @pytest.mark.parametrize("stack", STACKS)

@@ -18,23 +18,32 @@ def settings(stack: str = "prod", **overrides: dict[str, Any]) -> Settings:
     return parse(stack, stack_config(stack, overrides))
 
 
-def upstream_servers(conf: str) -> list[str]:
-    block = conf[conf.index("upstream backends {") : conf.index("}", conf.index("upstream backends {"))]
-    return re.findall(r"server (\S+) ", block)
+def upstream_block(conf: str) -> str:
+    return conf[conf.index("upstream backends {") : conf.index("}", conf.index("upstream backends {"))]
 
 
-def test_nginx_upstream_lists_every_backend_and_follows_the_count() -> None:
-    for count in (1, 3, 5):
-        s = settings(backend={"replicas": count})
-        servers = upstream_servers(render.nginx_conf(s, Topology(s).backends))
-        assert servers == [f"10.211.0.{100 + i}:8000" for i in range(count)]
+def test_nginx_conf_does_not_change_with_the_pool_size() -> None:
+    confs = {render.nginx_conf(settings(backend={"replicas": count})) for count in (1, 3, 5)}
+    assert len(confs) == 1
+    block = upstream_block(confs.pop())
+    assert re.findall(r"^\s*(\w+)", block, re.MULTILINE) == ["upstream", "zone", "include", "keepalive"]
+    assert f"include {render.NGINX_UPSTREAMS_FILE};" in block
+
+
+def test_nginx_environment_names_the_alias_every_backend_carries() -> None:
+    env = render.nginx_environment()
+    assert env == {
+        "UPSTREAM_NAME": render.BACKENDS_ALIAS,
+        "UPSTREAM_PORT": "8000",
+        "UPSTREAM_FILE": render.NGINX_UPSTREAMS_FILE,
+        "UPSTREAM_SERVER_PARAMS": "max_fails=2 fail_timeout=10s",
+    }
 
 
 def test_nginx_conf_carries_the_proxy_contract() -> None:
     s = settings()
-    conf = render.nginx_conf(s, Topology(s).backends)
+    conf = render.nginx_conf(s)
     assert "client_max_body_size 500m;" in conf
-    assert "max_fails=2 fail_timeout=10s" in conf
     assert "proxy_next_upstream error timeout http_502 http_503 http_504;" in conf
     assert "non_idempotent" not in conf
     assert "proxy_set_header Upgrade $http_upgrade;" in conf
@@ -49,7 +58,7 @@ def test_nginx_conf_carries_the_proxy_contract() -> None:
 
 def test_nginx_conf_adds_tls_only_when_enabled() -> None:
     s = parse("prod", stack_config("prod", {"nginx": {"httpsPort": 443}}), tls_enabled=True)
-    conf = render.nginx_conf(s, Topology(s).backends)
+    conf = render.nginx_conf(s)
     assert "listen 8443 ssl;" in conf
     assert f"ssl_certificate {render.SECRETS_DIR}/tls.crt;" in conf
 

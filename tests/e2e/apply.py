@@ -1,21 +1,32 @@
-"""Applies the program's own registrations to a real engine through the Docker API.
+"""Applies the program's own registrations to a real engine, the way `pulumi up` does.
 
-`DockerApplyMocks.new_resource` performs what the pulumi-docker provider would do for
-each registration (build, network, volume, container with uploads, wait for healthy)
-and returns the real outputs; Pulumi's dependency handling orders the calls as
-`pulumi up` would. Any input this harness does not implement fails loudly.
+`DockerApplyMocks.new_resource` is called by Pulumi's runtime once per registration, in
+dependency order and in parallel where the graph allows, as the engine would call the
+provider. It keeps a state per stack, as Pulumi's state holds it: each resource's inputs
+and what the provider read back after the last operation. On a later apply the new
+inputs are diffed against that state with the provider's own rules (tests/e2e/provider.py),
+then the resource is left alone, updated in place, or replaced (delete first where the
+program asks, taking along the dependents whose replace-on-change inputs depend on it);
+what the program no longer declares is deleted, dependents first, at the end.
+Without `refresh`, nothing live is read: a container removed by hand stays removed, as
+with `pulumi up`; with it, every known resource is read first, as `pulumi up --refresh`.
+A container or network the state does not know, but the engine has, fails the apply.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import os
+import pathlib
 import secrets
 import string
 import tarfile
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import docker
@@ -26,28 +37,29 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from components.container import LABEL_PREFIX
-from tests.program import PROJECT_DIR, plain
+from tests.e2e import provider
+from tests.program import PROJECT_DIR, Evaluation, evaluate, plain
 
 HEALTH_WAIT_SECONDS = float(os.environ.get("E2E_HEALTH_TIMEOUT", "300"))
+
+Key = tuple[str, str]  # (type, name): the program gives every resource a unique name
+
+CONTAINER = "docker:index/container:Container"
+NETWORK = "docker:index/network:Network"
+VOLUME = "docker:index/volume:Volume"
+IMAGE = "docker:index/image:Image"
+REMOTE_IMAGE = "docker:index/remoteImage:RemoteImage"
+PASSWORD = "random:index/randomPassword:RandomPassword"
+PRIVATE_KEY = "tls:index/privateKey:PrivateKey"
 
 
 class ApplyError(RuntimeError):
     """A resource could not be created; names it and shows the tail of its output."""
 
 
-def _duration_ns(value: str | None) -> int:
-    if not value:
-        return 0
-    units = {"ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000}
-    for suffix in ("ms", "s", "m"):
-        if value.endswith(suffix):
-            return int(float(value[: -len(suffix)]) * units[suffix])
-    raise ApplyError(f"unparsable duration {value!r}")
-
-
 def _host_ip(ip: str | None) -> str:
     """0.0.0.0 means every interface to Docker; netavark 1.4 turns it into a rule that matches
-    no packet (`-d 0.0.0.0/32`), so the same meaning is passed as an empty host IP."""
+    no packet (`-d 0.0.0.0/32`), so on Podman the same meaning is passed as an empty host IP."""
     return "" if ip is None or ip == "0.0.0.0" else ip
 
 
@@ -63,7 +75,7 @@ def is_podman(client: docker.DockerClient) -> bool:
 
 
 def run_healthcheck(client: docker.DockerClient, container: str) -> str:
-    """Runs the container's healthcheck now (Podman without systemd never runs it by itself)."""
+    """The container's health now (Podman without systemd never runs it by itself: run it)."""
     if is_podman(client):
         url = f"{client.api.base_url}/v4.0.0/libpod/containers/{container}/healthcheck"
         response = client.api.get(url)
@@ -109,83 +121,358 @@ def wait_healthy(client: docker.DockerClient, container: str, timeout: float = H
         time.sleep(1)
 
 
+def tar_file(path: str, content: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0) -> bytes:
+    """A one-file tar archive, as the provider builds for an upload."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo(path.lstrip("/"))
+        info.size, info.mode, info.uid, info.gid = len(content), mode, uid, gid
+        archive.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+# --- the engine's part: state, plan -------------------------------------------------------
+
+
+@dataclass
+class Resource:
+    """One resource as Pulumi's state holds it."""
+
+    type: str
+    name: str
+    id: str
+    inputs: dict[str, Any]  # the program's inputs at the last operation
+    state: dict[str, Any]  # what the provider holds after it (read back, or planned after an update)
+    outputs: dict[str, Any]  # what the program sees
+    dependencies: set[Key] = field(default_factory=set)
+    property_dependencies: dict[str, set[Key]] = field(default_factory=dict)
+    delete_before_replace: bool = False
+    retain_on_delete: bool = False
+
+
+@dataclass(frozen=True)
+class Step:
+    op: str  # create, update, replace, delete
+    type: str
+    name: str
+    attributes: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        symbol = {"create": "+", "update": "~", "replace": "+-", "delete": "-"}[self.op]
+        detail = f" [{', '.join(self.attributes)}]" if self.attributes else ""
+        return f"  {symbol} {self.op:<7} {self.type.rsplit(':', 1)[-1]} {self.name}{detail}"
+
+
+@dataclass
+class Plan:
+    stack: str
+    steps: list[Step] = field(default_factory=list)
+    unchanged: int = 0
+
+    def counts(self) -> dict[str, int]:
+        return {op: sum(1 for s in self.steps if s.op == op) for op in ("create", "update", "replace", "delete")}
+
+    def names(self, op: str, type_: str = CONTAINER) -> set[str]:
+        return {s.name for s in self.steps if s.op == op and s.type == type_}
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{n} to {op}" for op, n in self.counts().items())
+        return "\n".join([f"plan ({self.stack}): {counts}, {self.unchanged} unchanged", *map(str, self.steps)])
+
+
+def _key_of_urn(urn: str) -> Key:
+    """urn:pulumi:STACK::PROJECT::[parent$]TYPE::NAME -> (TYPE, NAME)."""
+    _, _, qualified_type, name = urn.split("::", 3)
+    return qualified_type.rsplit("$", 1)[-1], name
+
+
+def _context_hash(context: pathlib.Path, dockerfile: str, args: dict[str, Any]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in context.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(context)).encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(dockerfile.encode() + repr(sorted(args.items())).encode())
+    return digest.hexdigest()
+
+
 class DockerApplyMocks(pulumi.runtime.Mocks):
-    """Mocks that create the real thing; what they return becomes the resource's outputs."""
+    """The provider and the engine: what new_resource returns becomes the resource's outputs."""
 
-    def __init__(self, client: docker.DockerClient) -> None:
+    def __init__(self, client: docker.DockerClient, stack: str = "") -> None:
         self.client = client
+        self.stack = stack
+        self.podman = is_podman(client)
         self.lock = threading.Lock()
-        # Generated secrets and keys by resource name: a second apply with the same mocks
-        # sees the same values, as `pulumi up` would read them back from its state.
-        self.generated: dict[str, str] = {}
-        self.keys: dict[str, tuple[str, str]] = {}
-        # What each container was created with, as Pulumi's state would hold it.
-        self.applied: dict[str, dict[str, Any]] = {}
+        self.state: dict[Key, Resource] = {}
         self.build_seconds: dict[str, float] = {}
-        self.created: list[str] = []
+        self.refresh = False
+        self.plan = Plan(stack)
+        self._registering: dict[Key, dict[str, Any]] = {}
+        self._declared: set[Key] = set()
+        self._replace_dependents: set[Key] = set()
+        self.handlers = {
+            NETWORK: self._network,
+            VOLUME: self._volume,
+            IMAGE: self._image,
+            REMOTE_IMAGE: self._remote_image,
+            CONTAINER: self._container,
+            PASSWORD: self._password,
+            PRIVATE_KEY: self._private_key,
+        }
 
-    # --- dispatch -------------------------------------------------------------------
+    # --- one apply ------------------------------------------------------------------------
+
+    def begin(self, refresh: bool = False) -> None:
+        self.refresh = refresh
+        self.plan = Plan(self.stack)
+        self._registering.clear()
+        self._declared.clear()
+        self._replace_dependents.clear()
+
+    def registering(
+        self,
+        type_: str,
+        name: str,
+        dependencies: list[str],
+        property_dependencies: dict[str, list[str]],
+        options: dict[str, Any],
+    ) -> None:
+        """What the engine knows of a registration besides its inputs (called by the monitor)."""
+        with self.lock:
+            self._registering[(type_, name)] = {
+                "dependencies": {_key_of_urn(u) for u in dependencies},
+                "property_dependencies": {k: {_key_of_urn(u) for u in v} for k, v in property_dependencies.items()},
+                **options,
+            }
+
+    def finish(self) -> Plan:
+        """Deletes what the program no longer declares, dependents first."""
+        gone = {key for key in self.state if key not in self._declared}
+        if self.refresh:
+            for key in sorted(gone):
+                if self._read_live(self.state[key]) is None:
+                    del self.state[key]
+            gone = {key for key in gone if key in self.state}
+        while gone:
+            leaves = sorted(k for k in gone if not any(k in self.state[o].dependencies for o in gone if o != k))
+            if not leaves:
+                raise ApplyError(f"a dependency cycle among {sorted(gone)}")
+            for key in leaves:
+                self._delete(self.state.pop(key))
+                self.plan.steps.append(Step("delete", *key))
+                gone.discard(key)
+        return self.plan
+
+    # --- dispatch -------------------------------------------------------------------------
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
-        inputs = plain(args.inputs)
-        handler = {
-            "docker:index/network:Network": self._network,
-            "docker:index/volume:Volume": self._volume,
-            "docker:index/image:Image": self._image,
-            "docker:index/remoteImage:RemoteImage": self._remote_image,
-            "docker:index/container:Container": self._container,
-            "random:index/randomPassword:RandomPassword": self._password,
-            "tls:index/privateKey:PrivateKey": self._private_key,
-        }.get(args.typ)
         if args.typ.startswith("transvidio:"):
             return f"{args.name}-component", dict(args.inputs)
-        if handler is None:
+        if args.typ not in self.handlers:
             raise ApplyError(f"{args.typ} ({args.name}): the e2e harness does not implement this resource type")
-        resource_id, outputs = handler(args.name, inputs)
+        key = (args.typ, args.name)
+        inputs = plain(args.inputs)
         with self.lock:
-            self.created.append(f"{args.typ}:{args.name}")
-        return resource_id, outputs
+            self._declared.add(key)
+            meta = self._registering.get(key, {})
+            old = self.state.get(key)
+        if old is not None and self.refresh:
+            old = self._read_live(old)
+            if old is None:
+                with self.lock:
+                    del self.state[key]
+        if args.typ == IMAGE:
+            inputs["contextHash"] = self._image_context_hash(inputs)
+        if old is None:
+            self._check_not_taken(args.typ, inputs)
+            resource = self._create(args.typ, args.name, inputs, meta)
+            self._record("replace" if key in self._replace_dependents else "create", key, ())
+        else:
+            try:
+                changes = provider.diff(args.typ, inputs, old.state)
+            except KeyError as error:
+                raise ApplyError(str(error)) from None
+            replace_keys = set(meta.get("replace_on_changes", ()))
+            replacing = sorted(k for k, how in changes.items() if how == provider.REPLACE or k in replace_keys)
+            if replacing:
+                resource = self._replace(old, inputs, meta, tuple(sorted(changes)))
+            elif changes:
+                resource = self._update(old, inputs, meta, changes)
+                self._record("update", key, tuple(sorted(changes)))
+            else:
+                resource = old
+                resource.dependencies = meta.get("dependencies", old.dependencies)
+                resource.property_dependencies = meta.get("property_dependencies", old.property_dependencies)
+                with self.lock:
+                    self.plan.unchanged += 1
+        with self.lock:
+            self.state[key] = resource
+        return resource.id, resource.outputs
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
         raise ApplyError(f"the e2e harness does not implement invoke {args.token}")
 
-    # --- generated secrets -----------------------------------------------------------
+    def _record(self, op: str, key: Key, attributes: tuple[str, ...]) -> None:
+        with self.lock:
+            self.plan.steps.append(Step(op, key[0], key[1], attributes))
+
+    def _new(
+        self,
+        type_: str,
+        name: str,
+        resource_id: str,
+        inputs: dict[str, Any],
+        state: dict[str, Any],
+        outputs: dict[str, Any],
+        meta: dict[str, Any],
+    ) -> Resource:
+        return Resource(
+            type=type_,
+            name=name,
+            id=resource_id,
+            inputs=inputs,
+            state=state,
+            outputs=outputs,
+            dependencies=set(meta.get("dependencies", ())),
+            property_dependencies=dict(meta.get("property_dependencies", {})),
+            delete_before_replace=bool(meta.get("delete_before_replace")),
+            retain_on_delete=bool(meta.get("retain_on_delete")),
+        )
+
+    # --- create, update, replace, delete, read: per type --------------------------------
+
+    def _create(self, type_: str, name: str, inputs: dict[str, Any], meta: dict[str, Any]) -> Resource:
+        resource_id, outputs = self.handlers[type_](name, inputs)
+        state = provider.planned(type_, inputs, {})
+        if type_ == CONTAINER:
+            state = provider.read_container(self.client.api.inspect_container(resource_id), state)
+        return self._new(type_, name, resource_id, inputs, state, outputs, meta)
+
+    def _update(self, old: Resource, inputs: dict[str, Any], meta: dict[str, Any], changes: dict[str, str]) -> Resource:
+        resource_id, outputs = old.id, old.outputs
+        if old.type == CONTAINER:
+            if provider.UPDATE in changes.values():
+                self._update_container(old, inputs, changes)
+            outputs = {**old.outputs, **inputs}
+        elif old.type == IMAGE:  # a changed context is rebuilt: a new image id
+            resource_id, outputs = self._image(old.name, inputs)
+        # U does not read back: the state is the plan.
+        state = provider.planned(old.type, inputs, old.state)
+        return self._new(old.type, old.name, resource_id, inputs, state, outputs, meta)
+
+    def _replace(
+        self, old: Resource, inputs: dict[str, Any], meta: dict[str, Any], attributes: tuple[str, ...]
+    ) -> Resource:
+        key = (old.type, old.name)
+        delete_first = bool(meta.get("delete_before_replace"))
+        if delete_first:
+            # Pulumi deletes the dependents that would be replaced anyway before the resource.
+            for dependent in self._dependents_to_replace(key):
+                with self.lock:
+                    doomed = self.state.pop(dependent, None)
+                    self._replace_dependents.add(dependent)
+                if doomed is not None:
+                    self._delete(doomed)
+            self._delete(old)
+            resource = self._create(old.type, old.name, inputs, meta)
+        else:
+            resource = self._create(old.type, old.name, inputs, meta)
+            self._delete(old)
+        self._record("replace", key, attributes)
+        return resource
+
+    def _dependents_to_replace(self, key: Key) -> list[Key]:
+        """Resources whose replace-on-change inputs depend on `key`, deepest first."""
+        found: list[Key] = []
+        frontier = [key]
+        while frontier:
+            current = frontier.pop()
+            for other_key, other in list(self.state.items()):
+                if other_key in found or other_key == key:
+                    continue
+                schema = provider.SCHEMAS.get(other.type, {})
+                if any(
+                    current in deps and schema.get(prop, provider.Attr(provider.STATE, "")).change == provider.REPLACE
+                    for prop, deps in other.property_dependencies.items()
+                ):
+                    found.append(other_key)
+                    frontier.append(other_key)
+        return list(reversed(found))
+
+    def _delete(self, resource: Resource) -> None:
+        if resource.retain_on_delete:
+            return  # Pulumi forgets it; the engine keeps it
+        if resource.type == CONTAINER:
+            self._delete_container(resource)
+        elif resource.type == NETWORK:
+            with contextlib.suppress(docker.errors.NotFound):
+                self.client.api.remove_network(resource.id)
+        elif resource.type == VOLUME:
+            with contextlib.suppress(docker.errors.NotFound):
+                self.client.api.remove_volume(resource.state["name"])
+        # Images are kept (keep_locally); generated values have nothing live.
+
+    def _read_live(self, resource: Resource) -> Resource | None:
+        """`pulumi refresh` for one resource: None when it is gone."""
+        try:
+            if resource.type == CONTAINER:
+                inspect = self.client.api.inspect_container(resource.id)
+                resource.state = provider.read_container(inspect, resource.state)
+            elif resource.type == NETWORK:
+                self.client.api.inspect_network(resource.id)
+            elif resource.type == VOLUME:
+                self.client.api.inspect_volume(resource.state["name"])
+        except docker.errors.NotFound:
+            return None
+        return resource
+
+    def _check_not_taken(self, type_: str, inputs: dict[str, Any]) -> None:
+        """The provider creates; it never adopts a container or network it does not know."""
+        if type_ == CONTAINER:
+            try:
+                self.client.api.inspect_container(inputs["name"])
+            except docker.errors.NotFound:
+                return
+            raise ApplyError(
+                f"container {inputs['name']}: the name is already in use by a container the stack does not manage "
+                "(remove it, or import it into the stack)"
+            )
+        # `names` filters by substring: compare whole names.
+        if type_ == NETWORK and any(
+            n.name == inputs["name"] for n in self.client.networks.list(names=[inputs["name"]])
+        ):
+            raise ApplyError(
+                f"network {inputs['name']}: a network with that name already exists and the stack does not manage it"
+            )
+
+    # --- generated secrets ---------------------------------------------------------------
 
     def _password(self, name: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         _reject_unknown("RandomPassword", name, inputs, {"length", "special"})
-        alphabet = string.ascii_letters + string.digits
         if inputs.get("special"):
             raise ApplyError(f"RandomPassword {name}: special characters are not implemented")
-        with self.lock:
-            value = self.generated.setdefault(
-                name, "".join(secrets.choice(alphabet) for _ in range(int(inputs["length"])))
-            )
+        alphabet = string.ascii_letters + string.digits
+        value = "".join(secrets.choice(alphabet) for _ in range(int(inputs["length"])))
         return name, {**inputs, "result": pulumi.Output.secret(value)}
 
     def _private_key(self, name: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         _reject_unknown("PrivateKey", name, inputs, {"algorithm"})
         if inputs["algorithm"] != "ED25519":
             raise ApplyError(f"PrivateKey {name}: only ED25519 is implemented")
-        with self.lock:
-            if name not in self.keys:
-                key = ed25519.Ed25519PrivateKey.generate()
-                private = key.private_bytes(
-                    serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-                ).decode()
-                public = key.public_key().public_bytes(
-                    serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-                )
-                self.keys[name] = (private, public.decode() + "\n")
-            private, public_line = self.keys[name]
-        return name, {**inputs, "private_key_openssh": pulumi.Output.secret(private), "public_key_openssh": public_line}
+        key = ed25519.Ed25519PrivateKey.generate()
+        private = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ).decode()
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        return name, {
+            **inputs,
+            "private_key_openssh": pulumi.Output.secret(private),
+            "public_key_openssh": public.decode() + "\n",
+        }
 
-    # --- networks, volumes, images -------------------------------------------------
+    # --- networks, volumes, images ---------------------------------------------------------
 
     def _network(self, name: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         _reject_unknown("Network", name, inputs, {"name", "driver", "internal", "ipamConfigs", "labels"})
-        existing = self.client.networks.list(names=[inputs["name"]])
-        if existing:  # a second apply: the network is already there
-            return str(existing[0].id), inputs
         pools = [docker.types.IPAMPool(subnet=c["subnet"]) for c in inputs.get("ipamConfigs", [])]
         network = self.client.networks.create(
             inputs["name"],
@@ -193,23 +480,28 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
             internal=bool(inputs.get("internal")),
             ipam=docker.types.IPAMConfig(pool_configs=pools),
             labels={item["label"]: item["value"] for item in inputs.get("labels", [])},
+            check_duplicate=True,
         )
         return str(network.id), inputs
 
     def _volume(self, name: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         _reject_unknown("Volume", name, inputs, {"name", "labels"})
-        try:  # Docker returns an existing volume of that name; Podman says it exists
+        try:  # Docker's create returns an existing volume of that name (Podman's refuses): adopt it
             volume = self.client.volumes.get(inputs["name"])
-            return str(volume.id), {**inputs, "mountpoint": volume.attrs.get("Mountpoint", "")}
         except docker.errors.NotFound:
-            pass
-        volume = self.client.volumes.create(
-            name=inputs["name"], labels={item["label"]: item["value"] for item in inputs.get("labels", [])}
-        )
+            volume = self.client.volumes.create(
+                name=inputs["name"], labels={item["label"]: item["value"] for item in inputs.get("labels", [])}
+            )
         return str(volume.id), {**inputs, "mountpoint": volume.attrs.get("Mountpoint", "")}
 
+    @staticmethod
+    def _image_context_hash(inputs: dict[str, Any]) -> str:
+        build = inputs.get("build", {})
+        context = PROJECT_DIR / build.get("context", ".")
+        return _context_hash(context, build.get("dockerfile", ""), build.get("args", {}))
+
     def _image(self, name: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        _reject_unknown("Image", name, inputs, {"imageName", "build", "skipPush", "buildOnPreview"})
+        _reject_unknown("Image", name, inputs, {"imageName", "build", "skipPush", "buildOnPreview", "contextHash"})
         build = inputs["build"]
         _reject_unknown("Image build", name, build, {"context", "dockerfile", "args"})
         context = PROJECT_DIR / build["context"]
@@ -246,71 +538,40 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
             ) from None
         return str(image.id), {**inputs, "image_id": image.id}
 
-    # --- containers -------------------------------------------------------------------
-
-    CONTAINER_INPUTS = frozenset(
-        {
-            "name",
-            "hosts",
-            "hostname",
-            "image",
-            "envs",
-            "command",
-            "entrypoints",
-            "networksAdvanced",
-            "ports",
-            "volumes",
-            "uploads",
-            "healthcheck",
-            "restart",
-            "logDriver",
-            "logOpts",
-            "memory",
-            "shmSize",
-            "securityOpts",
-            "capabilities",
-            "labels",
-            "wait",
-            "waitTimeout",
-            "user",
-        }
-    )
+    # --- containers --------------------------------------------------------------------------
 
     def _container(self, name: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        _reject_unknown("Container", name, inputs, self.CONTAINER_INPUTS)
+        _reject_unknown("Container", name, inputs, provider.CONTAINER)
         api = self.client.api
-        try:
-            existing = api.inspect_container(inputs["name"])
-        except docker.errors.NotFound:
-            existing = None
-        if existing is not None:
-            # A second apply: unchanged inputs leave the container as it is, as `pulumi up`
-            # leaves a resource without a diff; changed ones replace it (delete first:
-            # every container has a fixed name).
-            if self.applied.get(inputs["name"], inputs) == inputs:
-                return str(existing["Id"]), {**inputs, "id": existing["Id"]}
-            api.remove_container(existing["Id"], force=True)
-            # Podman tears the old container's port forwarding down asynchronously; a new
-            # container publishing the same port must not come up before that is done.
-            time.sleep(2)
-        self.applied[inputs["name"]] = inputs
         networks = inputs.get("networksAdvanced", [])
         health = inputs["healthcheck"]
         _reject_unknown(
             "Container healthcheck", name, health, {"tests", "interval", "timeout", "retries", "startPeriod"}
         )
         ports = inputs.get("ports", [])
+        host_ip = _host_ip if self.podman else (lambda ip: ip or "")
         host_config = api.create_host_config(
             restart_policy={"Name": inputs.get("restart", "no")},
             log_config=docker.types.LogConfig(
                 type=inputs.get("logDriver", "json-file"), config=inputs.get("logOpts", {})
             ),
-            mem_limit=int(inputs["memory"]) * 1024 * 1024 if inputs.get("memory") else None,
-            shm_size=int(inputs["shmSize"]) * 1024 * 1024 if inputs.get("shmSize") else None,
+            mem_limit=int(inputs["memory"]) * provider.MB if inputs.get("memory") else None,
+            memswap_limit=int(inputs["memorySwap"]) * provider.MB if inputs.get("memorySwap") else None,
+            shm_size=int(inputs["shmSize"]) * provider.MB if inputs.get("shmSize") else None,
             security_opt=inputs.get("securityOpts"),
             cap_drop=inputs.get("capabilities", {}).get("drops"),
             cap_add=inputs.get("capabilities", {}).get("adds"),
             mounts=[
+                docker.types.Mount(
+                    target=m["target"],
+                    source=m["source"],
+                    type=m.get("type", "volume"),
+                    read_only=bool(m.get("readOnly")),
+                    no_copy=bool(m.get("volumeOptions", {}).get("noCopy")),
+                )
+                for m in inputs.get("mounts", [])
+            ]
+            + [
                 docker.types.Mount(
                     target=v["containerPath"], source=v["volumeName"], type="volume", read_only=bool(v.get("readOnly"))
                 )
@@ -318,7 +579,7 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
             ],
             extra_hosts={h["host"]: h["ip"] for h in inputs.get("hosts", [])} or None,
             port_bindings={
-                f"{int(p['internal'])}/{p.get('protocol', 'tcp')}": (_host_ip(p.get("ip")), int(p["external"]))
+                f"{int(p['internal'])}/{p.get('protocol', 'tcp')}": (host_ip(p.get("ip")), int(p["external"]))
                 for p in ports
             },
         )
@@ -327,26 +588,29 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
         def endpoint(net: dict[str, Any]) -> Any:
             return api.create_endpoint_config(aliases=net.get("aliases"), ipv4_address=net.get("ipv4Address"))
 
-        container = api.create_container(
-            image=inputs["image"],
-            name=inputs["name"],
-            hostname=inputs.get("hostname"),
-            environment=inputs.get("envs"),
-            command=inputs.get("command"),
-            entrypoint=inputs.get("entrypoints"),
-            user=inputs.get("user"),
-            labels={item["label"]: item["value"] for item in inputs.get("labels", [])},
-            ports=[(int(p["internal"]), p.get("protocol", "tcp")) for p in ports],
-            healthcheck={
-                "test": health["tests"],
-                "interval": _duration_ns(health.get("interval")),
-                "timeout": _duration_ns(health.get("timeout")),
-                "retries": int(health.get("retries", 3)),
-                "start_period": _duration_ns(health.get("startPeriod")),
-            },
-            host_config=host_config,
-            networking_config=api.create_networking_config({first["name"]: endpoint(first)}),
-        )
+        try:
+            container = api.create_container(
+                image=inputs["image"],
+                name=inputs["name"],
+                hostname=inputs.get("hostname"),
+                environment=inputs.get("envs"),
+                command=inputs.get("command"),
+                entrypoint=inputs.get("entrypoints"),
+                user=inputs.get("user"),
+                labels={item["label"]: item["value"] for item in inputs.get("labels", [])},
+                ports=[(int(p["internal"]), p.get("protocol", "tcp")) for p in ports],
+                healthcheck={
+                    "test": health["tests"],
+                    "interval": provider.parse_duration(health.get("interval")),
+                    "timeout": provider.parse_duration(health.get("timeout")),
+                    "retries": int(health.get("retries", 0)),
+                    "start_period": provider.parse_duration(health.get("startPeriod")),
+                },
+                host_config=host_config,
+                networking_config=api.create_networking_config({first["name"]: endpoint(first)}),
+            )
+        except docker.errors.APIError as error:
+            raise ApplyError(f"container {inputs['name']}: {error.explanation or error}") from error
         container_id = container["Id"]
         for net in others:
             api.connect_container_to_network(
@@ -356,23 +620,54 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
             self._upload(name, container_id, upload)
         api.start(container_id)
         if inputs.get("wait"):
-            wait_healthy(self.client, inputs["name"], float(inputs.get("waitTimeout", HEALTH_WAIT_SECONDS)))
+            wait_healthy(self.client, inputs["name"], float(inputs.get("waitTimeout", 60)))
         return container_id, {**inputs, "id": container_id}
 
-    @staticmethod
-    def _tar(path: str, content: bytes, mode: int, uid: int, gid: int) -> bytes:
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as archive:
-            info = tarfile.TarInfo(path.lstrip("/"))
-            info.size, info.mode, info.uid, info.gid = len(content), mode, uid, gid
-            archive.addfile(info, io.BytesIO(content))
-        return buffer.getvalue()
+    def _update_container(self, old: Resource, inputs: dict[str, Any], changes: dict[str, str]) -> None:
+        """U: one ContainerUpdate with the restart policy and the resources; swap only when set."""
+        if changes.get("mustRun") and inputs.get("mustRun", True):
+            self.client.api.start(old.id)
+        swap = inputs.get("memorySwap")
+        try:
+            self.client.api.update_container(
+                old.id,
+                mem_limit=int(inputs.get("memory") or 0) * provider.MB,
+                memswap_limit=(int(swap) * provider.MB if int(swap) > 0 else int(swap)) if swap else None,
+                restart_policy={"Name": inputs.get("restart", "no")},
+            )
+        except docker.errors.APIError as error:
+            raise ApplyError(f"container {inputs['name']}: unable to update: {error.explanation or error}") from error
+
+    def _delete_container(self, resource: Resource) -> None:
+        """The provider's Delete: stop with destroy_grace_seconds (0: kill at once), then remove."""
+        api = self.client.api
+        grace = int(resource.state.get("destroyGraceSeconds") or 0)
+        for attempt in range(5):
+            try:
+                api.stop(resource.id, timeout=grace)
+                api.remove_container(resource.id, force=True)
+                break
+            except docker.errors.NotFound:
+                break
+            except docker.errors.APIError:
+                # Podman cannot stop a container caught mid-restart; it can a moment later.
+                if attempt == 4:
+                    raise
+                time.sleep(1)
+        if self.podman:
+            # Podman tears the old container's port forwarding down asynchronously; a new
+            # container publishing the same port must not come up before that is done.
+            time.sleep(2)
 
     def _upload(self, name: str, container_id: str, upload: dict[str, Any]) -> None:
         _reject_unknown("Container upload", name, upload, {"file", "content", "permissions", "owner", "group"})
-        content = upload["content"].encode()
-        mode = int(upload.get("permissions", "0644"), 8)
-        data = self._tar(upload["file"], content, mode, int(upload.get("owner", 0)), int(upload.get("group", 0)))
+        data = tar_file(
+            upload["file"],
+            upload["content"].encode(),
+            int(upload.get("permissions", "0644"), 8),
+            int(upload.get("owner", 0)),
+            int(upload.get("group", 0)),
+        )
         for attempt in range(3):
             try:
                 if self.client.api.put_archive(container_id, "/", data):
@@ -384,6 +679,22 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
                     raise ApplyError(f"container {name}: upload of {upload['file']} failed: {error}") from error
             time.sleep(0.5)
         raise ApplyError(f"container {name}: upload of {upload['file']} failed")
+
+
+def up(
+    mocks: DockerApplyMocks,
+    stack: str,
+    overrides: dict[str, Any] | None = None,
+    refresh: bool = False,
+    secret_config: dict[str, str] | None = None,
+) -> tuple[Evaluation, Plan]:
+    """`pulumi up` (with `--refresh` when asked): evaluate, apply, delete what is gone; prints the plan."""
+    mocks.stack = stack
+    mocks.begin(refresh=refresh)
+    evaluation = evaluate(stack, overrides, mocks=mocks, secret_config=secret_config)
+    plan = mocks.finish()
+    print(plan)
+    return evaluation, plan
 
 
 def teardown(client: docker.DockerClient, stack: str, volumes: bool = True) -> None:

@@ -23,8 +23,8 @@ from components.container import LABEL_PREFIX
 from components.settings import parse
 from components.topology import Topology
 from tests.e2e import report
-from tests.e2e.apply import ApplyError, DockerApplyMocks, is_podman, run_healthcheck, teardown, wait_healthy
-from tests.program import Evaluation, evaluate, plain, stack_config
+from tests.e2e.apply import ApplyError, DockerApplyMocks, Plan, is_podman, run_healthcheck, teardown, up, wait_healthy
+from tests.program import Evaluation, plain, stack_config
 
 # The e2e stacks are the real Pulumi.dev.yaml / Pulumi.prod.yaml plus these overrides,
 # and nothing else. None are needed on these machines.
@@ -86,6 +86,16 @@ class Deployment:
     def topology(self) -> Topology:
         return Topology(parse(self.stack, stack_config(self.stack, self.overrides)))
 
+    def apply(self, overrides: dict[str, Any] | None = None, refresh: bool = False) -> Plan:
+        """`pulumi up` again (with `--refresh` when asked), the stack's config merged with `overrides`."""
+        config = {**self.overrides}
+        for key, value in (overrides or {}).items():
+            config[key] = {**config.get(key, {}), **value}
+        self.evaluation, plan = up(self.mocks, self.stack, config, refresh=refresh)
+        self.overrides = config
+        self.container_names = sorted(self.evaluation.containers)
+        return plan
+
     def name(self, hostname: str) -> str:
         return f"transvidio-{self.stack}-{hostname}"
 
@@ -118,14 +128,14 @@ def deployed(stack: str, overrides: dict[str, Any] | None = None, health_ticker:
     """
     client = engine()
     teardown(client, stack)  # leftovers of a killed run
-    mocks = DockerApplyMocks(client)
+    mocks = DockerApplyMocks(client, stack)
     started = time.monotonic()
     ticker = HealthTicker(client, stack)
     try:
         config = {**E2E_OVERRIDES[stack]}
         for key, value in (overrides or {}).items():
             config[key] = {**config.get(key, {}), **value}
-        evaluation = evaluate(stack, config, mocks=mocks)
+        evaluation, _ = up(mocks, stack, config)
         deployment = Deployment(stack, client, evaluation, mocks, overrides=config)
         deployment.container_names = sorted(evaluation.containers)
         deployment.wait_all_healthy()
@@ -148,4 +158,4 @@ def deployed(stack: str, overrides: dict[str, Any] | None = None, health_ticker:
             teardown(client, stack)
 
 
-__all__ = ["ApplyError", "Deployment", "deployed", "engine"]
+__all__ = ["ApplyError", "Deployment", "Plan", "deployed", "engine"]

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import docker
 import pytest
 
-from tests.e2e.apply import ApplyError, DockerApplyMocks, teardown, wait_healthy
+from tests.e2e.apply import ApplyError, DockerApplyMocks, teardown, up, wait_healthy
 from tests.e2e.conftest import engine
 from tests.program import evaluate
 
@@ -59,3 +59,15 @@ def test_a_container_that_never_gets_healthy_names_itself_and_shows_its_logs(cli
         wait_healthy(client, backend, timeout=20)
     assert backend in str(raised.value)
     assert "last logs" in str(raised.value)
+
+
+def test_an_apply_onto_a_container_the_stack_does_not_manage_fails_naming_it(client: docker.DockerClient) -> None:
+    squatter = "transvidio-dev-postgres-primary"
+    client.containers.create(
+        "debian:trixie-slim", ["sleep", "600"], name=squatter, labels={"io.transvidio.stack": STACK}
+    )
+    with pytest.raises(Exception) as raised:
+        up(DockerApplyMocks(client, STACK), STACK)
+    assert f"container {squatter}: the name is already in use" in str(raised.value)
+    # Nothing adopted it: it is still the squatter.
+    assert client.containers.get(squatter).attrs["Config"]["Cmd"] == ["sleep", "600"]

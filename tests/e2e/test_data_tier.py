@@ -20,7 +20,6 @@ from components.topology import REDIS_MASTER_NAME
 from tests.e2e import chaos, report
 from tests.e2e.apply import wait_healthy
 from tests.e2e.conftest import Deployment, deployed
-from tests.program import evaluate
 
 STACK = "prod"
 
@@ -170,7 +169,8 @@ def test_a_replica_rebuilt_from_nothing_bootstraps_again_with_its_slot(prod: Dep
             "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (replica.slot_name,)
         ).fetchone() == (False,)
     since = time.time()
-    evaluate(STACK, prod.overrides, mocks=prod.mocks)  # `pulumi up` again: only missing pieces are made
+    plan = prod.apply(refresh=True)  # `pulumi up --refresh`: the missing container is seen, and made again
+    assert plan.names("create") == {replica.hostname} and plan.counts()["replace"] == 0
     wait_healthy(prod.client, prod.name(replica.hostname), timeout=120)
     log = chaos.logs(prod, replica.hostname, since)
     assert "taking a base backup" in log and "already exists" not in log

@@ -14,8 +14,10 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from transvidio_jobs import processing
 
 from components.topology import REDIS_MASTER_NAME
+from tests.e2e import report
 from tests.e2e.conftest import Deployment, deployed
 
 
@@ -111,7 +113,7 @@ def test_mpirun_spans_master_and_worker_over_ssh(dev: Deployment) -> None:
         user="app",
     )
     assert exit_code == 0, output
-    result = json.loads(output.strip().splitlines()[-1])
+    result = json.loads(processing.last_output_line(output))
     assert result == {"size": 2, "hosts": ["mpi-master", "mpi-worker-1"]}
     # The host key is pinned: ssh refuses a host whose key is not in known_hosts.
     exit_code, output = dev.exec(
@@ -160,3 +162,41 @@ def test_nginx_status_is_for_the_cluster_only(dev: Deployment) -> None:
         ],
     )
     assert exit_code == 0 and "Active connections" in output
+
+
+def test_a_second_apply_with_no_change_plans_nothing(dev: Deployment) -> None:
+    before = {c.name: c.id for c in dev.client.containers.list(all=True, filters={"label": "io.transvidio.stack=dev"})}
+    plan = dev.apply()
+    report.LINES.append(f"dev: no-change re-apply plans {plan.counts()}")
+    assert plan.counts() == {"create": 0, "update": 0, "replace": 0, "delete": 0}, str(plan)
+    after = {c.name: c.id for c in dev.client.containers.list(all=True, filters={"label": "io.transvidio.stack=dev"})}
+    assert after == before
+
+
+def test_the_shared_volumes_belong_to_the_writers_whoever_mounted_them_first(dev: Deployment) -> None:
+    for path in ("/srv/transvidio/uploads", "/srv/transvidio/outputs"):
+        for hostname in ("backend-1", "mpi-master"):
+            code, owner = dev.exec(hostname, ["stat", "-c", "%u %a", path])
+            assert (code, owner.strip()) == (0, "10010 755"), (hostname, path)
+    # nginx mounts outputs read-only and without copy-up: it reads what the writers own.
+    code, owner = dev.exec("nginx", ["stat", "-c", "%u", "/srv/transvidio/outputs"])
+    assert (code, owner.strip()) == (0, "10010")
+
+
+def test_a_new_subnet_replaces_the_network_and_the_containers_on_it(dev: Deployment) -> None:
+    on_edge = {"backend-1", "nginx"}
+    before = {c.name: c.id for c in dev.client.containers.list(all=True, filters={"label": "io.transvidio.stack=dev"})}
+    old_network = dev.client.networks.get("transvidio-dev-edge").id
+    plan = dev.apply({"network": {"edgeSubnet": "10.210.2.0/24"}})
+    # Delete-before-replace: the containers on the network go first, then the network; both come back.
+    assert plan.names("replace", "docker:index/network:Network") == {"network-edge"}
+    assert plan.names("replace") == {"backend-1", "nginx"}
+    assert plan.counts() == {"create": 0, "update": 0, "replace": 3, "delete": 0}, str(plan)
+    after = {c.name: c.id for c in dev.client.containers.list(all=True, filters={"label": "io.transvidio.stack=dev"})}
+    assert {n.removeprefix("transvidio-dev-") for n in before if after.get(n) != before[n]} == on_edge
+    network = dev.client.networks.get("transvidio-dev-edge")
+    assert network.id != old_network
+    assert network.attrs["IPAM"]["Config"][0]["Subnet"] == "10.210.2.0/24"
+    dev.wait_all_healthy()
+    status, body = http_get("http://127.0.0.1:8080/api/health")
+    assert status == 200, body

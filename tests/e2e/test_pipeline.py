@@ -10,21 +10,17 @@ import http.client
 import json
 import os
 import pathlib
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from transvidio_jobs import processing
 
 from tests.e2e import chaos, report
 from tests.e2e.apply import wait_healthy
 from tests.e2e.conftest import Deployment, deployed
-from tests.program import evaluate
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "images" / "common"))
-from transvidio_jobs import processing
+from tests.e2e.traffic import GetStream, request
 
 STACK = "prod"
 NGINX = "127.0.0.1"
@@ -43,23 +39,6 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 def port(deployment: Deployment) -> int:
     return deployment.topology.settings.nginx.http_port
-
-
-def request(
-    deployment: Deployment,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-    timeout: float = 30,
-) -> tuple[int, dict[str, str], bytes]:
-    connection = http.client.HTTPConnection(NGINX, port(deployment), timeout=timeout)
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        connection.close()
 
 
 def api(deployment: Deployment, method: str, path: str, document: Any = None) -> tuple[int, Any]:
@@ -138,34 +117,16 @@ def test_upload_then_a_short_and_a_long_job_complete_with_checked_results(
 
 def test_killing_a_backend_during_a_stream_of_gets_fails_no_request(prod: Deployment, video: bytes) -> None:
     job = wait_done(prod, submit(prod, upload(prod, video[:4096]), 5, "de")["id"])
-    failures: list[str] = []
-    served: dict[str, int] = {}
-    stop = threading.Event()
-
-    def client() -> None:
-        while not stop.is_set():
-            try:
-                status, headers, _ = request(prod, "GET", f"/api/jobs/{job['id']}")
-                served[headers.get("x-served-by", "?")] = served.get(headers.get("x-served-by", "?"), 0) + 1
-                if status != 200:
-                    failures.append(str(status))
-            except OSError as error:
-                failures.append(repr(error))
-
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    time.sleep(2)
     victim = prod.topology.backends[1].hostname
-    before = chaos.kill9(prod, victim)
-    time.sleep(6)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    total = sum(served.values())
-    report.LINES.append(f"prod: {total} GETs through nginx while {victim} was killed: {len(failures)} failed")
-    assert failures == []
-    assert total > 100 and len(served) >= 2
+    with GetStream(prod, f"/api/jobs/{job['id']}", expected=200) as stream:
+        time.sleep(2)
+        before = chaos.kill9(prod, victim)
+        time.sleep(6)
+    report.LINES.append(
+        f"prod: {stream.total} GETs through nginx while {victim} was killed: {len(stream.failures)} failed"
+    )
+    assert stream.failures == []
+    assert stream.total > 100 and len(stream.served) >= 2
     chaos.wait_restarted(prod, victim, before)
 
 
@@ -276,29 +237,3 @@ def test_bad_requests_get_a_4xx_with_a_reason(prod: Deployment) -> None:
         assert status == 404 and "no job" in answer["error"]
     status, _, _ = request(prod, "POST", "/api/uploads", b"", {"Content-Length": "0"})
     assert status == 400
-
-
-def test_scaling_the_pool_from_3_to_5_by_config_reaches_all_five(prod: Deployment) -> None:
-    before = {c.name: c.id for c in prod.client.containers.list(filters={"label": "io.transvidio.stack=prod"})}
-    evaluate(STACK, {**prod.overrides, "backend": {"replicas": 5}}, mocks=prod.mocks)
-    after = {c.name: c.id for c in prod.client.containers.list(filters={"label": "io.transvidio.stack=prod"})}
-    added = set(after) - set(before)
-    replaced = {name for name in before if name in after and before[name] != after[name]}
-    assert added == {"transvidio-prod-backend-4", "transvidio-prod-backend-5"}
-    assert replaced == {"transvidio-prod-nginx"}
-    for name in [*added, "transvidio-prod-nginx"]:
-        wait_healthy(prod.client, name, timeout=120)
-    served: set[str] = set()
-    errors: list[str] = []
-    deadline = time.monotonic() + 60
-    while len(served) < 5 and time.monotonic() < deadline:
-        try:
-            _, headers, _ = request(prod, "GET", "/api/jobs/00000000-0000-0000-0000-000000000000", timeout=5)
-            served.add(headers.get("x-served-by", "?"))
-        except OSError as error:
-            # Podman 4.3 sometimes takes seconds to forward a published port again after the
-            # container behind it was replaced; the figure is reported, the routing asserted.
-            errors.append(repr(error))
-            time.sleep(0.5)
-    report.LINES.append(f"prod: after scaling 3 -> 5, {len(errors)} request(s) failed before nginx answered")
-    assert served == {f"backend-{i}" for i in range(1, 6)}, errors[-3:]

@@ -1,0 +1,319 @@
+"""What the pulumi-docker provider does with each attribute the program uses.
+
+pulumi-docker 5.x bridges kreuzwerker/terraform-provider-docker v4.5.0. For every
+attribute of every resource type the program registers, one row says how a change is
+applied (`REPLACE`: ForceNew in the schema; `UPDATE`: the provider's Update calls the
+Docker API; `NOOP_UPDATE`: shown as an update, but Update does nothing with it;
+`STATE`: kept in the state only) and how it is read back into the state the next
+`pulumi up` diffs against. Sources are cited per row:
+  S = internal/provider/resource_docker_container.go (the schema)
+  R = resource_docker_container_funcs.go, resourceDockerContainerRead
+  U = resource_docker_container_funcs.go, resourceDockerContainerUpdate
+  N = resource_docker_network.go, V = resource_docker_volume.go (every attribute ForceNew)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+REPLACE = "replace"
+UPDATE = "update"
+NOOP_UPDATE = "noop-update"
+STATE = "state"
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Attr:
+    change: str
+    source: str
+    computed: bool = False  # Optional+Computed: an unset input keeps what the state holds
+    default: Any = None  # the schema's Default when the input is unset
+    unordered: bool = False  # TypeSet: order does not matter
+    # How the provider's Read turns `docker inspect` into the state's value; None: never
+    # read, the state keeps what was applied.
+    read: Callable[[dict[str, Any], dict[str, Any]], Any] | None = None
+
+
+def go_duration(nanoseconds: int) -> str:
+    """Go's time.Duration.String() for the whole-millisecond durations Docker stores."""
+    if nanoseconds == 0:
+        return "0s"
+    total_ms, rest = divmod(nanoseconds, 1_000_000)
+    if rest or total_ms < 1000:
+        if total_ms < 1000 and not rest:
+            return f"{total_ms}ms"
+        raise ValueError(f"duration {nanoseconds}ns is not modelled")
+    hours, rem_ms = divmod(total_ms, 3_600_000)
+    minutes, rem_ms = divmod(rem_ms, 60_000)
+    seconds, millis = divmod(rem_ms, 1000)
+    text = f"{seconds}.{millis:03d}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{text}"
+    if minutes:
+        return f"{minutes}m{text}"
+    return text
+
+
+def parse_duration(value: str | None) -> int:
+    """Nanoseconds of a Go duration string (what the provider passes to Docker)."""
+    if not value:
+        return 0
+    units = {"h": 3_600_000_000_000, "m": 60_000_000_000, "s": 1_000_000_000, "ms": 1_000_000}
+    total, number = 0.0, ""
+    index = 0
+    while index < len(value):
+        char = value[index]
+        if char.isdigit() or char == ".":
+            number += char
+            index += 1
+            continue
+        unit = "ms" if value.startswith("ms", index) else char
+        if unit not in units or not number:
+            raise ValueError(f"unparsable duration {value!r}")
+        total += float(number) * units[unit]
+        number = ""
+        index += len(unit)
+    if number:
+        raise ValueError(f"unparsable duration {value!r} (a number without a unit)")
+    return int(total)
+
+
+def _healthcheck(inspect: dict[str, Any], _: dict[str, Any]) -> Any:
+    health = inspect["Config"].get("Healthcheck")
+    if not health:
+        return None
+    return {
+        "tests": health.get("Test") or [],
+        "interval": go_duration(int(health.get("Interval") or 0)),
+        "timeout": go_duration(int(health.get("Timeout") or 0)),
+        "startPeriod": go_duration(int(health.get("StartPeriod") or 0)),
+        "startInterval": go_duration(int(health.get("StartInterval") or 0)),
+        "retries": int(health.get("Retries") or 0),
+    }
+
+
+def _mb(value: int | None) -> int:
+    value = int(value or 0)
+    return value // MB if value > 0 else value
+
+
+def _ports(inspect: dict[str, Any], applied: dict[str, Any]) -> Any:
+    if not applied.get("ports"):
+        return None  # R: only read when the input has ports
+    out = []
+    for key in sorted(inspect["NetworkSettings"].get("Ports") or {}):
+        internal, protocol = key.split("/")
+        for binding in inspect["NetworkSettings"]["Ports"][key] or []:
+            out.append(
+                {
+                    "internal": int(internal),
+                    "external": int(binding["HostPort"]),
+                    "ip": binding["HostIp"],
+                    "protocol": protocol,
+                }
+            )
+    return out
+
+
+def _capabilities(inspect: dict[str, Any], _: dict[str, Any]) -> Any:
+    host = inspect["HostConfig"]
+    if not (host.get("CapAdd") or host.get("CapDrop")):
+        return None
+    return {"adds": host.get("CapAdd") or [], "drops": host.get("CapDrop") or []}
+
+
+def _hosts(inspect: dict[str, Any], _: dict[str, Any]) -> Any:
+    # R: flattenExtraHosts splits "name:ip" on ":".
+    return [
+        {"host": entry.split(":")[0], "ip": entry.split(":")[1]}
+        for entry in inspect["HostConfig"].get("ExtraHosts") or []
+    ]
+
+
+def _image(inspect: dict[str, Any], applied: dict[str, Any]) -> Any:
+    # R: an image given as "sha256:..." is read back as the container's image id.
+    return inspect["Image"] if str(applied.get("image", "")).startswith("sha256:") else inspect["Config"]["Image"]
+
+
+CONTAINER: dict[str, Attr] = {
+    "name": Attr(REPLACE, "S name ForceNew; R Name", read=lambda i, _: i["Name"].lstrip("/")),
+    "hostname": Attr(
+        REPLACE, "S ForceNew+Computed; R Config.Hostname", computed=True, read=lambda i, _: i["Config"]["Hostname"]
+    ),
+    "image": Attr(REPLACE, "S ForceNew; R Image or Config.Image", read=_image),
+    "envs": Attr(REPLACE, "S env ForceNew set; not read", unordered=True),
+    "command": Attr(
+        REPLACE, "S ForceNew+Computed; R Config.Cmd", computed=True, read=lambda i, _: i["Config"].get("Cmd")
+    ),
+    "entrypoints": Attr(
+        REPLACE,
+        "S entrypoint ForceNew+Computed; R Config.Entrypoint",
+        computed=True,
+        read=lambda i, _: i["Config"].get("Entrypoint"),
+    ),
+    # S: DiffSuppressFunc treats an empty input as no change.
+    "user": Attr(
+        REPLACE, "S ForceNew, empty suppressed; R Config.User", computed=True, read=lambda i, _: i["Config"].get("User")
+    ),
+    "networksAdvanced": Attr(REPLACE, "S ForceNew set; R only when empty (import)", unordered=True),
+    "ports": Attr(REPLACE, "S ForceNew; R flattenContainerPorts", read=_ports),
+    "volumes": Attr(REPLACE, "S ForceNew set; not read", unordered=True),
+    "mounts": Attr(REPLACE, "S ForceNew set; not modelled as read", unordered=True),
+    "uploads": Attr(REPLACE, "S upload ForceNew set; not read", unordered=True),
+    "hosts": Attr(REPLACE, "S host ForceNew set; R flattenExtraHosts", unordered=True, read=_hosts),
+    # S: not ForceNew, and not among U's attributes: an update that changes nothing.
+    "healthcheck": Attr(NOOP_UPDATE, "S Optional+Computed; R Duration.String()", computed=True, read=_healthcheck),
+    "restart": Attr(
+        UPDATE,
+        "S Default no; U; R RestartPolicy.Name",
+        default="no",
+        read=lambda i, _: i["HostConfig"]["RestartPolicy"]["Name"],
+    ),
+    "logDriver": Attr(
+        REPLACE,
+        "S ForceNew+Computed; R LogConfig.Type",
+        computed=True,
+        read=lambda i, _: i["HostConfig"]["LogConfig"]["Type"],
+    ),
+    "logOpts": Attr(
+        REPLACE,
+        "S ForceNew; R LogConfig.Config when set",
+        read=lambda i, a: (i["HostConfig"]["LogConfig"].get("Config") or {}) if a.get("logOpts") else None,
+    ),
+    "memory": Attr(
+        UPDATE, "S Optional; U ContainerUpdate; R Memory/MB", read=lambda i, _: _mb(i["HostConfig"].get("Memory"))
+    ),
+    "memorySwap": Attr(
+        UPDATE, "S Optional; U only when set; R MemorySwap/MB", read=lambda i, _: _mb(i["HostConfig"].get("MemorySwap"))
+    ),
+    "shmSize": Attr(
+        REPLACE,
+        "S ForceNew+Computed; R ShmSize/MB",
+        computed=True,
+        read=lambda i, _: _mb(i["HostConfig"].get("ShmSize")),
+    ),
+    "securityOpts": Attr(
+        REPLACE,
+        "S ForceNew+Computed set; R SecurityOpt",
+        computed=True,
+        unordered=True,
+        read=lambda i, _: i["HostConfig"].get("SecurityOpt"),
+    ),
+    "capabilities": Attr(
+        REPLACE, "S ForceNew, no DiffSuppressFunc; R CapAdd/CapDrop as Docker stores them", read=_capabilities
+    ),
+    "labels": Attr(REPLACE, "S ForceNew+Computed set; not read", computed=True, unordered=True),
+    "wait": Attr(STATE, "S Default false; not read", default=False),
+    "waitTimeout": Attr(STATE, "S Default 60; not read", default=60),
+    "destroyGraceSeconds": Attr(STATE, "S Optional; used by Delete; not read"),
+    "mustRun": Attr(UPDATE, "S Default true; U starts a stopped container", default=True),
+}
+
+NETWORK: dict[str, Attr] = {
+    key: Attr(REPLACE, "N every attribute ForceNew", unordered=key in ("labels", "ipamConfigs"))
+    for key in ("name", "driver", "internal", "ipamConfigs", "labels", "options", "attachable", "ipv6")
+}
+VOLUME: dict[str, Attr] = {
+    key: Attr(REPLACE, "V every attribute ForceNew", unordered=key == "labels")
+    for key in ("name", "driver", "driverOpts", "labels")
+}
+# pulumi-docker's own (not bridged) Image: a changed build context or input rebuilds it.
+IMAGE: dict[str, Attr] = {
+    key: Attr(UPDATE, "pulumi-docker provider/image.go: diff on inputs and the context's hash")
+    for key in ("imageName", "build", "skipPush", "buildOnPreview", "contextHash")
+}
+# docker_image (RemoteImage): resource_docker_image.go, name ForceNew, keep_locally only used by Delete.
+REMOTE_IMAGE: dict[str, Attr] = {
+    "name": Attr(REPLACE, "resource_docker_image.go: name ForceNew"),
+    "keepLocally": Attr(STATE, "resource_docker_image.go: keep_locally, read by Delete only"),
+}
+# pulumi-random / pulumi-tls: every input ForceNew (a new value).
+GENERATED: dict[str, Attr] = {
+    key: Attr(REPLACE, "random/tls: every input ForceNew")
+    for key in ("length", "special", "overrideSpecial", "algorithm")
+}
+
+SCHEMAS: dict[str, dict[str, Attr]] = {
+    "docker:index/container:Container": CONTAINER,
+    "docker:index/network:Network": NETWORK,
+    "docker:index/volume:Volume": VOLUME,
+    "docker:index/image:Image": IMAGE,
+    "docker:index/remoteImage:RemoteImage": REMOTE_IMAGE,
+    "random:index/randomPassword:RandomPassword": GENERATED,
+    "tls:index/privateKey:PrivateKey": GENERATED,
+}
+
+
+def _empty(value: Any) -> bool:
+    # Terraform holds an unset primitive as its zero value and an unset collection as empty.
+    return value is None or value == [] or value == {} or value == "" or value == 0 or value is False
+
+
+def _canonical(attr: Attr, value: Any) -> Any:
+    if _empty(value):
+        return None
+    if isinstance(value, dict):
+        return {
+            k: _canonical(Attr(attr.change, attr.source, unordered=True), v)
+            for k, v in sorted(value.items())
+            if not _empty(v)
+        }
+    if isinstance(value, list) and attr.unordered:
+        return sorted((_canonical(attr, v) for v in value), key=lambda v: json.dumps(v, sort_keys=True))
+    if isinstance(value, list):
+        return [_canonical(attr, v) for v in value]
+    return value
+
+
+def planned(type_: str, inputs: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """The state the provider plans from the program's inputs: defaults filled, and an unset
+    Computed attribute keeping what the state holds."""
+    schema = SCHEMAS[type_]
+    plan = {}
+    for key, attr in schema.items():
+        if key in inputs and not _empty(inputs[key]):
+            value = inputs[key]
+            if key == "healthcheck":  # S: the nested durations and retries have defaults
+                value = {
+                    "interval": "0s",
+                    "timeout": "0s",
+                    "startPeriod": "0s",
+                    "startInterval": "0s",
+                    "retries": 0,
+                    **value,
+                }
+            plan[key] = value
+        elif attr.computed and key in state:
+            plan[key] = state[key]
+        elif attr.default is not None:
+            plan[key] = attr.default
+    return plan
+
+
+def diff(type_: str, inputs: dict[str, Any], state: dict[str, Any]) -> dict[str, str]:
+    """Attribute -> how its change is applied, for every attribute whose planned value differs."""
+    schema = SCHEMAS[type_]
+    unknown = sorted(set(inputs) - set(schema))
+    if unknown:
+        raise KeyError(f"{type_}: the provider model has no row for input(s) {unknown}")
+    plan = planned(type_, inputs, state)
+    return {
+        key: attr.change
+        for key, attr in schema.items()
+        if _canonical(attr, plan.get(key)) != _canonical(attr, state.get(key))
+    }
+
+
+def read_container(inspect: dict[str, Any], applied: dict[str, Any]) -> dict[str, Any]:
+    """The state the provider's Read stores for a container: read-back values where R reads
+    them, the applied inputs where it does not."""
+    state = {key: value for key, value in applied.items()}
+    for key, attr in CONTAINER.items():
+        if attr.read is not None:
+            state[key] = attr.read(inspect, applied)
+    return state

@@ -1,0 +1,74 @@
+"""Client traffic through nginx, as users send it: single requests and steady streams."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from collections import Counter
+from types import TracebackType
+
+from tests.e2e.conftest import Deployment
+
+NGINX = "127.0.0.1"
+
+
+def request(
+    deployment: Deployment,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> tuple[int, dict[str, str], bytes]:
+    connection = http.client.HTTPConnection(NGINX, deployment.topology.settings.nginx.http_port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+class GetStream:
+    """`clients` threads GETting `path` through nginx until closed; every answer other than
+    `expected`, and every connection error, is a failure. Counts which backend answered."""
+
+    def __init__(self, deployment: Deployment, path: str, expected: int, clients: int = 4) -> None:
+        self.deployment, self.path, self.expected = deployment, path, expected
+        self.failures: list[str] = []
+        self.served: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def _client(self) -> None:
+        while not self.stop.is_set():
+            try:
+                status, headers, _ = request(self.deployment, "GET", self.path, timeout=10)
+                outcome = None if status == self.expected else f"HTTP {status}"
+                backend = headers.get("x-served-by", "?")
+            except OSError as error:
+                outcome, backend = repr(error), "-"
+            with self.lock:
+                self.served[backend] += 1
+                if outcome:
+                    self.failures.append(outcome)
+            if outcome:
+                time.sleep(0.05)
+
+    @property
+    def total(self) -> int:
+        return sum(self.served.values())
+
+    def __enter__(self) -> GetStream:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
