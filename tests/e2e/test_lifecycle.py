@@ -17,7 +17,7 @@ import pytest
 from components.container import child_name
 from tests.e2e import chaos, report
 from tests.e2e.apply import wait_healthy
-from tests.e2e.conftest import Deployment, deployed
+from tests.e2e.conftest import Deployment, deployed, engine_name
 from tests.e2e.traffic import GetStream
 
 STACK = "prod"
@@ -51,7 +51,7 @@ def write_marker(deployment: Deployment) -> str:
 def test_a_second_apply_with_no_change_plans_nothing(prod: Deployment) -> None:
     before = container_ids(prod)
     plan = prod.apply()
-    report.LINES.append(f"{STACK}: no-change re-apply plans {plan.counts()}")
+    report.LINES.append(f"{STACK} on {engine_name(prod.client)}: no-change re-apply plans {plan.counts()}")
     assert plan.counts() == NO_CHANGE, str(plan)
     assert container_ids(prod) == before
 
