@@ -464,3 +464,79 @@ def test_a_users_backend_image_replaces_the_build() -> None:
     assert remote.type == "docker:index/remoteImage:RemoteImage"
     assert remote.inputs["name"] == "registry.example.com/team/backend:1.4"
     assert ev.containers["transvidio-prod-backend-1"].inputs["image"] == remote.outputs["image_id"]
+
+
+def container_dependencies(ev: Evaluation) -> dict[str, set[str]]:
+    """Container -> the containers it depends on (depends_on and Output inputs), by resource name."""
+    names = {r.urn: r.name for r in ev.of_type("docker:index/container:Container")}
+    return {
+        r.name: {names[urn] for urn in r.options["dependencies"] if urn in names}
+        for r in ev.of_type("docker:index/container:Container")
+    }
+
+
+def test_every_dependency_edge_between_containers_is_exactly_the_designed_one() -> None:
+    backends = {"backend-1", "backend-2", "backend-3"}
+    expected = {
+        "postgres-primary": set(),
+        "postgres-replica-1": {"postgres-primary"},
+        "postgres-replica-2": {"postgres-primary"},
+        "postgres-slots": {"postgres-primary"},
+        "redis-0": set(),
+        "redis-1": {"redis-0"},
+        "redis-2": {"redis-0"},
+        "redis-sentinel-1": {"redis-0"},
+        "redis-sentinel-2": {"redis-0"},
+        "redis-sentinel-3": {"redis-0"},
+        **{key: {"postgres-primary", "redis-0"} for key in backends},
+        "mpi-master": set(),
+        "mpi-worker-1": set(),
+        "mpi-worker-2": set(),
+        "nginx": backends,
+    }
+    assert container_dependencies(evaluated("prod")) == expected
+
+
+SECRET_FILES = {
+    "postgres-primary": {"postgres-password", "replication-password", "app-db-password"},
+    "postgres-replica": {"replication-password"},
+    "postgres-slots": {"replication-password"},
+    "redis": {"redis-password"},
+    "sentinel": {"redis-password"},
+    "mpi-master": {"ssh_host_ed25519_key", "id_ed25519"},
+    "mpi-worker": {"ssh_host_ed25519_key", "id_ed25519"},
+    "backend": set(),
+    "nginx": set(),
+}
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_each_container_gets_exactly_its_secrets_and_the_right_ones(stack: str) -> None:
+    ev = evaluated(stack)
+    generated = {r.name: plain(r.outputs["result"]) for r in ev.of_type("random:index/randomPassword:RandomPassword")}
+    by_file = {
+        "postgres-password": generated["secrets-postgres-superuser"],
+        "replication-password": generated["secrets-postgres-replication"],
+        "app-db-password": generated["secrets-postgres-app"],
+        "redis-password": generated["secrets-redis"],
+    }
+    for name, container in ev.containers.items():
+        role = labels_of(container)["io.transvidio.role"]
+        secret_uploads = {
+            path.rsplit("/", 1)[-1]: u for path, u in uploads_of(container).items() if u["permissions"] == "0400"
+        }
+        assert set(secret_uploads) == SECRET_FILES[role], name
+        for file, upload in secret_uploads.items():
+            if file in by_file:
+                assert upload["content"] == by_file[file], (name, file)
+    # Environment secrets: the backends get the application role's password, never the superuser's.
+    for name, container in ev.containers.items():
+        env = env_of(container)
+        role = labels_of(container)["io.transvidio.role"]
+        if role == "backend":
+            assert env["POSTGRES_PASSWORD"] == generated["secrets-postgres-app"], name
+            assert env["REDIS_PASSWORD"] == generated["secrets-redis"], name
+            assert env["SECRET_KEY"] == generated["secrets-secret-key"], name
+        elif role == "mpi-master":
+            assert env["POSTGRES_PASSWORD"] == generated["secrets-postgres-app"], name
+        assert not any(generated["secrets-postgres-superuser"] in e for e in env.values()), name

@@ -115,12 +115,17 @@ def test_mpi_is_pinned_to_the_data_subnet() -> None:
     assert "hwloc_default_binding_policy = none" in render.prte_mca_params(s)
 
 
-def test_pg_hba_allows_replication_only_from_the_data_subnet_with_scram() -> None:
+def test_pg_hba_is_exactly_these_rules_in_this_order() -> None:
     s = settings()
     rows = [line.split() for line in render.pg_hba_conf(s).splitlines() if line and not line.startswith("#")]
-    assert ["host", "replication", "replicator", "10.211.1.0/24", "scram-sha-256"] in rows
-    assert rows[-1] == ["host", "all", "all", "0.0.0.0/0", "reject"]
-    assert not any(r[0] == "host" and r[2] == "postgres" for r in rows)
+    # First match wins: local peer for the superuser, SCRAM from the data subnet for the two
+    # roles, and nothing else from anywhere.
+    assert rows == [
+        ["local", "all", "postgres", "peer"],
+        ["host", "replication", "replicator", "10.211.1.0/24", "scram-sha-256"],
+        ["host", "transvidio", "transvidio", "10.211.1.0/24", "scram-sha-256"],
+        ["host", "all", "all", "0.0.0.0/0", "reject"],
+    ]
 
 
 def test_postgresql_conf_replication_settings_and_replica_slot() -> None:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from components import settings as cfg
-from tests.program import PROJECT_DIR, evaluate, stack_config
+from tests.program import PROJECT_DIR, FakeMocks, evaluate, stack_config
 
 
 def parse_stack(stack: str, overrides: dict[str, Any] | None = None, tls: bool = False) -> cfg.Settings:
@@ -129,27 +129,34 @@ def test_bad_value_is_named_with_what_is_allowed(
     assert allowed in str(raised.value)
 
 
-def test_a_bad_value_stops_the_program_before_any_resource_is_registered() -> None:
-    with pytest.raises(Exception, match=r"transvidio:redis\.sentinels=1 with quorum 2") as raised:
-        evaluate("dev", {"redis": {"sentinels": 1, "quorum": 2}})
-    assert "registered" not in str(raised.value)
-    # A fresh, valid evaluation afterwards is unaffected.
-    assert evaluate("dev").containers
+class CountingMocks(FakeMocks):
+    """FakeMocks that remember every resource the program registered."""
+
+    def __init__(self) -> None:
+        self.created: list[str] = []
+
+    def new_resource(self, args: Any) -> Any:
+        self.created.append(args.name)
+        return super().new_resource(args)
 
 
-def test_bad_value_registers_nothing() -> None:
-    from tests.program import FakeMocks
-
-    created: list[str] = []
-
-    class Counting(FakeMocks):
-        def new_resource(self, args):
-            created.append(args.name)
-            return super().new_resource(args)
-
-    with pytest.raises(Exception, match=r"transvidio:postgres\.memory"):
-        evaluate("dev", {"postgres": {"memory": "lots"}}, mocks=Counting())
-    assert created == []
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"redis": {"sentinels": 1, "quorum": 2}}, r"transvidio:redis\.sentinels=1 with quorum 2"),
+        ({"postgres": {"memory": "lots"}}, r"transvidio:postgres\.memory"),
+    ],
+)
+def test_a_bad_value_stops_the_program_before_any_resource_is_registered(
+    overrides: dict[str, Any], message: str
+) -> None:
+    mocks = CountingMocks()
+    with pytest.raises(Exception, match=message):
+        evaluate("dev", overrides, mocks=mocks)
+    assert mocks.created == []
+    # The same mocks register the whole stack once the value is valid: the count above is live.
+    evaluate("dev", mocks=mocks)
+    assert len(mocks.created) > 20
 
 
 def test_https_port_is_accepted_with_a_certificate_and_key() -> None:
@@ -157,10 +164,25 @@ def test_https_port_is_accepted_with_a_certificate_and_key() -> None:
     assert settings.nginx.https_port == 443
 
 
-def test_readme_documents_every_key() -> None:
+def readme_cell(value: Any) -> str:
+    """How the README's configuration table writes a value."""
+    return "(build)" if value == "" else f"`{value}`"
+
+
+def test_readme_config_table_matches_the_code_and_both_stack_files_value_by_value() -> None:
     readme = (PROJECT_DIR / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `") and line.count("|") == 6]
+    documented = {cells[0]: cells[1:] for cells in ([c.strip() for c in row.strip("|").split("|")] for row in rows)}
+    stacks = {stack: stack_config(stack) for stack in ("dev", "prod")}
+    expected = {}
     for section, cls in cfg.SECTIONS.items():
         for spec in dataclasses.fields(cls):
-            assert f"`{section}.{spec.metadata['key']}`" in readme, f"{section}.{spec.metadata['key']}"
+            key = spec.metadata["key"]
+            expected[f"`{section}.{key}`"] = [
+                readme_cell(spec.metadata["default"]),
+                *(readme_cell(stacks[stack][section].get(key, spec.metadata["default"])) for stack in ("dev", "prod")),
+                spec.metadata["doc"],
+            ]
+    assert documented == expected
     for key in cfg.SECRET_KEYS:
         assert f"`{key}`" in readme, key
