@@ -181,9 +181,8 @@ def test_jobs_complete_while_a_replica_and_the_redis_master_are_down(prod: Deplo
 
 def test_a_failed_mpi_run_is_retried_and_a_hopeless_job_fails_with_its_reason(prod: Deployment, video: bytes) -> None:
     # mpirun cannot reach a stopped worker: the attempt fails with mpirun's own words and the
-    # job is queued again after a backoff. Once the worker is back a retry normally completes
-    # it; when Podman is slow to give the restarted worker its network back, the job ends
-    # failed within the bound, with the reason. Either way nothing is silent or lost.
+    # job is queued again after a backoff (10 s), by which time the worker is back: the retry
+    # completes it, once.
     worker = prod.topology.mpi_workers[-1].hostname
     prod.client.containers.get(prod.name(worker)).stop(timeout=5)
     try:
@@ -197,10 +196,8 @@ def test_a_failed_mpi_run_is_retried_and_a_hopeless_job_fails_with_its_reason(pr
         prod.client.containers.get(prod.name(worker)).start()
     wait_healthy(prod.client, prod.name(worker), timeout=60)
     done = wait_done(prod, job["id"])
-    if done["status"] == "succeeded":
-        assert done["attempts"] >= 2 and done["completions"] == 1 and done["error"] is None
-    else:
-        assert done["attempts"] == 3 and done["completions"] == 0 and done["error"].startswith("RuntimeError: mpirun")
+    assert (done["status"], done["completions"], done["error"]) == ("succeeded", 1, None), done
+    assert done["attempts"] >= 2
     report.LINES.append(f"prod: job whose first mpirun failed: {done['status']} after {done['attempts']} attempts")
     # An upload that disappeared can never succeed: after its attempts, failed with the reason.
     upload_id = upload(prod, video[:4096])
