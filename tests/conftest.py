@@ -3,8 +3,9 @@ import sys
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# The project (components, tests) and the job pipeline the images ship (images/common).
-for path in (ROOT, ROOT / "images" / "common"):
+# The project (components, tests), the job pipeline the images ship (images/common) and the
+# reference backend (images/backend).
+for path in (ROOT, ROOT / "images" / "common", ROOT / "images" / "backend"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 

@@ -1,0 +1,181 @@
+"""The backend's database routing (images/backend/app/db.py) with fake connection pools.
+
+Reads go round-robin over healthy replicas, skip a replica that failed (for a while) or
+lags, fall back to the primary, and retry a miss on the primary (read-your-writes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+from app import db
+from app.config import Config
+
+
+class FakePool:
+    """Stands for one node's pool: `connection()` yields itself, or raises `failure`."""
+
+    def __init__(self, host: str, rows: dict[str, Any] | None = None) -> None:
+        self.host = host
+        self.rows = rows or {}
+        self.failure: BaseException | None = None
+        self.uses = 0
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[FakePool]:
+        self.uses += 1
+        if self.failure is not None:
+            raise self.failure
+        yield self
+
+
+def lookup(key: str) -> Any:
+    async def work(conn: Any) -> Any:
+        return conn.rows.get(key)
+
+    return work
+
+
+def which_host(conn: Any) -> Any:
+    async def found() -> str:
+        return str(conn.host)
+
+    return found()
+
+
+def make_database(
+    replicas: int = 2, rows: dict[str, Any] | None = None
+) -> tuple[db.Database, FakePool, list[FakePool]]:
+    """A Database whose primary and replicas are FakePools holding `rows` (default: one job)."""
+    rows = {"job": "row"} if rows is None else rows
+    config = Config(
+        postgres_master_host="postgres-primary",
+        postgres_slave_hosts=tuple(f"postgres-replica-{i}" for i in range(1, replicas + 1)),
+        postgres_port=5432,
+        postgres_db="transvidio",
+        postgres_user="transvidio",
+        postgres_password="pw",
+        redis_sentinels=(("s", 26379),),
+        redis_master_name="transvidio",
+        redis_password="pw",
+        mpi_master_host="mpi-master",
+        secret_key="k",
+        uploads_dir="/u",
+        outputs_dir="/o",
+        dependency_timeout=1.0,
+    )
+    database = db.Database(config)
+    primary = FakePool("postgres-primary", rows)
+    fakes = [FakePool(host, rows) for host in config.postgres_slave_hosts]
+    database.primary = primary  # type: ignore[assignment]
+    database.replicas = {fake.host: fake for fake in fakes}  # type: ignore[misc]
+    return database, primary, fakes
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
+def test_reads_go_round_robin_over_the_replicas_and_never_to_the_primary() -> None:
+    database, primary, _ = make_database()
+    hosts = [run(database.read(which_host)) for _ in range(4)]
+    assert hosts == ["postgres-replica-1", "postgres-replica-2", "postgres-replica-1", "postgres-replica-2"]
+    assert primary.uses == 0
+
+
+def test_a_failed_replica_is_skipped_for_a_while_and_its_read_goes_to_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    database, primary, (first, _second) = make_database()
+    first.failure = psycopg.OperationalError("connection refused")
+    assert run(database.read(which_host)) == "postgres-replica-2"
+    assert first.uses == 1
+    # While it is marked down it is not tried at all.
+    assert [run(database.read(which_host)) for _ in range(3)] == ["postgres-replica-2"] * 3
+    assert first.uses == 1 and primary.uses == 0
+    # After DOWN_SECONDS it is tried again, and serves once it answers.
+    first.failure = None
+    clock[0] += db.DOWN_SECONDS + 0.1
+    assert {run(database.read(which_host)) for _ in range(2)} == {"postgres-replica-1", "postgres-replica-2"}
+
+
+def test_a_lagging_replica_is_skipped() -> None:
+    database, primary, (first, _second) = make_database()
+    database.lagging = {"postgres-replica-1"}
+    assert [run(database.read(which_host)) for _ in range(3)] == ["postgres-replica-2"] * 3
+    assert first.uses == 0 and primary.uses == 0
+
+
+def test_with_no_healthy_replica_reads_fall_back_to_the_primary() -> None:
+    database, _, replicas = make_database()
+    database.lagging = {r.host for r in replicas}
+    assert run(database.read(which_host)) == "postgres-primary"
+    database, _primary, _ = make_database(0)
+    assert run(database.read(which_host)) == "postgres-primary"
+
+
+def test_a_miss_on_a_replica_is_read_again_on_the_primary() -> None:
+    database, primary, replicas = make_database()
+    for replica in replicas:
+        replica.rows = {}  # the row has not replayed there yet
+    assert run(database.read(lookup("job"))) == "row"
+    assert primary.uses == 1 and sum(r.uses for r in replicas) == 1
+    assert run(database.read(lookup("job"), primary_on_miss=False)) is None
+    assert primary.uses == 1
+
+
+def test_a_replica_without_the_schema_yet_counts_as_a_miss() -> None:
+    database, primary, (first, _) = make_database()
+    first.failure = psycopg.errors.UndefinedTable("relation jobs does not exist")
+    assert run(database.read(lookup("job"))) == "row"
+    assert primary.uses == 1
+    assert "postgres-replica-1" not in database.down_until
+
+
+def test_a_failing_primary_is_named_in_the_error() -> None:
+    database, primary, _ = make_database()
+    primary.failure = psycopg.OperationalError("could not connect\nDETAIL: more")
+    with pytest.raises(db.DependencyDownError) as raised:
+        run(database.write(which_host))
+    assert raised.value.name == "postgres-primary"
+    assert str(raised.value) == "postgres-primary unavailable: could not connect"
+
+
+class ReplicationRows(FakePool):
+    def __init__(self, rows: list[tuple[str, str, float]]) -> None:
+        super().__init__("postgres-primary")
+        self.replication = rows
+
+    async def execute(self, query: str) -> ReplicationRows:
+        assert "pg_stat_replication" in query
+        return self
+
+    async def fetchall(self) -> list[tuple[str, str, float]]:
+        return self.replication
+
+
+def test_the_watcher_marks_replicas_that_do_not_stream_or_lag(monkeypatch: pytest.MonkeyPatch) -> None:
+    database, _, _ = make_database(3)
+    database.primary = ReplicationRows(  # type: ignore[assignment]
+        [
+            ("postgres_replica_1", "streaming", 0.2),
+            ("postgres_replica_2", "streaming", db.MAX_LAG_SECONDS + 1),
+            ("postgres_replica_3", "catchup", 0.0),
+        ]
+    )
+
+    async def stop(_: float) -> None:
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(asyncio, "sleep", stop)
+    with pytest.raises(asyncio.CancelledError):
+        run(database.watch_replicas())
+    assert database.lagging == {"postgres-replica-2", "postgres-replica-3"}
