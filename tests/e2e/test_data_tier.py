@@ -263,16 +263,27 @@ def test_killing_the_master_fails_over_and_keeps_every_waited_write(prod: Deploy
     assert info["role"] == "slave" and info["master_host"] == chaos.data_ip(prod, new_master)
 
 
-def test_a_restarted_sentinel_still_knows_the_current_master(prod: Deployment) -> None:
+def test_a_restarted_sentinel_still_knows_the_current_master_and_its_quorum(prod: Deployment) -> None:
     master = chaos.wait_settled(prod)
-    assert master != "redis-0"  # the previous test moved it: the template still says redis-0
+    if master == prod.topology.redis_nodes[0].hostname:
+        # The template names redis-0: move the master elsewhere first, so a Sentinel that
+        # forgot its state and fell back to the template would be caught.
+        chaos.sentinel_direct(prod, prod.topology.sentinels[1].hostname).execute_command(
+            "SENTINEL", "FAILOVER", REDIS_MASTER_NAME
+        )
+        deadline = time.monotonic() + 60
+        while (master := chaos.wait_settled(prod)) == prod.topology.redis_nodes[0].hostname:
+            assert time.monotonic() < deadline, "the forced failover did not happen"
+            time.sleep(0.5)
     sentinel = prod.topology.sentinels[0].hostname
     before = chaos.kill9(prod, sentinel)
     chaos.wait_restarted(prod, sentinel, before)
-    address, _ = chaos.sentinel_direct(prod, sentinel).execute_command(
-        "SENTINEL", "GET-MASTER-ADDR-BY-NAME", REDIS_MASTER_NAME
-    )
+    direct = chaos.sentinel_direct(prod, sentinel)
+    address, _ = direct.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", REDIS_MASTER_NAME)
     assert address.decode() == chaos.data_ip(prod, master)
+    fields = direct.execute_command("SENTINEL", "MASTER", REDIS_MASTER_NAME)
+    described = dict(zip(fields[::2], fields[1::2], strict=True))
+    assert described[b"quorum"] == str(prod.topology.settings.redis.quorum).encode()
 
 
 def test_restarting_every_redis_container_at_once_keeps_one_master_and_the_data(prod: Deployment) -> None:

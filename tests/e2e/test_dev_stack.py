@@ -80,8 +80,14 @@ def test_postgres_rejects_a_wrong_password(dev: Deployment) -> None:
 def test_redis_replica_is_connected_and_sentinel_has_quorum(dev: Deployment) -> None:
     password = str(dev.export("redisPassword"))
     master = redis.Redis(host="127.0.0.1", port=6379, password=password, socket_timeout=5)
-    info: dict[str, Any] = master.info("replication")  # type: ignore[assignment]
-    assert info["role"] == "master"
+    # The replica's first full sync may still be running (wait_bgsave, send_bulk): wait for it.
+    deadline = time.monotonic() + 30
+    while True:
+        info: dict[str, Any] = master.info("replication")  # type: ignore[assignment]
+        assert info["role"] == "master"
+        if info.get("slave0", {}).get("state") == "online" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert info["connected_slaves"] == 1
     assert info["slave0"]["state"] == "online"
     sentinel = redis.Redis(host="127.0.0.1", port=26379, password=password, socket_timeout=5)
