@@ -79,7 +79,13 @@ def make_database(
 
 
 def run(coroutine: Any) -> Any:
-    return asyncio.run(coroutine)
+    # Not asyncio.run: it leaves the main thread without a current loop, which the Pulumi
+    # mocks of the tests that follow need.
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coroutine)
+    finally:
+        loop.close()
 
 
 def test_reads_go_round_robin_over_the_replicas_and_never_to_the_primary() -> None:
