@@ -9,7 +9,7 @@ export PULUMI_BACKEND_URL ?= file://$(STATE_DIR)
 SHELL_SCRIPTS := $(shell find images tests -name '*.sh' -not -path '*/.venv/*') .ci/run
 DOCKERFILES := $(wildcard images/*/Dockerfile)
 
-.PHONY: help venv stack up preview destroy render test lint unit e2e e2e-podman-dev bench clean
+.PHONY: help venv stack up preview destroy render test lint unit e2e e2e-podman-dev bench mutate clean
 
 help:
 	@echo "make up STACK=dev|prod   deploy with the Pulumi CLI (local state, passphrase secrets)"
@@ -19,6 +19,7 @@ help:
 	@echo "make test                static checks, unit tests, end-to-end tests (Docker, then the dev stack on Podman)"
 	@echo "make e2e [ENGINE=podman]  end-to-end tests only, on Docker (default) or Podman"
 	@echo "make bench               benchmark figures (BENCH_JSON=path writes them as JSON)"
+	@echo "make mutate              mutation testing of the fast tests (slow; not in CI)"
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +88,19 @@ test: lint unit e2e e2e-podman-dev
 # Benchmark figures (not tests): same engine preparation as e2e.
 bench: venv
 	$(call with_engine,$(BIN)/python -m bench.data_tier && $(BIN)/python -m bench.pipeline)
+
+# Mutation testing, not part of CI (about 5 s a mutant, so hours for the whole tree):
+# mutmut changes components/ and the Python in images/ one mutation at a time, in a copy
+# of the working tree (build/mutate), and runs the fast tests against each; then the
+# score and every survivor are printed. MUTATE_PATHS narrows it.
+MUTATE_PATHS ?= components/,images/backend/app/,images/common/transvidio_jobs/
+mutate: venv
+	rm -rf build/mutate && mkdir -p build/mutate
+	git ls-files | tar -T - -c | tar -C build/mutate -x
+	ln -s $(CURDIR)/$(VENV) build/mutate/$(VENV)
+	-cd build/mutate && $(BIN)/mutmut run --paths-to-mutate $(MUTATE_PATHS) --tests-dir tests --no-progress \
+		--runner "$(BIN)/python -m pytest -x -q -p no:cacheprovider tests --ignore=tests/e2e"
+	$(BIN)/python -m tests.mutation_score build/mutate
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -155,15 +155,8 @@ def test_dev_publishes_debug_ports_on_loopback_after_the_seed_port_map() -> None
 def test_fixed_addresses_match_the_topology(stack: str) -> None:
     ev = evaluated(stack)
     topo = Topology(parse(stack, stack_config(stack)))
-    nodes = [
-        topo.postgres_primary,
-        *topo.postgres_replicas,
-        *topo.redis_nodes,
-        *topo.sentinels,
-        *topo.mpi_nodes,
-        *topo.backends,
-        topo.nginx,
-    ]
+    nodes = topo.all_nodes
+    assert {n.container_name for n in nodes} == set(ev.containers)
     for node in nodes:
         networks = networks_of(ev.containers[node.container_name])
         if node.data_ip:
@@ -172,6 +165,31 @@ def test_fixed_addresses_match_the_topology(stack: str) -> None:
             assert networks[f"transvidio-{stack}-edge"]["ipv4Address"] == node.edge_ip
     addresses = [n.data_ip for n in nodes if n.data_ip] + [n.edge_ip for n in nodes if n.edge_ip]
     assert len(addresses) == len(set(addresses))
+
+
+def test_the_address_plan_of_prod_is_the_documented_one() -> None:
+    topo = Topology(parse("prod", stack_config("prod")))
+    plan = {n.hostname: (n.data_ip, n.edge_ip) for n in topo.all_nodes}
+    data, edge = "10.211.1.", "10.211.0."
+    assert plan == {
+        "postgres-primary": (data + "10", None),
+        "postgres-replica-1": (data + "11", None),
+        "postgres-replica-2": (data + "12", None),
+        "postgres-slots": (data + "19", None),
+        "redis-0": (data + "20", None),
+        "redis-1": (data + "21", None),
+        "redis-2": (data + "22", None),
+        "sentinel-1": (data + "30", None),
+        "sentinel-2": (data + "31", None),
+        "sentinel-3": (data + "32", None),
+        "mpi-master": (data + "40", None),
+        "mpi-worker-1": (data + "41", None),
+        "mpi-worker-2": (data + "42", None),
+        "backend-1": (data + "100", edge + "100"),
+        "backend-2": (data + "101", edge + "101"),
+        "backend-3": (data + "102", edge + "102"),
+        "nginx": (None, edge + "90"),
+    }
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -189,7 +207,7 @@ def test_backend_env_contract(stack: str) -> None:
             f"{s.network.data_subnet.network_address + 30 + i}:26379" for i in range(s.redis.sentinel_count)
         ]
         assert env["REDIS_MASTER_NAME"] == "transvidio"
-        assert env["MPI_MASTER_HOST"] == "mpi-master"
+        assert env["MPI_MASTER_HOST"] == "mpi-master" and env["MPI_SSH_PORT"] == "22"
         assert env["OUTPUTS_DIR"] == render.OUTPUTS_DIR
         assert env["POSTGRES_PASSWORD"] and env["REDIS_PASSWORD"] and env["SECRET_KEY"]
         assert is_secret(backend.inputs["envs"])
@@ -317,6 +335,8 @@ def test_scaling_postgres_replicas_never_touches_the_primary() -> None:
     keeper = evaluate("prod", {"postgres": {"replicas": 1}}).containers["transvidio-prod-postgres-slots"]
     stale = env_of(keeper)["PG_STALE_SLOTS"].split(",")
     assert stale == [f"postgres_replica_{i}" for i in range(2, 9)]
+    none = evaluate("prod", {"postgres": {"replicas": 0}}).containers["transvidio-prod-postgres-slots"]
+    assert env_of(none)["PG_STALE_SLOTS"].split(",") == [f"postgres_replica_{i}" for i in range(1, 9)]
     assert env_of(evaluated("prod").containers["transvidio-prod-postgres-slots"])["PG_STALE_SLOTS"].split(",") == [
         f"postgres_replica_{i}" for i in range(3, 9)
     ]
