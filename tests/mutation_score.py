@@ -36,9 +36,8 @@ def main(argv: list[str]) -> int:
             per_file[filename] += 1
             print(f"survived #{mutant_id} {filename}:{number + 1}: {line.strip()}")
     print("\nsurvivors per file: " + ", ".join(f"{f} {n}" for f, n in sorted(per_file.items())))
-    print(
-        f"mutation score: {killed}/{len(tested)} killed = {100 * killed / len(tested):.1f}% ({len(rows) - len(tested)} untested)"
-    )
+    score = 100 * killed / len(tested)
+    print(f"mutation score: {killed}/{len(tested)} killed = {score:.1f}% ({len(rows) - len(tested)} untested)")
     return 0
 
 
