@@ -16,6 +16,7 @@ A container or network the state does not know, but the engine has, fails the ap
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -25,7 +26,7 @@ import string
 import tarfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +120,21 @@ def wait_healthy(client: docker.DockerClient, container: str, timeout: float = H
                 f"container {container} not healthy after {timeout:.0f}s; last logs:\n" + logs_tail(client, container)
             )
         time.sleep(1)
+
+
+def remove_container(removal: Callable[[], None]) -> None:
+    """Runs a container's removal; one already gone is fine, one caught mid-restart (which
+    Podman cannot stop or kill) is tried again a moment later."""
+    for attempt in range(5):
+        try:
+            removal()
+            return
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError:
+            if attempt == 4:
+                raise
+            time.sleep(1)
 
 
 def tar_file(path: str, content: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0) -> bytes:
@@ -642,18 +658,12 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
         """The provider's Delete: stop with destroy_grace_seconds (0: kill at once), then remove."""
         api = self.client.api
         grace = int(resource.state.get("destroyGraceSeconds") or 0)
-        for attempt in range(5):
-            try:
-                api.stop(resource.id, timeout=grace)
-                api.remove_container(resource.id, force=True)
-                break
-            except docker.errors.NotFound:
-                break
-            except docker.errors.APIError:
-                # Podman cannot stop a container caught mid-restart; it can a moment later.
-                if attempt == 4:
-                    raise
-                time.sleep(1)
+
+        def stop_and_remove() -> None:
+            api.stop(resource.id, timeout=grace)
+            api.remove_container(resource.id, force=True)
+
+        remove_container(stop_and_remove)
         if self.podman:
             # Podman tears the old container's port forwarding down asynchronously; a new
             # container publishing the same port must not come up before that is done.
@@ -701,17 +711,7 @@ def teardown(client: docker.DockerClient, stack: str, volumes: bool = True) -> N
     """Removes everything labelled with the stack, so an apply after a killed run starts clean."""
     label = f"{LABEL_PREFIX}.stack={stack}"
     for container in client.containers.list(all=True, filters={"label": label}):
-        for attempt in range(5):
-            try:
-                container.remove(force=True, v=False)
-                break
-            except docker.errors.NotFound:
-                break
-            except docker.errors.APIError:
-                # A container caught mid-restart cannot be killed; it can a moment later.
-                if attempt == 4:
-                    raise
-                time.sleep(1)
+        remove_container(functools.partial(container.remove, force=True, v=False))
     for network in client.networks.list(filters={"label": label}):
         network.remove()
     if volumes:
