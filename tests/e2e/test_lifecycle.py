@@ -17,7 +17,7 @@ import pytest
 from components.container import child_name
 from tests.e2e import chaos, report
 from tests.e2e.apply import wait_healthy
-from tests.e2e.conftest import Deployment, deployed, engine_name
+from tests.e2e.conftest import Deployment, deployed, engine, engine_name, readback_drift
 from tests.e2e.traffic import GetStream
 
 STACK = "prod"
@@ -27,6 +27,8 @@ MISSING_JOB = "/api/jobs/00000000-0000-0000-0000-000000000000"  # a backend's ow
 
 @pytest.fixture(scope="module")
 def prod() -> Iterator[Deployment]:
+    if readback_drift(engine()):
+        pytest.skip("this engine reads containers back unlike Docker, so every apply replaces them: day-2 is Docker's")
     with deployed(STACK) as deployment:
         yield deployment
 
