@@ -186,3 +186,110 @@ def test_readme_config_table_matches_the_code_and_both_stack_files_value_by_valu
     assert documented == expected
     for key in cfg.SECRET_KEYS:
         assert f"`{key}`" in readme, key
+
+
+# --- each value parser, at its edges -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("7", 7),
+        ("7b", 7),
+        ("64k", 64 * 1024),
+        ("64KB", 64 * 1024),
+        ("256m", 256 * 1024**2),
+        ("512MB", 512 * 1024**2),
+        ("1gb", 1024**3),
+        ("1G", 1024**3),
+        ("2TB", 2 * 1024**4),
+        (" 3 GB ", 3 * 1024**3),
+        (1024, 1024),
+    ],
+)
+def test_sizes_parse_in_binary_units(text: Any, size: int) -> None:
+    assert cfg.size_bytes("k", text) == size
+
+
+@pytest.mark.parametrize("text", ["0", "0MB", "-1MB", "1.5GB", "1PB", "MB", "", "1 G B", None])
+def test_bad_sizes_are_refused(text: Any) -> None:
+    with pytest.raises(cfg.SettingsError, match=r"^transvidio:k=.*must be a size such as 256MB"):
+        cfg.size_bytes("k", text)
+
+
+def test_megabytes_round_down_and_hold_the_minimum() -> None:
+    parse = cfg.megabytes(64)
+    assert parse("k", "64MB") == 64 and parse("k", "1GB") == 1024 and parse("k", "65m") == 65
+    assert parse("k", str(64 * 1024**2 + 1)) == 64
+    with pytest.raises(cfg.SettingsError, match="must be at least 64MB"):
+        parse("k", "63MB")
+
+
+def test_integers_are_whole_and_inside_their_bounds_inclusive() -> None:
+    parse = cfg.integer(1, 3)
+    assert [parse("k", v) for v in (1, "2", 3)] == [1, 2, 3]
+    for bad in (0, 4, "x", 1.5, True, None, "2.0"):
+        with pytest.raises(cfg.SettingsError, match=r"must be a whole number from 1 to 3"):
+            parse("k", bad)
+
+
+def test_ports_zero_or_empty_mean_unpublished() -> None:
+    assert [cfg.optional_port("k", v) for v in (None, 0, "0", "")] == [None] * 4
+    assert cfg.optional_port("k", 1) == 1 and cfg.optional_port("k", "65535") == 65535
+    for bad in (65536, -1, "http"):
+        with pytest.raises(cfg.SettingsError, match="from 1 to 65535"):
+            cfg.optional_port("k", bad)
+
+
+def test_booleans_take_yaml_and_strings_only() -> None:
+    assert [cfg.boolean("k", v) for v in (True, False, "true", "False", "TRUE")] == [True, False, True, False, True]
+    for bad in ("yes", 1, 0, None):
+        with pytest.raises(cfg.SettingsError, match="must be true or false"):
+            cfg.boolean("k", bad)
+
+
+def test_choices_and_worker_processes() -> None:
+    assert cfg.choice("a", "b")("k", "b") == "b"
+    with pytest.raises(cfg.SettingsError, match="must be one of a, b"):
+        cfg.choice("a", "b")("k", "c")
+    assert cfg.worker_processes("k", "auto") == "auto" and cfg.worker_processes("k", 64) == "64"
+    for bad in (0, 65, "many"):
+        with pytest.raises(cfg.SettingsError, match="from 1 to 64"):
+            cfg.worker_processes("k", bad)
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [
+        "debian:trixie-slim",
+        "registry.example.com:5000/team/backend:1.2.3",
+        "backend",
+        "my_org/my-app__x:latest",
+        "backend@sha256:" + "a" * 64,
+    ],
+)
+def test_image_references_that_docker_accepts(reference: str) -> None:
+    assert cfg.image_reference("k", reference) == reference
+    assert cfg.optional_image_reference("k", reference) == reference
+
+
+@pytest.mark.parametrize("reference", ["Debian:trixie", "a b", ":tag", "x:", "x@sha256:abc", 5, "-x"])
+def test_image_references_docker_refuses(reference: Any) -> None:
+    with pytest.raises(cfg.SettingsError, match="must be an image reference"):
+        cfg.image_reference("k", reference)
+
+
+def test_optional_image_reference_empty_means_build() -> None:
+    assert cfg.optional_image_reference("k", "") is None and cfg.optional_image_reference("k", None) is None
+
+
+def test_subnets_are_private_cidrs_and_addresses_ipv4() -> None:
+    assert str(cfg.subnet("k", "10.0.0.0/24")) == "10.0.0.0/24"
+    assert str(cfg.subnet("k", "192.168.4.0/25")) == "192.168.4.0/25"
+    with pytest.raises(cfg.SettingsError, match="CIDR form"):
+        cfg.subnet("k", "10.0.0.1/24")  # host bits set
+    with pytest.raises(cfg.SettingsError, match="must be a private subnet"):
+        cfg.subnet("k", "8.8.8.0/24")
+    assert cfg.ip_address("k", "0.0.0.0") == "0.0.0.0"
+    with pytest.raises(cfg.SettingsError, match="IPv4 address"):
+        cfg.ip_address("k", "::1")
