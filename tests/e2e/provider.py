@@ -254,19 +254,20 @@ def _empty(value: Any) -> bool:
     return value is None or value == [] or value == {} or value == "" or value == 0 or value is False
 
 
-def _canonical(attr: Attr, value: Any) -> Any:
+# Nested attributes that are TypeSets in S (networks_advanced.aliases, capabilities.add and
+# .drop); every other nested list (healthcheck.test, ...) is a TypeList: its order counts.
+UNORDERED_NESTED = frozenset({"aliases", "adds", "drops"})
+
+
+def _canonical(value: Any, unordered: bool) -> Any:
+    """The value as Terraform compares it: empty is unset, sets in a stable order."""
     if _empty(value):
         return None
     if isinstance(value, dict):
-        return {
-            k: _canonical(Attr(attr.change, attr.source, unordered=True), v)
-            for k, v in sorted(value.items())
-            if not _empty(v)
-        }
-    if isinstance(value, list) and attr.unordered:
-        return sorted((_canonical(attr, v) for v in value), key=lambda v: json.dumps(v, sort_keys=True))
+        return {k: _canonical(v, k in UNORDERED_NESTED) for k, v in sorted(value.items()) if not _empty(v)}
     if isinstance(value, list):
-        return [_canonical(attr, v) for v in value]
+        items = [_canonical(v, False) for v in value]
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True)) if unordered else items
     return value
 
 
@@ -305,7 +306,7 @@ def diff(type_: str, inputs: dict[str, Any], state: dict[str, Any]) -> dict[str,
     return {
         key: attr.change
         for key, attr in schema.items()
-        if _canonical(attr, plan.get(key)) != _canonical(attr, state.get(key))
+        if _canonical(plan.get(key), attr.unordered) != _canonical(state.get(key), attr.unordered)
     }
 
 
