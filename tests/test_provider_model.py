@@ -41,7 +41,7 @@ def state_after_create(inputs: dict[str, Any], **read_back: Any) -> dict[str, An
     return {**provider.planned(CONTAINER, inputs, {}), **read_back}
 
 
-BASE = {
+BASE: dict[str, Any] = {
     "name": "c",
     "image": "sha256:1",
     "memory": 512,
