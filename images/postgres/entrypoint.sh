@@ -68,19 +68,25 @@ bootstrap_replica() {
 keep_slots() {
     # A removed replica's slot pins WAL on the primary up to max_slot_wal_keep_size. Its
     # container is stopped last in an apply (deletes come after creates), so try until the
-    # slot is inactive; an active slot is refused by the primary and never dropped.
+    # slot is inactive; an active slot is refused by the primary and never dropped. Once
+    # every stale slot is dropped or absent, only the primary's liveness is checked (each
+    # replication command is a line in the primary's log).
     local primary=(--host="$PRIMARY_HOST" --port=5432 --username="${REPLICATION_USER:-replicator}" --no-password)
-    local slot output
+    local slot output pending=() left
+    IFS=',' read -r -a pending <<<"${PG_STALE_SLOTS:-}"
     trap 'exit 0' INT TERM
     while true; do
         if pg_isready --quiet "${primary[@]:0:3}"; then
-            for slot in ${PG_STALE_SLOTS//,/ }; do
+            left=()
+            for slot in "${pending[@]}"; do
                 if output=$(pg_receivewal "${primary[@]}" --slot="$slot" --drop-slot 2>&1); then
                     log "dropped slot $slot: the stack no longer has its replica"
                 elif [[ $output != *"does not exist"* ]]; then
                     log "slot $slot not dropped yet: ${output##*ERROR: }"
+                    left+=("$slot")
                 fi
             done
+            pending=("${left[@]}")
             touch "$RUN_DIR/slots-checked"
         fi
         sleep "${SLOT_CHECK_SECONDS:-10}" &
