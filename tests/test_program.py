@@ -102,6 +102,18 @@ def test_every_container_gets_the_hygiene(stack: str) -> None:
         assert i["hostname"] in {alias for n in networks_of(container).values() for alias in n["aliases"]}
         assert container.options["delete_before_replace"] is True, name
         assert container.options["replace_on_changes"] == ["healthcheck"], name
+        role = labels["io.transvidio.role"]
+        health = i["healthcheck"]
+        start = {"postgres-primary": "1m0s", "postgres-replica": "2m0s"}.get(role, "30s")
+        assert (health["interval"], health["timeout"], health["retries"], health["startPeriod"]) == (
+            "5s",
+            "4s",
+            5,
+            start,
+        ), name
+        # Only what others wait for blocks the apply until healthy; only PostgreSQL gets /dev/shm.
+        assert bool(i.get("wait")) == (role == "postgres-primary" or name.endswith("-redis-0")), name
+        assert ("shmSize" in i) == (role in ("postgres-primary", "postgres-replica")), name
 
 
 def test_only_nginx_publishes_in_prod_and_the_data_tier_is_internal_only() -> None:
@@ -560,3 +572,41 @@ def test_each_container_gets_exactly_its_secrets_and_the_right_ones(stack: str) 
         elif role == "mpi-master":
             assert env["POSTGRES_PASSWORD"] == generated["secrets-postgres-app"], name
         assert not any(generated["secrets-postgres-superuser"] in e for e in env.values()), name
+
+
+def test_durations_are_written_as_go_prints_them() -> None:
+    from components.container import duration
+
+    assert [duration(s) for s in (0, 5, 59, 60, 90, 3600, 3725)] == [
+        "0s",
+        "5s",
+        "59s",
+        "1m0s",
+        "1m30s",
+        "1h0m0s",
+        "1h2m5s",
+    ]
+    with pytest.raises(ValueError, match="negative duration -1"):
+        duration(-1)
+
+
+def test_service_uids_match_the_images_and_the_writers_of_shared_volumes_agree() -> None:
+    import re
+
+    from components.container import SERVICE_UIDS
+    from tests.program import PROJECT_DIR
+
+    for role, uid in SERVICE_UIDS.items():
+        dockerfile = (PROJECT_DIR / "images" / role / "Dockerfile").read_text()
+        declared = re.search(r"^ARG SERVICE_UID=(\d+)$", dockerfile, re.MULTILINE)
+        if declared:  # the image's own default is the uid the stack uploads secrets for
+            assert int(declared.group(1)) == uid, role
+            assert '--uid "${SERVICE_UID}"' in dockerfile, role
+        else:  # an image with a fixed user (nginx: Debian's www-data)
+            assert f"\nUSER {uid}:{uid}\n" in dockerfile, role
+    # The backends and the MPI nodes write the shared uploads and outputs volumes: one owner.
+    assert SERVICE_UIDS["backend"] == SERVICE_UIDS["mpi"]
+    args = {
+        r.name: r.inputs["build"]["args"]["SERVICE_UID"] for r in evaluated("prod").of_type("docker:index/image:Image")
+    }
+    assert args == {f"{role}-image": str(uid) for role, uid in SERVICE_UIDS.items()}
