@@ -610,3 +610,32 @@ def test_service_uids_match_the_images_and_the_writers_of_shared_volumes_agree()
         r.name: r.inputs["build"]["args"]["SERVICE_UID"] for r in evaluated("prod").of_type("docker:index/image:Image")
     }
     assert args == {f"{role}-image": str(uid) for role, uid in SERVICE_UIDS.items()}
+
+
+def test_prod_exports_exactly_these_outputs() -> None:
+    ev = evaluated("prod")
+    plain_exports = {name: plain(value) for name, (value, secret) in ev.exports.items() if not secret}
+    assert plain_exports == {
+        "url": "http://localhost:80",
+        "endpoints": {
+            "nginx": "http://localhost:80",
+            "postgresPrimary": "postgres-primary:5432",
+            "postgresReplicas": ["postgres-replica-1:5432", "postgres-replica-2:5432"],
+            "redisSentinels": "10.211.1.30:26379,10.211.1.31:26379,10.211.1.32:26379",
+            "redisMasterName": "transvidio",
+            "mpiMaster": "mpi-master",
+            "backends": ["backend-1", "backend-2", "backend-3"],
+        },
+        "counts": {"backends": 3, "postgresReplicas": 2, "redisReplicas": 2, "sentinels": 3, "mpiWorkers": 2},
+        "backendEnvironment": render.backend_environment(parse("prod", stack_config("prod"))),
+    }
+    generated = {r.name: plain(r.outputs["result"]) for r in ev.of_type("random:index/randomPassword:RandomPassword")}
+    app = generated["secrets-postgres-app"]
+    secret_exports = {name: plain(value) for name, (value, secret) in ev.exports.items() if secret}
+    assert secret_exports == {
+        "postgresPrimaryDsn": f"postgresql://transvidio:{app}@postgres-primary:5432/transvidio",
+        "postgresReplicaDsns": [f"postgresql://transvidio:{app}@postgres-replica-{i}:5432/transvidio" for i in (1, 2)],
+        "postgresSuperuserPassword": generated["secrets-postgres-superuser"],
+        "redisPassword": generated["secrets-redis"],
+        "secretKey": generated["secrets-secret-key"],
+    }
