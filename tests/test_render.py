@@ -201,3 +201,37 @@ def test_render_command_reports_a_bad_setting(tmp_path: pathlib.Path) -> None:
     )
     assert result.returncode == 2
     assert "transvidio:backend.replicas=99" in result.stderr
+
+
+def conf_values(text: str) -> dict[str, str]:
+    pairs = (line.split(" = ", 1) for line in text.splitlines() if " = " in line and not line.startswith("#"))
+    return {key: value for key, value in pairs}
+
+
+def test_the_primary_config_does_not_change_with_the_replica_count() -> None:
+    confs = {
+        render.postgresql_conf(s, Topology(s).postgres_primary)
+        for s in (settings(postgres={"replicas": count}) for count in range(0, 9))
+    }
+    assert len(confs) == 1  # scaling replicas never replaces (restarts) the primary
+    values = conf_values(confs.pop())
+    # Sized once for the most replicas a stack may have, plus room for re-bootstraps.
+    assert (values["max_replication_slots"], values["max_wal_senders"]) == ("10", "12")
+    assert values["listen_addresses"] == "'*'" and values["port"] == "5432"
+    # The healthchecks and the entrypoint connect through this socket directory and hba file.
+    assert values["unix_socket_directories"] == "'/var/lib/postgresql/run'"
+    assert values["hba_file"] == f"'{render.POSTGRES_CONF_DIR}/pg_hba.conf'"
+    assert (values["hot_standby"], values["hot_standby_feedback"]) == ("on", "on")
+
+
+def test_a_replica_config_is_the_primary_s_plus_its_standby_settings() -> None:
+    s = settings()
+    topo = Topology(s)
+    primary = conf_values(render.postgresql_conf(s, topo.postgres_primary))
+    replica = conf_values(render.postgresql_conf(s, topo.postgres_replicas[0]))
+    assert {k: v for k, v in replica.items() if k in primary} == primary
+    assert set(replica) - set(primary) == {"primary_conninfo", "primary_slot_name"}
+    assert replica["primary_conninfo"] == (
+        "'host=postgres-primary port=5432 user=replicator application_name=postgres_replica_1 "
+        "passfile=/var/lib/postgresql/run/pgpass'"
+    )
