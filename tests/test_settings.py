@@ -289,3 +289,76 @@ def test_subnets_are_private_cidrs_and_addresses_ipv4() -> None:
     refused(cfg.subnet, "8.8.8.0/24", "must be a private subnet (10/8, 172.16/12 or 192.168/16)")
     assert cfg.ip_address("k", "0.0.0.0") == "0.0.0.0"
     refused(cfg.ip_address, "::1", "must be an IPv4 address such as 127.0.0.1 or 0.0.0.0")
+
+
+# The range users may set, per key: the lowest and highest accepted values. Changing a
+# limit is a decision, so it changes here too.
+INTEGER_BOUNDS = {
+    "postgres.replicas": (0, 8),
+    "redis.replicas": (1, 8),
+    "redis.sentinels": (1, 7),
+    "redis.quorum": (1, 7),
+    "redis.downAfterMs": (500, 600000),
+    "redis.failoverTimeoutMs": (1000, 3600000),
+    "redis.minReplicasToWrite": (0, 8),
+    "redis.minReplicasMaxLag": (1, 3600),
+    "mpi.workers": (1, 16),
+    "mpi.slotsPerNode": (1, 64),
+    "backend.replicas": (1, 20),
+    "nginx.workerConnections": (64, 65535),
+    "nginx.httpPort": (1, 65535),
+}
+MEMORY_MINIMUMS_MB = {
+    "postgres.memory": 128,
+    "postgres.shmSize": 64,
+    "redis.memory": 64,
+    "redis.sentinelMemory": 32,
+    "mpi.memory": 128,
+    "backend.memory": 128,
+    "nginx.memory": 32,
+    "nginx.maxBodySize": 1,
+}
+
+
+def field_parser(dotted: str) -> cfg.Parser:
+    section, key = dotted.split(".")
+    spec = next(f for f in dataclasses.fields(cfg.SECTIONS[section]) if f.metadata["key"] == key)
+    parser: cfg.Parser = spec.metadata["parse"]
+    return parser
+
+
+@pytest.mark.parametrize(("dotted", "bounds"), INTEGER_BOUNDS.items(), ids=list(INTEGER_BOUNDS))
+def test_each_count_and_timing_accepts_exactly_its_range(dotted: str, bounds: tuple[int, int]) -> None:
+    low, high = bounds
+    parse = field_parser(dotted)
+    assert (parse(dotted, low), parse(dotted, high)) == (low, high)
+    for outside in (low - 1, high + 1):
+        with pytest.raises(cfg.SettingsError, match=f"must be a whole number from {low} to {high}$"):
+            parse(dotted, outside)
+
+
+@pytest.mark.parametrize(("dotted", "minimum"), MEMORY_MINIMUMS_MB.items(), ids=list(MEMORY_MINIMUMS_MB))
+def test_each_memory_setting_has_its_minimum(dotted: str, minimum: int) -> None:
+    parse = field_parser(dotted)
+    assert parse(dotted, f"{minimum}MB") == minimum
+    with pytest.raises(cfg.SettingsError, match=f"must be at least {minimum}MB$"):
+        parse(dotted, f"{minimum * 1024 - 1}k")
+
+
+def test_every_count_fills_at_most_its_address_block() -> None:
+    # The largest count of each role is exactly what its fixed address block holds.
+    sizes = {
+        "postgres": 1 + INTEGER_BOUNDS["postgres.replicas"][1],
+        "redis": 1 + INTEGER_BOUNDS["redis.replicas"][1],
+        "sentinel": INTEGER_BOUNDS["redis.sentinels"][1],
+        "mpi": 1 + INTEGER_BOUNDS["mpi.workers"][1],
+        "backend": INTEGER_BOUNDS["backend.replicas"][1],
+    }
+    assert {role: cfg.ADDRESS_BLOCKS[role][1] for role in sizes} == sizes
+
+
+def test_eviction_policies_are_redis_s() -> None:
+    parse = field_parser("redis.maxmemoryPolicy")
+    policies = ["noeviction", "allkeys-lru", "allkeys-lfu", "volatile-lru", "volatile-lfu", "volatile-ttl"]
+    assert [parse("p", p) for p in policies] == policies
+    refused(parse, "allkeys-random-ish", "must be one of " + ", ".join(policies))
