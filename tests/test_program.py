@@ -639,3 +639,45 @@ def test_prod_exports_exactly_these_outputs() -> None:
         "redisPassword": generated["secrets-redis"],
         "secretKey": generated["secrets-secret-key"],
     }
+
+
+def test_each_data_tier_container_gets_exactly_the_environment_its_entrypoint_reads() -> None:
+    ev = evaluated("prod")
+    envs = {name.removeprefix("transvidio-prod-"): env_of(c) for name, c in ev.containers.items()}
+    assert envs["postgres-primary"] == {"PG_ROLE": "primary", "PG_NODE": "postgres-primary"}
+    assert envs["postgres-replica-2"] == {
+        "PG_ROLE": "replica",
+        "PG_NODE": "postgres-replica-2",
+        "PG_SLOT": "postgres_replica_2",
+        "PRIMARY_HOST": "postgres-primary",
+        "REPLICATION_USER": "replicator",
+    }
+    assert envs["postgres-slots"] == {
+        "PG_ROLE": "slots",
+        "PG_NODE": "postgres-slots",
+        "PG_STALE_SLOTS": ",".join(f"postgres_replica_{i}" for i in range(3, 9)),
+        "PRIMARY_HOST": "postgres-primary",
+        "REPLICATION_USER": "replicator",
+    }
+    sentinels = "10.211.1.30:26379,10.211.1.31:26379,10.211.1.32:26379"
+    assert envs["redis-1"] == {
+        "REDIS_MASTER_NAME": "transvidio",
+        "REDIS_SENTINELS": sentinels,
+        "INITIAL_MASTER": "10.211.1.20",
+        "DOWN_AFTER_MS": "5000",
+        "FAILOVER_TIMEOUT_MS": "60000",
+        "REDIS_NODE": "redis-1",
+        "REDIS_ANNOUNCE_IP": "10.211.1.21",
+    }
+    assert envs["sentinel-2"] == {"REDIS_MASTER_NAME": "transvidio", "SENTINEL_NODE": "sentinel-2"}
+    assert envs["mpi-worker-1"] == {"MPI_HOSTFILE": "/etc/transvidio/mpi/hostfile", "MPI_ROLE": "mpi-worker"}
+    generated = {r.name: plain(r.outputs["result"]) for r in ev.of_type("random:index/randomPassword:RandomPassword")}
+    assert envs["mpi-master"] == {
+        "MPI_HOSTFILE": "/etc/transvidio/mpi/hostfile",
+        "MPI_ROLE": "mpi-master",
+        **render.mpi_runner_environment(parse("prod", stack_config("prod"))),
+        "POSTGRES_PASSWORD": generated["secrets-postgres-app"],
+    }
+    assert envs["nginx"] == render.nginx_environment()
+    memory = {name: c.inputs["memory"] for name, c in ev.containers.items()}
+    assert memory["transvidio-prod-postgres-slots"] == 64 and memory["transvidio-prod-postgres-primary"] == 1024
