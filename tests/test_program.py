@@ -472,9 +472,16 @@ def test_data_volumes_survive_destroy(stack: str) -> None:
     assert volumes
     assert all(v.options["retain_on_delete"] for v in volumes)
     names = {v.inputs["name"] for v in volumes}
-    for container in ev.containers.values():
-        for volume in container.inputs.get("volumes", []):
-            assert volume["volumeName"] in names
+    mounted = {m["source"] for c in ev.containers.values() for m in mounts_of(c).values()}
+    assert mounted == names  # every container volume is a retained one, and every one is used
+    for volume in volumes:
+        labels = {item["label"]: item["value"] for item in volume.inputs["labels"]}
+        component = volume.name.split("-")[0]  # resource names start with their component's
+        assert labels == {
+            "io.transvidio.project": "transvidio",
+            "io.transvidio.stack": stack,
+            "io.transvidio.component": component,
+        }, volume.name
 
 
 def test_images_build_from_images_dir_on_the_configured_base() -> None:
@@ -681,3 +688,38 @@ def test_each_data_tier_container_gets_exactly_the_environment_its_entrypoint_re
     assert envs["nginx"] == render.nginx_environment()
     memory = {name: c.inputs["memory"] for name, c in ev.containers.items()}
     assert memory["transvidio-prod-postgres-slots"] == 64 and memory["transvidio-prod-postgres-primary"] == 1024
+
+
+def test_uploads_tls_ports_capabilities_and_healthchecks_per_role() -> None:
+    ev = evaluated("prod")
+    for name, container in ev.containers.items():
+        for upload in uploads_of(container).values():
+            if upload["permissions"] != "0400":  # config files: readable, owned by root
+                assert (upload["permissions"], upload["owner"], upload["group"]) == ("0644", "0", "0"), name
+        assert container.inputs.get("waitTimeout") == (300 if container.inputs.get("wait") else None), name
+        role = labels_of(container)["io.transvidio.role"]
+        expected_check = {
+            "backend": ["CMD", "python3", "/usr/local/bin/healthcheck.py"],
+            "nginx": ["CMD", "curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:8080/nginx-status"],
+        }.get(role, ["CMD", "/usr/local/bin/healthcheck.sh"])
+        assert container.inputs["healthcheck"]["tests"] == expected_check, name
+        adds = container.inputs["capabilities"].get("adds")
+        if role.startswith("mpi"):  # sshd's, and nothing more
+            assert adds == [
+                "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "KILL", "NET_BIND_SERVICE", "SETGID", "SETUID",
+                "SYS_CHROOT",
+            ], name  # fmt: skip
+        else:
+            assert adds is None, name
+    tls = evaluate(
+        "prod", {"nginx": {"httpsPort": 443}}, secret_config={"tlsCertificate": "CERT", "tlsKey": "KEY"}
+    ).containers["transvidio-prod-nginx"]
+    assert plain(tls.inputs["ports"]) == [
+        {"internal": 8080, "external": 80, "ip": "0.0.0.0", "protocol": "tcp"},
+        {"internal": 8443, "external": 443, "ip": "0.0.0.0", "protocol": "tcp"},
+    ]
+    secrets = {path: u for path, u in uploads_of(tls).items() if u["permissions"] == "0400"}
+    assert {path: (u["content"], u["owner"]) for path, u in secrets.items()} == {
+        f"{render.SECRETS_DIR}/tls.crt": ("CERT", "33"),
+        f"{render.SECRETS_DIR}/tls.key": ("KEY", "33"),
+    }
