@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import pathlib
+from typing import Any
 
 from transvidio_jobs import processing
 
@@ -60,3 +61,40 @@ def test_the_result_line_survives_the_bytes_mpirun_adds() -> None:
         assert "nothing" in str(error)
     else:
         raise AssertionError("an output with no text must be refused")
+
+
+def test_the_result_digest_covers_every_segment_in_order_and_the_file_is_world_readable(
+    tmp_path: pathlib.Path,
+) -> None:
+    import hashlib
+    import os
+    import stat
+
+    segments: list[dict[str, Any]] = [{"index": i, "digest": f"{i:064x}"} for i in (2, 0, 1)]
+    result = processing.assemble("job", "fr", segments)
+    in_order = "".join(f"{i:064x}" for i in (0, 1, 2))
+    expected: dict[str, Any] = {"job_id": "job", "target_language": "fr"}
+    expected["segments"] = [segments[1], segments[2], segments[0]]
+    expected["digest"] = hashlib.sha256(in_order.encode()).hexdigest()
+    assert result == expected
+    path = processing.write_result(str(tmp_path), "job", result)
+    written = tmp_path / path
+    assert json.loads(written.read_text()) == result
+    # nginx (another user) serves it; no temporary file is left beside it.
+    assert stat.S_IMODE(os.stat(written).st_mode) == 0o644
+    assert os.listdir(tmp_path / "job") == ["result.json"]
+
+
+def test_a_custom_segment_step_is_loaded_from_the_environment(monkeypatch: Any) -> None:
+    monkeypatch.delenv("TRANSVIDIO_SEGMENT_STEP", raising=False)
+    assert processing.load_step() is processing.reference_step
+    monkeypatch.setenv("TRANSVIDIO_SEGMENT_STEP", "transvidio_jobs.processing:segment_bounds")
+    assert processing.load_step() is processing.segment_bounds  # type: ignore[comparison-overlap]
+
+
+def test_a_segment_is_exactly_its_byte_range(tmp_path: pathlib.Path) -> None:
+    upload = tmp_path / "u"
+    upload.write_bytes(bytes(range(100)))
+    assert processing.segment_bounds(100, 3, 1) == (33, 66)
+    assert processing.read_segment(str(upload), 3, 1) == bytes(range(33, 66))
+    assert processing.read_segment(str(upload), 3, 2) == bytes(range(66, 100))
