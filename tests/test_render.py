@@ -235,3 +235,22 @@ def test_a_replica_config_is_the_primary_s_plus_its_standby_settings() -> None:
         "'host=postgres-primary port=5432 user=replicator application_name=postgres_replica_1 "
         "passfile=/var/lib/postgresql/run/pgpass'"
     )
+
+
+def test_the_paths_the_stack_uploads_to_are_the_ones_the_images_read() -> None:
+    def image(*files: str) -> str:
+        return "".join((PROJECT_DIR / "images" / f).read_text() for f in files)
+
+    # Where each role's image reads (or creates) what the stack puts there.
+    readers = {
+        render.SECRETS_DIR: image("postgres/entrypoint.sh", "redis/redis-node.sh", "redis/redis-sentinel.sh"),
+        render.POSTGRES_CONF_DIR: image("postgres/entrypoint.sh"),
+        render.REDIS_CONF_DIR: image("redis/redis-node.sh", "redis/redis-sentinel.sh"),
+        f"{render.NGINX_CONF_DIR}/nginx.conf": image("nginx/entrypoint.sh"),
+        f"{render.MPI_CONF_DIR}/hostfile": image("mpi/entrypoint.sh"),
+        render.UPLOADS_DIR: image("backend/Dockerfile", "mpi/Dockerfile"),
+        render.OUTPUTS_DIR: image("backend/Dockerfile", "mpi/Dockerfile"),
+        render.WORKSPACE_DIR: image("mpi/Dockerfile"),
+    }
+    for path, text in readers.items():
+        assert path in text, path
