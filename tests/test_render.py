@@ -254,3 +254,17 @@ def test_the_paths_the_stack_uploads_to_are_the_ones_the_images_read() -> None:
     }
     for path, text in readers.items():
         assert path in text, path
+
+
+def test_postgres_sizes_are_written_in_the_largest_unit_that_divides_them() -> None:
+    values = conf_values(
+        render.postgresql_conf(
+            settings(postgres={"sharedBuffers": "2GB", "workMem": "1536k", "maintenanceWorkMem": "1536MB"}),
+            Topology(settings()).postgres_primary,
+        )
+    )
+    assert (values["shared_buffers"], values["work_mem"], values["maintenance_work_mem"]) == (
+        "'2GB'",
+        "'1536kB'",
+        "'1536MB'",
+    )
