@@ -73,13 +73,13 @@ class Topology:
             "postgres-primary", "postgres-primary", "postgres", 0, False, port=self.settings.postgres.publish_port
         )
 
+    def _postgres_replica(self, index: int) -> Node:
+        port = _port(self.settings.postgres.publish_port, index)
+        return self._node("postgres-replica", f"postgres-replica-{index}", "postgres", index, False, port=port)
+
     @property
     def postgres_replicas(self) -> list[Node]:
-        first = self.settings.postgres.publish_port
-        return [
-            self._node("postgres-replica", f"postgres-replica-{i}", "postgres", i, False, port=_port(first, i))
-            for i in range(1, self.settings.postgres.replica_count + 1)
-        ]
+        return [self._postgres_replica(i) for i in range(1, self.settings.postgres.replica_count + 1)]
 
     @property
     def postgres_slot_keeper(self) -> Node:
@@ -88,9 +88,8 @@ class Topology:
 
     def stale_replica_slots(self) -> list[str]:
         """Slots of every replica the stack could have had but does not have now."""
-        declared = {r.slot_name for r in self.postgres_replicas}
-        possible = [f"postgres-replica-{i}".replace("-", "_") for i in range(1, MAX_POSTGRES_REPLICAS + 1)]
-        return [slot for slot in possible if slot not in declared]
+        first_absent = self.settings.postgres.replica_count + 1
+        return [self._postgres_replica(i).slot_name for i in range(first_absent, MAX_POSTGRES_REPLICAS + 1)]
 
     @property
     def redis_nodes(self) -> list[Node]:
