@@ -96,7 +96,7 @@ bench: venv
 MUTATE_PATHS ?= components/,images/backend/app/,images/common/transvidio_jobs/
 # The fast tests, quickest first: a mutant is usually killed before test_program runs.
 MUTATE_TESTS := tests/test_settings.py tests/test_render.py tests/test_provider_model.py \
-	tests/test_backend_routing.py tests/test_jobs.py tests/test_program.py
+	tests/test_backend_routing.py tests/test_backend_api.py tests/test_jobs.py tests/test_program.py
 mutate: venv
 	rm -rf build/mutate && mkdir -p build/mutate
 	git ls-files | tar -T - -c | tar -C build/mutate -x

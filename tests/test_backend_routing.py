@@ -17,6 +17,8 @@ import pytest
 from app import db
 from app.config import Config
 
+from tests.aio import run
+
 
 class FakePool:
     """Stands for one node's pool: `connection()` yields itself, or raises `failure`."""
@@ -76,16 +78,6 @@ def make_database(
     database.primary = primary  # type: ignore[assignment]
     database.replicas = {fake.host: fake for fake in fakes}  # type: ignore[misc]
     return database, primary, fakes
-
-
-def run(coroutine: Any) -> Any:
-    # Not asyncio.run: it leaves the main thread without a current loop, which the Pulumi
-    # mocks of the tests that follow need.
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coroutine)
-    finally:
-        loop.close()
 
 
 def test_reads_go_round_robin_over_the_replicas_and_never_to_the_primary() -> None:

@@ -40,8 +40,9 @@ HOST = socket.gethostname()
 MAX_UPLOAD_BYTES = int(os.environ.get("MAX_UPLOAD_BYTES", str(500 * 1024 * 1024)))
 MPI_THRESHOLD_SECONDS = 60  # longer jobs go to the MPI cluster
 MAX_DURATION_SECONDS = 36000
-LANGUAGE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
-UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+# Matched whole (fullmatch): `$` would also accept a trailing newline.
+LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})?")
+UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def problem(status: int, reason: str) -> JSONResponse:
@@ -176,11 +177,11 @@ def _validate(body: Any) -> tuple[str, int, str] | str:
     if unknown:
         return f"unknown field(s): {', '.join(unknown)}"
     upload_id, duration, language = body.get("upload_id"), body.get("duration_seconds"), body.get("target_language")
-    if not isinstance(upload_id, str) or not UPLOAD_ID.match(upload_id):
+    if not isinstance(upload_id, str) or not UPLOAD_ID.fullmatch(upload_id):
         return "upload_id must be the id returned by POST /api/uploads"
     if isinstance(duration, bool) or not isinstance(duration, int) or not 1 <= duration <= MAX_DURATION_SECONDS:
         return f"duration_seconds must be a whole number from 1 to {MAX_DURATION_SECONDS}"
-    if not isinstance(language, str) or not LANGUAGE.match(language):
+    if not isinstance(language, str) or not LANGUAGE.fullmatch(language):
         return "target_language must be a language tag such as 'fr' or 'pt-BR'"
     if not os.path.isfile(os.path.join(config.uploads_dir, upload_id)):
         return f"upload {upload_id} does not exist"

@@ -1,0 +1,539 @@
+"""The backend's request handlers (images/backend/app/main.py), its env contract (config.py)
+and its cache's degradation (cache.py), driven through the ASGI app itself.
+
+PostgreSQL is a fake here (the queue's SQL is proven against the real server in
+tests/e2e/test_images_behaviour.py); what is under test is what the handlers promise: bad
+input is a 4xx with a reason, uploads are streamed and bounded, a job's runner follows its
+duration, finished jobs are cached, a missing dependency is a 503 naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import uuid
+from collections.abc import Iterable, Iterator, MutableMapping
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import redis.asyncio as redis_asyncio
+from starlette.requests import Request
+
+from tests.aio import run
+
+ENV = {
+    "POSTGRES_MASTER_HOST": "postgres-primary",
+    "POSTGRES_SLAVE_HOSTS": "postgres-replica-1,postgres-replica-2",
+    "POSTGRES_DB": "transvidio",
+    "POSTGRES_USER": "transvidio_app",
+    "POSTGRES_PASSWORD": "app-password",
+    "REDIS_SENTINELS": "sentinel-0:26379, sentinel-1:26380",
+    "REDIS_MASTER_NAME": "transvidio",
+    "REDIS_PASSWORD": "redis-password",
+    "MPI_MASTER_HOST": "mpi-master",
+    "SECRET_KEY": "secret-key",
+    "OUTPUTS_DIR": "/srv/transvidio/outputs",
+}
+for _key, _value in ENV.items():  # main.py reads its env contract on import, as in the image
+    os.environ.setdefault(_key, _value)
+
+from app import cache as cache_module  # noqa: E402
+from app import main  # noqa: E402
+from app.config import REQUIRED, Config  # noqa: E402
+from app.db import DependencyDownError  # noqa: E402
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+# --- fakes --------------------------------------------------------------------------------
+
+
+class FakeCursor:
+    def __init__(self, jobs: dict[str, dict[str, Any]], statements: list[tuple[str, Any]]) -> None:
+        self.jobs, self.statements = jobs, statements
+        self.row: dict[str, Any] | None = None
+
+    async def execute(self, sql: str, params: tuple[Any, ...]) -> None:
+        self.statements.append((sql, params))
+        if sql.startswith("INSERT INTO jobs"):
+            job_id, upload_id, duration, language, runner = params
+            self.row = self.jobs[job_id] = {
+                "id": uuid.UUID(job_id),
+                "upload_id": upload_id,
+                "duration_seconds": duration,
+                "target_language": language,
+                "runner": runner,
+                "status": "queued",
+                "attempts": 0,
+                "completions": 0,
+                "result_path": None,
+                "error": None,
+                "created_at": NOW,
+                "updated_at": NOW,
+            }
+        else:
+            self.row = self.jobs.get(params[0])
+
+    async def fetchone(self) -> Any:
+        return self.row
+
+
+class FakeConnection:
+    def __init__(self, jobs: dict[str, dict[str, Any]], statements: list[tuple[str, Any]]) -> None:
+        self.jobs, self.statements = jobs, statements
+
+    def cursor(self, row_factory: Any = None) -> FakeCursor:
+        return FakeCursor(self.jobs, self.statements)
+
+
+class FakeDatabase:
+    """Writes and reads on one table of jobs; `down` makes every call a DependencyDownError."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.statements: list[tuple[str, Any]] = []
+        self.down: str | None = None
+        self.lagging: set[str] = set()
+
+    async def write(self, work: Any) -> Any:
+        if self.down:
+            raise DependencyDownError("postgres-primary", self.down)
+        return await work(FakeConnection(self.jobs, self.statements))
+
+    async def read(self, work: Any) -> Any:
+        if self.down:
+            raise DependencyDownError("postgres-primary", self.down)
+        return await work(FakeConnection(self.jobs, self.statements))
+
+
+class FakeCache:
+    def __init__(self) -> None:
+        self.documents: dict[str, dict[str, Any]] = {}
+
+    async def get_job(self, job_id: str) -> dict[str, Any] | None:
+        return self.documents.get(job_id)
+
+    async def put_job(self, job_id: str, document: dict[str, Any]) -> None:
+        self.documents[job_id] = document
+
+
+class FakeState:
+    def __init__(self) -> None:
+        self.db = FakeDatabase()
+        self.cache = FakeCache()
+
+
+@pytest.fixture
+def state(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> Iterator[FakeState]:
+    fake = FakeState()
+    config = Config.from_env({**ENV, "UPLOADS_DIR": str(tmp_path)})
+    monkeypatch.setattr(main, "config", config)
+    monkeypatch.setattr(main, "_state", fake)
+    monkeypatch.setattr(main, "MAX_UPLOAD_BYTES", 1000)
+    yield fake
+
+
+# --- an ASGI client -------------------------------------------------------------------------
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def call(method: str, path: str, body: Iterable[bytes] = (), headers: dict[str, str] | None = None) -> Response:
+    """One request through the whole app (routing, middleware, exception handlers)."""
+    chunks = list(body)
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    messages = messages or [{"type": "http.request", "body": b"", "more_body": False}]
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+        "client": ("192.0.2.1", 40000),
+        "server": ("backend", 8000),
+    }
+    run(main.app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    response_headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    return Response(start["status"], response_headers, b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+def upload(data: bytes, tmp_path: pathlib.Path) -> str:
+    response = call("POST", "/api/uploads", [data])
+    assert response.status == 201, response.body
+    return str(response.json()["upload_id"])
+
+
+def post_job(body: Any) -> Response:
+    return call("POST", "/api/jobs", [json.dumps(body).encode()])
+
+
+# --- liveness and the served-by header ------------------------------------------------------------
+
+
+def test_liveness_names_the_backend_and_every_response_carries_x_served_by(state: FakeState) -> None:
+    response = call("GET", "/health")
+    assert (response.status, response.json()) == (200, {"status": "ok", "backend": main.HOST})
+    assert response.headers["x-served-by"] == main.HOST
+    assert call("GET", "/api/jobs/not-a-uuid").headers["x-served-by"] == main.HOST
+
+
+# --- uploads ----------------------------------------------------------------------------------------
+
+
+def test_an_upload_is_streamed_to_the_uploads_volume_under_a_fresh_id(state: FakeState, tmp_path: pathlib.Path) -> None:
+    response = call("POST", "/api/uploads", [b"abc", b"def", b"g"])
+    assert response.status == 201
+    upload_id = response.json()["upload_id"]
+    assert response.json() == {"upload_id": upload_id, "size": 7}
+    assert len(upload_id) == 32 and int(upload_id, 16) >= 0
+    assert (tmp_path / upload_id).read_bytes() == b"abcdefg"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [upload_id]  # no .part left
+    assert upload(b"x", tmp_path) != upload_id
+
+
+def test_an_upload_declared_over_the_limit_is_refused_before_reading_it(
+    state: FakeState, tmp_path: pathlib.Path
+) -> None:
+    response = call("POST", "/api/uploads", [b"x" * 10], headers={"content-length": "1001"})
+    assert response.status == 413
+    assert response.json() == {"error": "upload of 1001 bytes exceeds the limit of 1000 bytes"}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_upload_exactly_at_the_limit_is_accepted(state: FakeState, tmp_path: pathlib.Path) -> None:
+    response = call("POST", "/api/uploads", [b"x" * 1000], headers={"content-length": "1000"})
+    assert (response.status, response.json()["size"]) == (201, 1000)
+
+
+def test_an_upload_that_grows_past_the_limit_is_refused_and_its_partial_file_removed(
+    state: FakeState, tmp_path: pathlib.Path
+) -> None:
+    response = call("POST", "/api/uploads", [b"x" * 600, b"x" * 401])  # chunked: no length declared
+    assert response.status == 413
+    assert response.json() == {"error": "upload exceeds the limit of 1000 bytes"}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_malformed_content_length_and_an_empty_upload_are_400s(state: FakeState, tmp_path: pathlib.Path) -> None:
+    response = call("POST", "/api/uploads", [b"abc"], headers={"content-length": "3x"})
+    assert (response.status, response.json()) == (400, {"error": "Content-Length must be a number"})
+    response = call("POST", "/api/uploads", [b""])
+    assert (response.status, response.json()) == (400, {"error": "empty upload"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_upload_interrupted_by_an_error_leaves_no_partial_file(
+    state: FakeState, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken_stream(self: Any) -> Any:
+        yield b"some bytes"
+        raise ConnectionResetError("client went away")
+
+    monkeypatch.setattr(Request, "stream", broken_stream)
+    with pytest.raises(ConnectionResetError):
+        call("POST", "/api/uploads", [b"ignored"])
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- jobs ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ([], "the body must be a JSON object"),
+        ({"upload_id": "a", "zeta": 1, "alpha": 2}, "unknown field(s): alpha, zeta"),
+        ({"duration_seconds": 5, "target_language": "fr"}, "upload_id must be the id returned by POST /api/uploads"),
+        ({"upload_id": "A" * 32}, "upload_id must be the id returned by POST /api/uploads"),
+        ({"upload_id": "0" * 31}, "upload_id must be the id returned by POST /api/uploads"),
+        ({"upload_id": "0" * 32 + "\n"}, "upload_id must be the id returned by POST /api/uploads"),
+    ],
+)
+def test_a_job_body_of_the_wrong_shape_is_a_422_with_the_reason(state: FakeState, body: Any, reason: str) -> None:
+    response = post_job(body)
+    assert (response.status, response.json()) == (422, {"error": reason})
+    assert state.db.statements == []
+
+
+@pytest.mark.parametrize("duration", [0, 36001, True, 2.5, "10", None])
+def test_a_duration_out_of_range_or_not_a_whole_number_is_a_422(
+    state: FakeState, tmp_path: pathlib.Path, duration: Any
+) -> None:
+    upload_id = upload(b"video", tmp_path)
+    response = post_job({"upload_id": upload_id, "duration_seconds": duration, "target_language": "fr"})
+    assert (response.status, response.json()) == (
+        422,
+        {"error": "duration_seconds must be a whole number from 1 to 36000"},
+    )
+
+
+@pytest.mark.parametrize("language", ["", "f", "french", "FR", "pt-", "pt-B", "pt-BRAZILIAN", "fr\n", 7])
+def test_a_target_language_that_is_not_a_language_tag_is_a_422(
+    state: FakeState, tmp_path: pathlib.Path, language: Any
+) -> None:
+    upload_id = upload(b"video", tmp_path)
+    response = post_job({"upload_id": upload_id, "duration_seconds": 5, "target_language": language})
+    assert (response.status, response.json()) == (
+        422,
+        {"error": "target_language must be a language tag such as 'fr' or 'pt-BR'"},
+    )
+
+
+def test_a_job_for_an_upload_that_does_not_exist_is_a_422_naming_it(state: FakeState) -> None:
+    missing = "f" * 32
+    response = post_job({"upload_id": missing, "duration_seconds": 5, "target_language": "fr"})
+    assert (response.status, response.json()) == (422, {"error": f"upload {missing} does not exist"})
+
+
+def test_malformed_json_is_a_400(state: FakeState) -> None:
+    response = call("POST", "/api/jobs", [b"{not json"])
+    assert response.status == 400
+    assert response.json()["error"].startswith("malformed JSON: Expecting property name")
+    assert call("POST", "/api/jobs", [b"\xff\xfe"]).status == 400
+
+
+@pytest.mark.parametrize(("duration", "runner"), [(1, "backend"), (60, "backend"), (61, "mpi"), (36000, "mpi")])
+def test_jobs_longer_than_60_seconds_go_to_the_mpi_cluster_and_the_rest_to_a_backend(
+    state: FakeState, tmp_path: pathlib.Path, duration: int, runner: str
+) -> None:
+    upload_id = upload(b"video", tmp_path)
+    response = post_job({"upload_id": upload_id, "duration_seconds": duration, "target_language": "pt-BR"})
+    assert response.status == 201
+    document = response.json()
+    [(sql, params)] = state.db.statements
+    assert sql.startswith("INSERT INTO jobs (id, upload_id, duration_seconds, target_language, runner) VALUES")
+    assert params[1:] == (upload_id, duration, "pt-BR", runner)
+    assert document == {
+        "id": params[0],
+        "status": "queued",
+        "runner": runner,
+        "upload_id": upload_id,
+        "duration_seconds": duration,
+        "target_language": "pt-BR",
+        "attempts": 0,
+        "completions": 0,
+        "error": None,
+        "created_at": NOW.isoformat(),
+        "updated_at": NOW.isoformat(),
+    }
+
+
+def test_a_job_is_read_back_and_cached_only_once_it_is_finished(state: FakeState, tmp_path: pathlib.Path) -> None:
+    upload_id = upload(b"video", tmp_path)
+    job_id = post_job({"upload_id": upload_id, "duration_seconds": 5, "target_language": "fr"}).json()["id"]
+    response = call("GET", f"/api/jobs/{job_id}")
+    assert (response.status, response.json()["status"]) == (200, "queued")
+    assert "result_url" not in response.json()
+    assert state.cache.documents == {}  # a running job changes: never cached
+
+    state.db.jobs[job_id].update(status="succeeded", result_path=f"{job_id}/result.json", completions=1)
+    finished = call("GET", f"/api/jobs/{job_id}").json()
+    assert finished["result_url"] == f"/outputs/{job_id}/result.json"
+    assert state.cache.documents == {job_id: finished}
+
+    state.db.down = "must not be asked"  # a cached document is served without PostgreSQL
+    assert call("GET", f"/api/jobs/{job_id}").json() == finished
+    assert call("GET", f"/api/jobs/{job_id.upper()}").json() == finished  # the id is normalised
+
+
+def test_a_failed_job_is_cached_too(state: FakeState, tmp_path: pathlib.Path) -> None:
+    upload_id = upload(b"video", tmp_path)
+    job_id = post_job({"upload_id": upload_id, "duration_seconds": 5, "target_language": "fr"}).json()["id"]
+    state.db.jobs[job_id].update(status="failed", error="boom")
+    assert call("GET", f"/api/jobs/{job_id}").json()["error"] == "boom"
+    assert list(state.cache.documents) == [job_id]
+
+
+def test_an_unknown_or_malformed_job_id_is_a_404_naming_it(state: FakeState) -> None:
+    unknown = str(uuid.UUID(int=7))
+    assert call("GET", f"/api/jobs/{unknown}").json() == {"error": f"no job {unknown}"}
+    response = call("GET", "/api/jobs/nope")
+    assert (response.status, response.json()) == (404, {"error": "no job nope"})
+    assert [params for _, params in state.db.statements] == [(unknown,)]  # the malformed id never reached SQL
+
+
+def test_a_database_that_is_down_is_a_503_naming_it(state: FakeState, tmp_path: pathlib.Path) -> None:
+    upload_id = upload(b"video", tmp_path)
+    state.db.down = "connection refused"
+    response = post_job({"upload_id": upload_id, "duration_seconds": 5, "target_language": "fr"})
+    assert (response.status, response.json()) == (503, {"error": "postgres-primary unavailable: connection refused"})
+    assert call("GET", f"/api/jobs/{uuid.UUID(int=1)}").status == 503
+
+
+# --- readiness ------------------------------------------------------------------------------------
+
+
+def test_readiness_is_503_listing_exactly_the_dependencies_that_are_down(
+    state: FakeState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def postgres(host: str, replica: bool) -> dict[str, Any]:
+        if host == "postgres-replica-2":
+            raise OSError("no route to host")
+        return {"ok": True, "in_recovery": replica}
+
+    async def healthy() -> dict[str, Any]:
+        return {"ok": True}
+
+    async def not_ssh() -> dict[str, Any]:
+        return {"ok": False}
+
+    monkeypatch.setattr(main, "_postgres", postgres)
+    monkeypatch.setattr(main, "_redis", healthy)
+    monkeypatch.setattr(main, "_mpi", not_ssh)
+    response = call("GET", "/api/health")
+    body = response.json()
+    assert response.status == 503
+    assert (body["status"], body["down"]) == ("degraded", ["mpi-master", "postgres-replica:postgres-replica-2"])
+    assert body["dependencies"]["postgres-replica:postgres-replica-2"] == {
+        "ok": False,
+        "error": "OSError: no route to host",
+    }
+    assert sorted(body["dependencies"]) == [
+        "mpi-master",
+        "postgres-primary",
+        "postgres-replica:postgres-replica-1",
+        "postgres-replica:postgres-replica-2",
+        "redis",
+    ]
+
+
+def test_readiness_is_200_when_every_dependency_is_up(state: FakeState, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def healthy(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {"ok": True}
+
+    for probe in ("_postgres", "_redis", "_mpi"):
+        monkeypatch.setattr(main, probe, healthy)
+    response = call("GET", "/api/health")
+    assert (response.status, response.json()["status"], response.json()["down"]) == (200, "ok", [])
+
+
+def test_a_probe_that_hangs_is_reported_down_after_the_dependency_timeout(
+    state: FakeState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    monkeypatch.setattr(main, "config", Config.from_env({**ENV, "DEPENDENCY_TIMEOUT_SECONDS": "0.05"}))
+
+    async def hang() -> dict[str, Any]:
+        await asyncio.sleep(30)
+        return {"ok": True}
+
+    name, result = run(main._check("mpi-master", hang()))
+    assert (name, result) == ("mpi-master", {"ok": False, "error": "TimeoutError: "})
+
+
+def test_a_probe_error_is_cut_to_300_characters(state: FakeState) -> None:
+    async def verbose() -> dict[str, Any]:
+        raise RuntimeError("x" * 1000)
+
+    _, result = run(main._check("redis", verbose()))
+    assert result == {"ok": False, "error": ("RuntimeError: " + "x" * 1000)[:300]}
+
+
+# --- the env contract -------------------------------------------------------------------------------
+
+
+def test_the_env_contract_is_parsed_with_its_defaults() -> None:
+    config = Config.from_env(ENV)
+    assert config == Config(
+        postgres_master_host="postgres-primary",
+        postgres_slave_hosts=("postgres-replica-1", "postgres-replica-2"),
+        postgres_port=5432,
+        postgres_db="transvidio",
+        postgres_user="transvidio_app",
+        postgres_password="app-password",
+        redis_sentinels=(("sentinel-0", 26379), ("sentinel-1", 26380)),
+        redis_master_name="transvidio",
+        redis_password="redis-password",
+        mpi_master_host="mpi-master",
+        secret_key="secret-key",
+        uploads_dir="/srv/transvidio/uploads",
+        outputs_dir="/srv/transvidio/outputs",
+        dependency_timeout=2.0,
+    )
+    overridden = Config.from_env(
+        {**ENV, "POSTGRES_SLAVE_HOSTS": "", "POSTGRES_PORT": "6543", "DEPENDENCY_TIMEOUT_SECONDS": "0.5"}
+    )
+    assert (overridden.postgres_slave_hosts, overridden.postgres_port, overridden.dependency_timeout) == ((), 6543, 0.5)
+
+
+def test_a_missing_or_empty_variable_stops_the_backend_naming_every_one() -> None:
+    env = {key: value for key, value in ENV.items() if key not in ("POSTGRES_DB", "SECRET_KEY")}
+    with pytest.raises(SystemExit) as stopped:
+        Config.from_env({**env, "REDIS_PASSWORD": ""})
+    assert str(stopped.value) == "backend: missing environment variables: POSTGRES_DB, REDIS_PASSWORD, SECRET_KEY"
+    assert set(REQUIRED) <= set(ENV)
+
+
+# --- the cache ------------------------------------------------------------------------------------
+
+
+class FakeRedis:
+    def __init__(self, failure: Exception | None = None) -> None:
+        self.failure = failure
+        self.values: dict[str, tuple[str, int]] = {}
+
+    async def get(self, key: str) -> str | None:
+        if self.failure:
+            raise self.failure
+        return self.values[key][0] if key in self.values else None
+
+    async def set(self, key: str, value: str, ex: int) -> None:
+        if self.failure:
+            raise self.failure
+        self.values[key] = (value, ex)
+
+
+def test_the_cache_keeps_a_document_for_an_hour_under_its_job_key() -> None:
+    cache = cache_module.Cache(Config.from_env(ENV))
+    fake = FakeRedis()
+    cache.master = fake  # type: ignore[assignment]
+    run(cache.put_job("42", {"b": 1, "a": 2}))
+    assert fake.values == {"job:42": ('{"a": 2, "b": 1}', 3600)}
+    assert run(cache.get_job("42")) == {"a": 2, "b": 1}
+    assert run(cache.get_job("43")) is None
+
+
+def test_a_redis_that_is_down_makes_the_cache_a_miss_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    cache = cache_module.Cache(Config.from_env(ENV))
+    cache.master = FakeRedis(redis_asyncio.ConnectionError("master is gone"))  # type: ignore[assignment]
+    assert run(cache.get_job("42")) is None
+    run(cache.put_job("42", {"a": 1}))
+    assert [r.getMessage() for r in caplog.records] == [
+        "cache read skipped: master is gone",
+        "cache write skipped: master is gone",
+    ]
+
+
+def test_the_cache_asks_the_configured_sentinels_with_the_redis_password() -> None:
+    cache = cache_module.Cache(Config.from_env(ENV))
+    sentinels = [
+        (c.connection_pool.connection_kwargs["host"], c.connection_pool.connection_kwargs["port"])
+        for c in cache.sentinel.sentinels
+    ]
+    assert sentinels == [("sentinel-0", 26379), ("sentinel-1", 26380)]
+    assert {c.connection_pool.connection_kwargs["password"] for c in cache.sentinel.sentinels} == {"redis-password"}
+    assert cache.master.connection_pool.service_name == "transvidio"  # type: ignore[attr-defined]
+    assert cache.master.connection_pool.connection_kwargs["password"] == "redis-password"
