@@ -95,7 +95,7 @@ bench: venv
 # score and every survivor are printed. MUTATE_PATHS narrows it.
 MUTATE_PATHS ?= components/,images/backend/app/,images/common/transvidio_jobs/
 # The fast tests, quickest first: a mutant is usually killed before test_program runs.
-MUTATE_TESTS := tests/test_settings.py tests/test_render.py tests/test_provider_model.py \
+MUTATE_TESTS ?= tests/test_settings.py tests/test_render.py tests/test_provider_model.py \
 	tests/test_backend_routing.py tests/test_backend_api.py tests/test_jobs.py tests/test_program.py
 mutate: venv
 	rm -rf build/mutate && mkdir -p build/mutate

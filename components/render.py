@@ -204,13 +204,14 @@ def known_hosts(settings: Settings, host_public_keys: Sequence[str]) -> str:
 
 
 def openmpi_mca_params(settings: Settings) -> str:
-    """Open MPI's own parameters: TCP only, pinned to the data subnet."""
+    """Open MPI's own parameters: TCP only, pinned to the data subnet.
+
+    Open MPI 5 has neither `oob_tcp_if_include` (out-of-band traffic is PRRTE's, pinned by
+    `prte_if_include`) nor `btl_vader_single_copy_mechanism` (and without the shared-memory
+    BTL no single-copy mechanism is used): it ignores both silently, so they are not written.
+    """
     subnet = settings.network.data_subnet
-    return (
-        HEADER
-        + f"btl = self,tcp\nbtl_tcp_if_include = {subnet}\noob_tcp_if_include = {subnet}\n"
-        + "btl_vader_single_copy_mechanism = none\n"
-    )
+    return HEADER + f"btl = self,tcp\nbtl_tcp_if_include = {subnet}\n"
 
 
 def prte_mca_params(settings: Settings) -> str:

@@ -107,12 +107,16 @@ def test_hostfile_and_known_hosts_list_every_mpi_node() -> None:
     ]
 
 
-def test_mpi_is_pinned_to_the_data_subnet() -> None:
+def test_mpi_is_tcp_only_pinned_to_the_data_subnet_unbound_and_strict_about_host_keys() -> None:
+    # Exactly these parameters: tests/e2e/test_rendered_configs.py proves Open MPI and PRRTE
+    # take each one (a parameter they do not know is ignored silently).
     s = settings()
-    assert "btl_tcp_if_include = 10.211.1.0/24" in render.openmpi_mca_params(s)
-    assert "prte_if_include = 10.211.1.0/24" in render.prte_mca_params(s)
-    assert "StrictHostKeyChecking=yes" in render.prte_mca_params(s)
-    assert "hwloc_default_binding_policy = none" in render.prte_mca_params(s)
+    assert render.openmpi_mca_params(s) == render.HEADER + "btl = self,tcp\nbtl_tcp_if_include = 10.211.1.0/24\n"
+    assert render.prte_mca_params(s) == render.HEADER + (
+        "prte_if_include = 10.211.1.0/24\n"
+        "hwloc_default_binding_policy = none\n"
+        "plm_ssh_args = -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=10\n"
+    )
 
 
 def test_pg_hba_is_exactly_these_rules_in_this_order() -> None:

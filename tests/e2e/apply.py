@@ -530,7 +530,7 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
             dockerfile=dockerfile,
             tag=inputs["imageName"],
             buildargs=build.get("args", {}),
-            rm=True,
+            forcerm=True,  # a failed build leaves no intermediate containers either
             decode=True,
         ):
             if "stream" in chunk:

@@ -1,0 +1,284 @@
+"""Every config file the program uploads, read by the server that reads it, in its own image.
+
+For each stack, the program is evaluated and every container's uploads (the exact files,
+paths, modes and owners it registers) are put into a throwaway container of that
+container's image; the server then reads them the way it does in the stack:
+- PostgreSQL starts on each node's postgresql.conf and pg_hba.conf, and reports every line
+  of both as applied without error (pg_file_settings, pg_hba_file_rules);
+- each Redis node starts on its redis.conf and reports every directive's value;
+- each Sentinel starts on its sentinel.conf and reports the monitored master and options;
+- nginx starts through its entrypoint on nginx.conf, and `nginx -t` accepts it;
+- Open MPI and PRRTE report every MCA parameter of the uploaded files with its value, and
+  mpirun leaves ranks unbound as the binding policy says.
+A directive a server does not know, or a value it rejects or silently ignores, fails here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shlex
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+import docker
+import pytest
+
+from components import render
+from components.container import LABEL_PREFIX
+from components.topology import REDIS_MASTER_NAME, REDIS_PORT
+from tests.e2e.apply import DockerApplyMocks
+from tests.e2e.conftest import engine
+from tests.program import Evaluation, Registration, evaluate, plain
+
+STACKS = ("dev", "prod")
+CHECK_TIMEOUT_SECONDS = 120
+
+
+@pytest.fixture(scope="module")
+def client() -> docker.DockerClient:
+    return engine()
+
+
+@pytest.fixture(scope="module", params=STACKS)
+def stack(request: pytest.FixtureRequest, client: docker.DockerClient) -> Iterator[tuple[Evaluation, dict[str, str]]]:
+    """The stack's registrations, and its images (built as the apply builds them) by digest."""
+    evaluation = evaluate(request.param)
+    builder = DockerApplyMocks(client, request.param)
+    images: dict[str, str] = {}
+    for image in evaluation.of_type("docker:index/image:Image"):
+        inputs = plain(image.inputs)
+        builder._image(image.name, inputs)
+        images[image.outputs["repo_digest"]] = inputs["imageName"]
+    yield evaluation, images
+
+
+def containers_of(evaluation: Evaluation, *roles: str) -> list[Registration]:
+    return [r for _, r in sorted(evaluation.containers.items()) if role_of(r) in roles]
+
+
+def role_of(registration: Registration) -> str:
+    labels = {item["label"]: item["value"] for item in plain(registration.inputs["labels"])}
+    return str(labels[f"{LABEL_PREFIX}.role"])
+
+
+def uploads_of(registration: Registration) -> dict[str, dict[str, Any]]:
+    return {upload["file"]: upload for upload in plain(registration.inputs.get("uploads", []))}
+
+
+def run_check(
+    client: docker.DockerClient,
+    images: dict[str, str],
+    registration: Registration,
+    script: str,
+    env: list[str] | None = None,
+) -> str:
+    """Runs `script` in a throwaway container of the registration's image, with its uploads.
+
+    The image's own entrypoint is in $IMAGE_ENTRYPOINT. Returns the script's output; a
+    non-zero exit fails the test with that output.
+    """
+    image = images[plain(registration.inputs["image"])]
+    entrypoint = shlex.join(client.images.get(image).attrs["Config"]["Entrypoint"] or [])
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for path, upload in sorted(uploads_of(registration).items()):
+            content = upload["content"].encode()
+            info = tarfile.TarInfo(path.lstrip("/"))
+            info.size, info.mode = len(content), int(upload.get("permissions", "0644"), 8)
+            info.uid = info.gid = int(upload.get("owner", "0"))
+            tar.addfile(info, io.BytesIO(content))
+    container = client.containers.create(
+        image,
+        entrypoint=["bash", "-euo", "pipefail", "-c", script],
+        environment=[*(env or []), f"IMAGE_ENTRYPOINT={entrypoint}"],
+        network_mode="none",
+    )
+    try:
+        container.put_archive("/", archive.getvalue())
+        container.start()
+        exit_code = container.wait(timeout=CHECK_TIMEOUT_SECONDS)["StatusCode"]
+        output = str(container.logs(stdout=True, stderr=True).decode(errors="replace"))
+    finally:
+        container.remove(force=True)
+    assert exit_code == 0, f"{registration.inputs['name']}: check exited {exit_code}:\n{output[-3000:]}"
+    return output
+
+
+def directives(text: str, separator: str) -> list[tuple[int, str, str]]:
+    """(line number, name, value) of every directive of a rendered file, comments skipped."""
+    found = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, value = line.partition(separator)
+            found.append((number, name.strip(), value.strip()))
+    return found
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------
+
+PG_REPORT = """
+export PATH=/usr/lib/postgresql/$(ls /usr/lib/postgresql)/bin:$PATH
+initdb -D /tmp/data -U postgres --auth=trust >/dev/null
+postgres -D /tmp/data -c config_file="$CONF" >/tmp/postgres.log 2>&1 &
+for _ in $(seq 100); do pg_isready -q -h "$SOCKETS" && break; sleep 0.1; done || { cat /tmp/postgres.log; exit 1; }
+psql -h "$SOCKETS" -U postgres -Atq -c "SELECT json_build_object(
+  'settings', (SELECT json_agg(json_build_object('line', sourceline, 'name', name, 'setting', setting,
+               'applied', applied, 'error', error) ORDER BY sourceline) FROM pg_file_settings
+               WHERE sourcefile = '$CONF'),
+  'hba', (SELECT json_agg(json_build_object('line', line_number, 'error', error) ORDER BY line_number)
+          FROM pg_hba_file_rules))"
+"""
+
+
+def test_postgresql_applies_every_line_of_each_nodes_config_and_pg_hba(
+    client: docker.DockerClient, stack: tuple[Evaluation, dict[str, str]]
+) -> None:
+    evaluation, images = stack
+    nodes = containers_of(evaluation, "postgres-primary", "postgres-replica")
+    assert nodes
+    for node in nodes:
+        uploads = uploads_of(node)
+        [conf] = [path for path in uploads if path == f"{render.POSTGRES_CONF_DIR}/{node.inputs['hostname']}.conf"]
+        rendered = directives(uploads[conf]["content"], "=")
+        sockets = dict((name, value) for _, name, value in rendered)["unix_socket_directories"].strip("'")
+        output = run_check(client, images, node, f"CONF={shlex.quote(conf)} SOCKETS={sockets}\n" + PG_REPORT)
+        report = json.loads(output.strip().splitlines()[-1])
+        expected = [
+            {"line": line, "name": name, "setting": value.strip("'"), "applied": True, "error": None}
+            for line, name, value in rendered
+        ]
+        assert report["settings"] == expected, node.inputs["name"]
+        hba = uploads[f"{render.POSTGRES_CONF_DIR}/pg_hba.conf"]["content"]
+        hba_lines = [line for line, _, _ in directives(hba, " ")]
+        assert report["hba"] == [{"line": line, "error": None} for line in hba_lines], node.inputs["name"]
+
+
+# --- Redis and Sentinel --------------------------------------------------------------------
+# A Redis node refuses to start on a directive it does not know; a Sentinel starts anyway.
+
+
+def test_each_redis_node_starts_on_its_config_and_reports_every_directive(
+    client: docker.DockerClient, stack: tuple[Evaluation, dict[str, str]]
+) -> None:
+    evaluation, images = stack
+    nodes = containers_of(evaluation, "redis")
+    assert nodes
+    for node in nodes:
+        conf = f"{render.REDIS_CONF_DIR}/{node.inputs['hostname']}.conf"
+        rendered = directives(uploads_of(node)[conf]["content"], " ")
+        names = " ".join(sorted({name for _, name, _ in rendered}))
+        script = (
+            f"redis-server {conf} --daemonize yes --logfile /tmp/redis.log || {{ cat /tmp/redis.log; exit 1; }}\n"
+            f"for _ in $(seq 50); do redis-cli -p {REDIS_PORT} ping >/dev/null 2>&1 && break; sleep 0.1; done\n"
+            f"for name in {names}; do redis-cli -p {REDIS_PORT} --json config get $name; done\n"
+        )
+        reported: dict[str, str] = {}
+        for line in run_check(client, images, node, script).splitlines():
+            if line.startswith("{"):
+                reported.update(json.loads(line))
+        assert reported == {name: value for _, name, value in rendered}, node.inputs["name"]
+
+
+def test_each_sentinel_starts_on_its_config_and_monitors_the_master_as_rendered(
+    client: docker.DockerClient, stack: tuple[Evaluation, dict[str, str]]
+) -> None:
+    evaluation, images = stack
+    sentinels = containers_of(evaluation, "sentinel")
+    assert sentinels
+    for sentinel in sentinels:
+        conf = f"{render.REDIS_CONF_DIR}/{sentinel.inputs['hostname']}.conf"
+        rendered = directives(uploads_of(sentinel)[conf]["content"], " ")
+        port = dict((name, value) for _, name, value in rendered)["port"]
+        # Sentinel rewrites its config: it reads a writable copy, as the entrypoint gives it.
+        script = (
+            f"cp {conf} /tmp/sentinel.conf\n"
+            "redis-server /tmp/sentinel.conf --sentinel --daemonize yes --logfile /tmp/sentinel.log"
+            " || { cat /tmp/sentinel.log; exit 1; }\n"
+            f"for _ in $(seq 50); do redis-cli -p {port} ping >/dev/null 2>&1 && break; sleep 0.1; done\n"
+            f"redis-cli -p {port} --json sentinel masters\n"
+            f"redis-cli -p {port} --json sentinel config get '*'\n"
+            # Sentinel keeps a line it does not understand, commented "# ???", instead of failing.
+            "! grep -n '^# ???' /tmp/sentinel.conf\n"
+        )
+        lines = [
+            json.loads(line) for line in run_check(client, images, sentinel, script).splitlines() if line[:1] in "[{"
+        ]
+        masters, options = lines[0], lines[1]
+        expected_master: dict[str, str] = {}
+        expected_options: dict[str, str] = {}
+        for _, name, value in rendered:
+            if name != "sentinel":
+                continue
+            option, _, rest = value.partition(" ")
+            if option == "monitor":
+                master_name, ip, master_port, quorum = rest.split()
+                expected_master.update(name=master_name, ip=ip, port=master_port, quorum=quorum)
+            elif rest.startswith(f"{REDIS_MASTER_NAME} "):
+                expected_master[option] = rest.split(" ", 1)[1]
+            else:
+                expected_options[option] = rest
+        assert len(masters) == 1, masters
+        assert {key: masters[0][key] for key in expected_master} == expected_master, sentinel.inputs["name"]
+        assert {key: options[key] for key in expected_options} == expected_options, sentinel.inputs["name"]
+
+
+# --- nginx -----------------------------------------------------------------------------------
+
+
+def test_nginx_starts_on_its_config_through_its_entrypoint(
+    client: docker.DockerClient, stack: tuple[Evaluation, dict[str, str]]
+) -> None:
+    evaluation, images = stack
+    [nginx] = containers_of(evaluation, "nginx")
+    conf = f"{render.NGINX_CONF_DIR}/nginx.conf"
+    [pid_file] = [v.rstrip(";") for _, name, v in directives(uploads_of(nginx)[conf]["content"], " ") if name == "pid"]
+    # The entrypoint writes the upstream include, then starts nginx on the uploaded config.
+    script = (
+        "$IMAGE_ENTRYPOINT >/tmp/entrypoint.log 2>&1 &\n"
+        f"for _ in $(seq 100); do [ -s {pid_file} ] && break; sleep 0.1; done\n"
+        f"[ -s {pid_file} ] || {{ cat /tmp/entrypoint.log; exit 1; }}\n"
+        f"nginx -t -c {conf} 2>&1\n"
+    )
+    output = run_check(client, images, nginx, script, env=plain(nginx.inputs["envs"]))
+    assert f"configuration file {conf} test is successful" in output
+
+
+# --- Open MPI and PRRTE ------------------------------------------------------------------------
+
+
+def test_open_mpi_and_prrte_take_every_mca_parameter_of_the_uploaded_files(
+    client: docker.DockerClient, stack: tuple[Evaluation, dict[str, str]]
+) -> None:
+    evaluation, images = stack
+    [master] = containers_of(evaluation, "mpi-master")
+    uploads = uploads_of(master)
+    ompi_file = next(path for path in uploads if path.endswith("/.openmpi/mca-params.conf"))
+    prte_file = next(path for path in uploads if path.endswith("/.prte/mca-params.conf"))
+    script = (
+        "ompi_info --param all all --level 9 --parsable\n"
+        "echo '=== prte_info'\n"
+        "prte_info --all\n"
+        "echo '=== bindings'\n"
+        'echo "$(hostname) slots=2" >/tmp/hostfile\n'
+        "mpirun --hostfile /tmp/hostfile -np 2 --report-bindings true 2>&1 | tr -d '\\000'\n"
+    )
+    output = run_check(client, images, master, f"su app -s /bin/bash -c {shlex.quote(script)}")
+    ompi_info, rest = output.split("=== prte_info\n", 1)
+    prte_info, bindings = rest.split("=== bindings\n", 1)
+
+    for line, name, value in directives(uploads[ompi_file]["content"], "="):
+        source = f":param:{name}:source:file ({ompi_file}:{line})"
+        assert f":param:{name}:value:{value}\n" in ompi_info, f"Open MPI does not take {name} = {value}"
+        assert source in ompi_info, f"Open MPI does not read {name} from {ompi_file}"
+
+    # prte_info wraps its report: values are compared on the text with whitespace folded.
+    folded = re.sub(r"\s+", " ", prte_info)
+    for _, name, value in directives(uploads[prte_file]["content"], "="):
+        if name == "hwloc_default_binding_policy":  # not listed by prte_info: its effect is checked below
+            continue
+        assert f'"{name}" (current value: "{value}"' in folded, f"PRRTE does not take {name} = {value}"
+    ranks = [line for line in bindings.splitlines() if "Rank" in line]
+    assert len(ranks) == 2 and all("is not bound" in line for line in ranks), bindings
