@@ -91,19 +91,22 @@ bench: venv
 
 # Mutation testing, not part of CI (about 5 s a mutant, so hours for the whole tree):
 # mutmut changes components/ and the Python in images/ one mutation at a time, in a copy
-# of the working tree (build/mutate), and runs the fast tests against each; then the
-# score and every survivor are printed. MUTATE_PATHS narrows it.
+# of the working tree (MUTATE_DIR), and runs the fast tests against each; then the score
+# and every survivor are printed, each survivor with its reason from tests/mutation_survivors.txt
+# or marked unexplained. MUTATE_PATHS narrows it; MUTATE_TESTS picks the tests (an
+# end-to-end module needs DOCKER_HOST pointing at a running engine with the images).
 MUTATE_PATHS ?= components/,images/backend/app/,images/common/transvidio_jobs/
+MUTATE_DIR ?= build/mutate
 # The fast tests, quickest first: a mutant is usually killed before test_program runs.
 MUTATE_TESTS ?= tests/test_settings.py tests/test_render.py tests/test_provider_model.py \
 	tests/test_backend_routing.py tests/test_backend_api.py tests/test_jobs.py tests/test_program.py
 mutate: venv
-	rm -rf build/mutate && mkdir -p build/mutate
-	git ls-files | tar -T - -c | tar -C build/mutate -x
-	ln -s $(CURDIR)/$(VENV) build/mutate/$(VENV)
-	-cd build/mutate && $(BIN)/mutmut run --paths-to-mutate $(MUTATE_PATHS) --tests-dir tests --no-progress \
+	rm -rf $(MUTATE_DIR) && mkdir -p $(MUTATE_DIR)
+	git ls-files | tar -T - -c | tar -C $(MUTATE_DIR) -x
+	ln -s $(CURDIR)/$(VENV) $(MUTATE_DIR)/$(VENV)
+	-cd $(MUTATE_DIR) && $(BIN)/mutmut run --paths-to-mutate $(MUTATE_PATHS) --tests-dir tests --no-progress \
 		--runner "$(BIN)/python -m pytest -x -q -p no:cacheprovider $(MUTATE_TESTS)"
-	$(BIN)/python -m tests.mutation_score build/mutate
+	$(BIN)/python -m tests.mutation_score $(MUTATE_DIR)
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

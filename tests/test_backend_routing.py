@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from app import db
 from app.config import Config
+from psycopg_pool import PoolTimeout
 
 from tests.aio import run
 
@@ -145,6 +146,21 @@ def test_a_failing_primary_is_named_in_the_error() -> None:
         run(database.write(which_host))
     assert raised.value.name == "postgres-primary"
     assert str(raised.value) == "postgres-primary unavailable: could not connect"
+
+
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        (psycopg.errors.UndefinedTable("relation jobs does not exist"), "the jobs schema is not created yet"),
+        (PoolTimeout(), "timeout"),  # a pool timeout can carry no text
+    ],
+)
+def test_a_write_before_the_schema_or_past_the_pool_timeout_says_why(failure: Exception, reason: str) -> None:
+    database, primary, _ = make_database()
+    primary.failure = failure
+    with pytest.raises(db.DependencyDownError) as raised:
+        run(database.write(which_host))
+    assert str(raised.value) == f"postgres-primary unavailable: {reason}"
 
 
 class ReplicationRows(FakePool):

@@ -7,6 +7,7 @@ import json
 import pathlib
 from typing import Any
 
+import pytest
 from transvidio_jobs import processing
 
 
@@ -41,6 +42,7 @@ def test_run_locally_writes_a_verifiable_result(tmp_path: pathlib.Path) -> None:
     result = json.loads((outputs / path).read_text())
     assert path == "j1/result.json"
     assert len(result["segments"]) == 5 and result["ranks"] == 1
+    assert {(segment["rank"], segment["host"]) for segment in result["segments"]} == {(0, "backend-1")}
     for segment in result["segments"]:
         data = processing.read_segment(str(uploads / "u1"), 5, segment["index"])
         assert segment["digest"] == processing.reference_step(data, segment["index"], "fr")["digest"]
@@ -98,3 +100,17 @@ def test_a_segment_is_exactly_its_byte_range(tmp_path: pathlib.Path) -> None:
     assert processing.segment_bounds(100, 3, 1) == (33, 66)
     assert processing.read_segment(str(upload), 3, 1) == bytes(range(33, 66))
     assert processing.read_segment(str(upload), 3, 2) == bytes(range(66, 100))
+
+
+def test_a_job_whose_upload_is_gone_fails_naming_it(tmp_path: pathlib.Path) -> None:
+    job = {"id": "j1", "upload_id": "u404", "duration_seconds": 5, "target_language": "fr"}
+    with pytest.raises(FileNotFoundError) as raised:
+        processing.run_locally(job, str(tmp_path), str(tmp_path / "outputs"), "backend-1")
+    assert str(raised.value) == "upload u404 is missing"
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_an_mpirun_that_printed_nothing_is_an_error_saying_so() -> None:
+    with pytest.raises(ValueError) as raised:
+        processing.last_output_line("\x00\n  \n")
+    assert str(raised.value) == "mpirun printed nothing"

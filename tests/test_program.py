@@ -447,6 +447,18 @@ def test_secret_config_replaces_a_generated_password() -> None:
     assert env_of(ev.containers["transvidio-dev-backend-1"])["REDIS_PASSWORD"] == "chosen-by-the-operator"
 
 
+def test_each_secret_is_generated_by_a_password_resource_of_a_stable_name_and_length() -> None:
+    # Renaming one would make `pulumi up` generate a new password: a rotation nobody asked for.
+    passwords = evaluated("prod").of_type("random:index/randomPassword:RandomPassword")
+    assert {r.name: r.inputs["length"] for r in passwords} == {
+        "secrets-postgres-superuser": 32,
+        "secrets-postgres-replication": 32,
+        "secrets-postgres-app": 32,
+        "secrets-redis": 32,
+        "secrets-secret-key": 48,
+    }
+
+
 def test_passwords_are_url_safe_and_stable() -> None:
     for password in evaluated("prod").of_type("random:index/randomPassword:RandomPassword"):
         assert password.inputs["special"] is False

@@ -188,6 +188,11 @@ def test_bad_value_is_named_with_what_is_allowed(stack: str, overrides: dict[str
     assert str(raised.value) == message
 
 
+def test_published_ports_may_end_exactly_at_65535() -> None:
+    # Two Redis nodes from 65534 use 65534 and 65535: the last port there is.
+    assert parse_stack("dev", {"redis": {"publishPort": 65534}}).redis.publish_port == 65534
+
+
 class CountingMocks(FakeMocks):
     """FakeMocks that remember every resource the program registered."""
 
