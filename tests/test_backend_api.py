@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 import pytest
 import redis.asyncio as redis_asyncio
 from starlette.requests import Request
@@ -368,7 +369,8 @@ def test_a_failed_job_is_cached_too(state: FakeState, tmp_path: pathlib.Path) ->
 
 def test_an_unknown_or_malformed_job_id_is_a_404_naming_it(state: FakeState) -> None:
     unknown = str(uuid.UUID(int=7))
-    assert call("GET", f"/api/jobs/{unknown}").json() == {"error": f"no job {unknown}"}
+    response = call("GET", f"/api/jobs/{unknown}")
+    assert (response.status, response.json()) == (404, {"error": f"no job {unknown}"})
     response = call("GET", "/api/jobs/nope")
     assert (response.status, response.json()) == (404, {"error": "no job nope"})
     assert [params for _, params in state.db.statements] == [(unknown,)]  # the malformed id never reached SQL
@@ -388,7 +390,10 @@ def test_a_database_that_is_down_is_a_503_naming_it(state: FakeState, tmp_path: 
 def test_readiness_is_503_listing_exactly_the_dependencies_that_are_down(
     state: FakeState, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    probed: list[tuple[str, bool]] = []
+
     async def postgres(host: str, replica: bool) -> dict[str, Any]:
+        probed.append((host, replica))
         if host == "postgres-replica-2":
             raise OSError("no route to host")
         return {"ok": True, "in_recovery": replica}
@@ -405,7 +410,12 @@ def test_readiness_is_503_listing_exactly_the_dependencies_that_are_down(
     response = call("GET", "/api/health")
     body = response.json()
     assert response.status == 503
-    assert (body["status"], body["down"]) == ("degraded", ["mpi-master", "postgres-replica:postgres-replica-2"])
+    assert (body["status"], body["down"], body["backend"]) == (
+        "degraded",
+        ["mpi-master", "postgres-replica:postgres-replica-2"],
+        main.HOST,
+    )
+    assert sorted(probed) == [("postgres-primary", False), ("postgres-replica-1", True), ("postgres-replica-2", True)]
     assert body["dependencies"]["postgres-replica:postgres-replica-2"] == {
         "ok": False,
         "error": "OSError: no route to host",
@@ -417,6 +427,119 @@ def test_readiness_is_503_listing_exactly_the_dependencies_that_are_down(
         "postgres-replica:postgres-replica-2",
         "redis",
     ]
+
+
+class FakePgConnection:
+    """What `_postgres` sees of a node: its answer to pg_is_in_recovery()."""
+
+    def __init__(self, in_recovery: bool) -> None:
+        self.in_recovery, self.sql = in_recovery, ""
+
+    async def __aenter__(self) -> FakePgConnection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def execute(self, sql: str) -> FakePgConnection:
+        self.sql = sql
+        return self
+
+    async def fetchone(self) -> tuple[bool]:
+        return (self.in_recovery,)
+
+
+@pytest.mark.parametrize(
+    ("host", "replica", "in_recovery", "ok"),
+    [
+        ("postgres-primary", False, False, True),
+        ("postgres-primary", False, True, False),  # the "primary" is in recovery: not a primary
+        ("postgres-replica-1", True, True, True),
+        ("postgres-replica-1", True, False, False),  # a "replica" that was promoted
+        ("postgres-replica-2", True, True, False),  # lagging
+    ],
+)
+def test_a_postgres_node_is_ready_when_its_role_is_the_expected_one_and_it_does_not_lag(
+    state: FakeState, monkeypatch: pytest.MonkeyPatch, host: str, replica: bool, in_recovery: bool, ok: bool
+) -> None:
+    connections: list[dict[str, Any]] = []
+
+    async def connect(**kwargs: Any) -> FakePgConnection:
+        connections.append(kwargs)
+        return FakePgConnection(in_recovery)
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "connect", connect)
+    state.db.lagging = {"postgres-replica-2"}
+    status = run(main._postgres(host, replica))
+    latency = status.pop("latency_ms")
+    expected: dict[str, Any] = {"ok": ok, "in_recovery": in_recovery}
+    if replica:
+        expected["lagging"] = host == "postgres-replica-2"
+    assert status == expected
+    assert isinstance(latency, float) and 0 <= latency < 1000
+    config = main.config
+    assert connections == [
+        {
+            "host": host,
+            "port": config.postgres_port,
+            "dbname": config.postgres_db,
+            "user": config.postgres_user,
+            "password": config.postgres_password,
+            "connect_timeout": 2,
+            "autocommit": True,
+        }
+    ]
+
+
+def test_redis_is_ready_when_the_sentinels_name_a_master_that_answers(
+    state: FakeState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pinged: list[bool] = []
+
+    class Sentinel:
+        async def discover_master(self, name: str) -> tuple[str, int]:
+            assert name == main.config.redis_master_name
+            return "10.211.1.21", 6379
+
+    class Master:
+        async def ping(self) -> bool:
+            pinged.append(True)
+            return True
+
+    state.cache.sentinel = Sentinel()  # type: ignore[attr-defined]
+    state.cache.master = Master()  # type: ignore[attr-defined]
+    assert run(main._redis()) == {"ok": True, "master": "10.211.1.21:6379"}
+    assert pinged == [True]
+
+
+@pytest.mark.parametrize(("banner", "ok"), [(b"SSH-2.0-OpenSSH_10.0\r\n", True), (b"HTTP/1.1 400 Bad\r\n", False)])
+def test_the_mpi_master_is_ready_when_its_port_22_speaks_ssh(
+    state: FakeState, monkeypatch: pytest.MonkeyPatch, banner: bytes, ok: bool
+) -> None:
+    import asyncio
+
+    dialled: list[tuple[str, int]] = []
+    real_open_connection = asyncio.open_connection
+
+    async def scenario() -> dict[str, Any]:
+        async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(banner)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(greet, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+
+        async def open_connection(host: str, wanted_port: int) -> Any:
+            dialled.append((host, wanted_port))  # the stack's sshd; here a local stand-in
+            return await real_open_connection("127.0.0.1", port)
+
+        monkeypatch.setattr(asyncio, "open_connection", open_connection)
+        async with server:
+            return await main._mpi()
+
+    assert run(scenario()) == {"ok": ok}
+    assert dialled == [("mpi-master", 22)]
 
 
 def test_readiness_is_200_when_every_dependency_is_up(state: FakeState, monkeypatch: pytest.MonkeyPatch) -> None:
