@@ -15,6 +15,7 @@ A directive a server does not know, or a value it rejects or silently ignores, f
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import re
@@ -33,7 +34,12 @@ from tests.e2e.apply import DockerApplyMocks
 from tests.e2e.conftest import engine
 from tests.program import Evaluation, Registration, evaluate, plain
 
-STACKS = ("dev", "prod")
+# (stack, overrides, secret config): both stacks, and prod serving HTTPS.
+STACKS = {
+    "dev": ("dev", {}, {}),
+    "prod": ("prod", {}, {}),
+    "prod-https": ("prod", {"nginx": {"httpsPort": 8443}}, "self-signed"),
+}
 CHECK_TIMEOUT_SECONDS = 120
 
 
@@ -42,11 +48,42 @@ def client() -> docker.DockerClient:
     return engine()
 
 
-@pytest.fixture(scope="module", params=STACKS)
+def self_signed_certificate() -> dict[str, str]:
+    """A certificate and key for nginx, as an operator would set them as secret config."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "transvidio.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return {
+        "tlsCertificate": certificate.public_bytes(serialization.Encoding.PEM).decode(),
+        "tlsKey": key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode(),
+    }
+
+
+@pytest.fixture(scope="module", params=sorted(STACKS))
 def stack(request: pytest.FixtureRequest, client: docker.DockerClient) -> Iterator[tuple[Evaluation, dict[str, str]]]:
     """The stack's registrations, and its images (built as the apply builds them) by digest."""
-    evaluation = evaluate(request.param)
-    builder = DockerApplyMocks(client, request.param)
+    stack_name, overrides, secrets = STACKS[request.param]
+    evaluation = evaluate(
+        stack_name, overrides, secret_config=self_signed_certificate() if secrets == "self-signed" else None
+    )
+    builder = DockerApplyMocks(client, stack_name)
     images: dict[str, str] = {}
     for image in evaluation.of_type("docker:index/image:Image"):
         inputs = plain(image.inputs)
