@@ -1,6 +1,11 @@
-"""Prints the mutation score of a `mutmut run` (its .mutmut-cache) and every survivor.
+"""Prints the mutation score of a `mutmut run` (its .mutmut-cache) and every survivor, each
+with the reason it survives from tests/mutation_survivors.txt, or marked UNEXPLAINED.
 
 Usage: python -m tests.mutation_score [DIR]   (DIR holds .mutmut-cache; default: build/mutate)
+
+A survivor is either killed by a new test or explained in that file: one line per kind,
+`file | start of the mutated line | why no test kills it`. Lines are matched by their text,
+not their number, so the file stays true while code moves.
 """
 
 from __future__ import annotations
@@ -9,8 +14,41 @@ import pathlib
 import sqlite3
 import sys
 from collections import Counter
+from dataclasses import dataclass
 
 KILLED = {"ok_killed", "ok_suspicious", "bad_timeout"}  # a timeout means the tests noticed
+EXPLANATIONS = pathlib.Path(__file__).with_name("mutation_survivors.txt")
+
+
+@dataclass(frozen=True)
+class Explanation:
+    filename: str
+    line_start: str
+    reason: str
+
+
+def load_explanations(text: str) -> list[Explanation]:
+    explanations = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        # The code may hold " | " itself: the file is before the first, the reason after the last.
+        filename, _, rest = line.partition(" | ")
+        line_start, _, reason = rest.rpartition(" | ")
+        parts = [filename.strip(), line_start.strip(), reason.strip()]
+        if not all(parts):
+            raise ValueError(f"{EXPLANATIONS.name}:{number}: expected `file | line start | reason`: {line!r}")
+        explanations.append(Explanation(parts[0], parts[1], parts[2]))
+    return explanations
+
+
+def reason_for(explanations: list[Explanation], filename: str, line: str) -> str | None:
+    """The reason of the first explanation of `filename` whose text starts the stripped line."""
+    stripped = line.strip()
+    for explanation in explanations:
+        if explanation.filename == filename and stripped.startswith(explanation.line_start):
+            return explanation.reason
+    return None
 
 
 def main(argv: list[str]) -> int:
@@ -29,15 +67,21 @@ def main(argv: list[str]) -> int:
     if not tested:
         print("no mutant tested yet")
         return 1
+    explanations = load_explanations(EXPLANATIONS.read_text())
     killed = sum(1 for row in tested if row[4] in KILLED)
     per_file: Counter[str] = Counter()
+    unexplained = 0
     for filename, number, line, mutant_id, status in tested:
         if status == "bad_survived":
             per_file[filename] += 1
+            reason = reason_for(explanations, filename, line)
+            unexplained += reason is None
             print(f"survived #{mutant_id} {filename}:{number + 1}: {line.strip()}")
+            print(f"    {reason or 'UNEXPLAINED'}")
     print("\nsurvivors per file: " + ", ".join(f"{f} {n}" for f, n in sorted(per_file.items())))
     score = 100 * killed / len(tested)
     print(f"mutation score: {killed}/{len(tested)} killed = {score:.1f}% ({len(rows) - len(tested)} untested)")
+    print(f"survivors explained: {sum(per_file.values()) - unexplained}, unexplained: {unexplained}")
     return 0
 
 
