@@ -37,7 +37,7 @@ class PostgresReplicaSetArgs:
 
 
 class PostgresReplicaSet(pulumi.ComponentResource):
-    """Deploys a primary, N streaming replicas and a slot keeper on the data network.
+    """Deploys a primary, N streaming replicas, a slot keeper and a backup repository.
 
     Each node has its own retained volume and /dev/shm size. The primary is created
     with `wait=True` and the replicas depend on it; each replica bootstraps with
@@ -45,6 +45,9 @@ class PostgresReplicaSet(pulumi.ComponentResource):
     is healthy only while in recovery and streaming. The slot keeper drops the slots of
     replicas the stack no longer has, so scaling down frees the WAL they pinned; the
     primary's config does not depend on the replica count, so scaling never restarts it.
+    The primary archives every WAL segment to the backup repository volume and takes
+    pgBackRest's full and incremental backups on the configured schedule; started empty
+    with `restoreTarget` set, it restores from that repository instead of initialising.
     """
 
     def __init__(self, name: str, args: PostgresReplicaSetArgs, opts: pulumi.ResourceOptions | None = None) -> None:
@@ -59,11 +62,24 @@ class PostgresReplicaSet(pulumi.ComponentResource):
             config_file(f"{render.POSTGRES_CONF_DIR}/pg_hba.conf", render.pg_hba_conf(s)),
             replication_secret,
         ]
+        # The backup repository: pgBackRest's full and incremental backups and the WAL archive.
+        self.backups = data_volume(name, "postgres-backups", s, COMPONENT, self)
+        pg = s.postgres
         self.primary = self._node(
             name,
             topo.postgres_primary,
-            envs=["PG_ROLE=primary", f"PG_NODE={topo.postgres_primary.hostname}"],
+            envs=[
+                "PG_ROLE=primary",
+                f"PG_NODE={topo.postgres_primary.hostname}",
+                f"PGBACKREST_CONFIG={render.PGBACKREST_CONF}",
+                f"PGBACKREST_STANZA={render.PGBACKREST_STANZA}",
+                f"BACKUP_FULL_INTERVAL_MINUTES={pg.backup_full_interval_minutes}",
+                f"BACKUP_INCREMENTAL_INTERVAL_MINUTES={pg.backup_incremental_interval_minutes}",
+                f"RESTORE_TARGET={pg.restore_target}",
+            ],
+            extra_volumes=[VolumeMount(self.backups.name, render.PGBACKREST_REPO_DIR)],
             uploads=[
+                config_file(render.PGBACKREST_CONF, render.pgbackrest_conf(s)),
                 config_file(f"{render.POSTGRES_CONF_DIR}/primary-setup.sql", render.primary_setup_sql()),
                 secret_file(f"{render.SECRETS_DIR}/postgres-password", args.superuser_password, uid),
                 secret_file(f"{render.SECRETS_DIR}/app-db-password", args.app_password, uid),
@@ -126,6 +142,7 @@ class PostgresReplicaSet(pulumi.ComponentResource):
         wait: bool,
         depends_on: list[pulumi.Resource],
         extra_hosts: list[Node] | None = None,
+        extra_volumes: list[VolumeMount] | None = None,
     ) -> docker.Container:
         s = self._args.settings
         volume = data_volume(name, f"{node.hostname}-data", s, COMPONENT, self)
@@ -137,7 +154,7 @@ class PostgresReplicaSet(pulumi.ComponentResource):
             memory_mb=s.postgres.memory_mb,
             container_port=POSTGRES_PORT,
             envs=envs,
-            volumes=[VolumeMount(volume.name, DATA_DIR)],
+            volumes=[VolumeMount(volume.name, DATA_DIR), *(extra_volumes or [])],
             uploads=[
                 config_file(f"{render.POSTGRES_CONF_DIR}/{node.hostname}.conf", render.postgresql_conf(s, node)),
                 *self._common_uploads,

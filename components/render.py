@@ -40,6 +40,9 @@ MPI_CONF_DIR = "/etc/transvidio/mpi"
 UPLOADS_DIR = "/srv/transvidio/uploads"
 OUTPUTS_DIR = "/srv/transvidio/outputs"
 WORKSPACE_DIR = "/srv/transvidio/workspace"
+PGBACKREST_REPO_DIR = "/var/lib/pgbackrest"  # the backup repository volume
+PGBACKREST_CONF = f"{POSTGRES_CONF_DIR}/pgbackrest.conf"
+PGBACKREST_STANZA = PROJECT
 
 HEADER = "# Rendered by transvidio-cluster from the stack's settings; edit the stack config, not this file.\n"
 
@@ -85,6 +88,11 @@ def postgresql_conf(settings: Settings, node: Node) -> str:
         "log_connections = off",
         "log_replication_commands = on",
         "log_line_prefix = '%m [%p] %q%u@%d '",
+        # Every WAL segment goes to the backup repository (a standby archives nothing until
+        # it is promoted); a quiet primary still switches segments every archive_timeout.
+        "archive_mode = on",
+        f"archive_command = 'pgbackrest --config={PGBACKREST_CONF} --stanza={PGBACKREST_STANZA} archive-push %p'",
+        f"archive_timeout = '{pg.archive_timeout_seconds}s'",
     ]
     if node.role == "postgres-replica":
         lines += [
@@ -93,6 +101,29 @@ def postgresql_conf(settings: Settings, node: Node) -> str:
             f"passfile=/var/lib/postgresql/run/pgpass'",
             f"primary_slot_name = '{node.slot_name}'",
         ]
+    return HEADER + "\n".join(lines) + "\n"
+
+
+def pgbackrest_conf(settings: Settings) -> str:
+    """pgBackRest on the primary: the repository volume, retention, and the local cluster."""
+    pg = settings.postgres
+    lines = [
+        "[global]",
+        f"repo1-path={PGBACKREST_REPO_DIR}",
+        "repo1-retention-full-type=count",
+        f"repo1-retention-full={pg.backup_retention_full}",
+        "compress-type=zst",
+        # A backup starts with an immediate checkpoint rather than waiting for the next one.
+        "start-fast=y",
+        "log-level-console=info",
+        "log-level-file=off",
+        "lock-path=/var/lib/postgresql/run/pgbackrest",
+        "",
+        f"[{PGBACKREST_STANZA}]",
+        "pg1-path=/var/lib/postgresql/data",
+        "pg1-socket-path=/var/lib/postgresql/run",
+        f"pg1-port={POSTGRES_PORT}",
+    ]
     return HEADER + "\n".join(lines) + "\n"
 
 
@@ -387,6 +418,7 @@ def rendered_files(settings: Settings, host_public_keys: Sequence[str] | None = 
     files = {
         "postgres/pg_hba.conf": pg_hba_conf(settings),
         "postgres/primary-setup.sql": primary_setup_sql(),
+        "postgres/pgbackrest.conf": pgbackrest_conf(settings),
         f"postgres/{topo.postgres_primary.hostname}.conf": postgresql_conf(settings, topo.postgres_primary),
         "nginx/nginx.conf": nginx_conf(settings),
         "backend/environment": "".join(f"{k}={v}\n" for k, v in sorted(backend_environment(settings).items()))

@@ -9,6 +9,7 @@ and what is allowed, and is raised before any resource is registered.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
@@ -125,6 +126,23 @@ def ip_address(key: str, value: Any) -> str:
         raise _fail(key, value, "must be an IPv4 address such as 127.0.0.1 or 0.0.0.0") from None
 
 
+_RESTORE_TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(\.\d{1,6})?[+-]\d{2}(:?\d{2})?$")
+
+
+def restore_target(key: str, value: Any) -> str:
+    """'' (no restore), 'latest', or a time with its UTC offset, as PostgreSQL reads it."""
+    if value in (None, "", "latest"):
+        return value or ""
+    if isinstance(value, str) and _RESTORE_TIME_RE.match(value):
+        try:
+            datetime.datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            return value
+    raise _fail(key, value, "must be empty, latest, or a time with its UTC offset such as '2026-11-29 14:05:00+00'")
+
+
 def worker_processes(key: str, value: Any) -> str:
     if value == "auto":
         return "auto"
@@ -187,6 +205,30 @@ class PostgresSettings:
     shm_size_mb: int = _setting("shmSize", "256MB", megabytes(64), "/dev/shm size per PostgreSQL container.")
     publish_port: int | None = _setting(
         "publishPort", 0, optional_port, "Host port of the primary; replicas take the next ones. 0: none."
+    )
+    backup_full_interval_minutes: int = _setting(
+        "backupFullIntervalMinutes", 1440, integer(1, 44640), "Minutes between full base backups (pgBackRest)."
+    )
+    backup_incremental_interval_minutes: int = _setting(
+        "backupIncrementalIntervalMinutes",
+        60,
+        integer(0, 44640),
+        "Minutes between incremental backups; 0: none. Must be shorter than the full interval.",
+    )
+    backup_retention_full: int = _setting(
+        "backupRetentionFull", 7, integer(1, 365), "Full backups kept, with their incrementals and WAL."
+    )
+    archive_timeout_seconds: int = _setting(
+        "archiveTimeoutSeconds",
+        60,
+        integer(10, 3600),
+        "Longest a committed write waits to reach the backup repository: the data lost with every volume.",
+    )
+    restore_target: str = _setting(
+        "restoreTarget",
+        "",
+        restore_target,
+        "Restore an empty primary from the repository: latest, or a time with its UTC offset. Empty: never.",
     )
 
 
@@ -385,6 +427,13 @@ def _published_ports(s: Settings) -> list[tuple[int, str]]:
 
 def _validate(s: Settings) -> None:
     r = s.redis
+    pg = s.postgres
+    if pg.backup_incremental_interval_minutes >= pg.backup_full_interval_minutes:
+        raise SettingsError(
+            f"{PROJECT}:postgres.backupIncrementalIntervalMinutes={pg.backup_incremental_interval_minutes} with "
+            f"postgres.backupFullIntervalMinutes={pg.backup_full_interval_minutes}: incremental backups must come "
+            "more often than full ones (or set 0 for none)"
+        )
     if r.quorum > r.sentinel_count:
         raise SettingsError(
             f"{PROJECT}:redis.sentinels={r.sentinel_count} with quorum {r.quorum}: "

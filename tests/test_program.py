@@ -255,8 +255,15 @@ def test_postgres_primary_waits_and_replicas_follow_it(stack: str) -> None:
         assert env["PG_SLOT"] == replica.inputs["hostname"].replace("-", "_")
         assert replica.inputs["healthcheck"]["tests"] == ["CMD", "/usr/local/bin/healthcheck.sh"]
     volumes = [m for c in [primary, *replicas] for m in mounts_of(c).values()]
-    assert {m["target"] for m in volumes} == {"/var/lib/postgresql/data"}
-    assert len({m["source"] for m in volumes}) == len(replicas) + 1
+    data = [m for m in volumes if m["target"] == "/var/lib/postgresql/data"]
+    assert len({m["source"] for m in data}) == len(replicas) + 1
+    # The backup repository is the primary's only other mount: a replica never writes backups.
+    assert {m["target"]: m["source"] for m in mounts_of(primary).values()} == {
+        "/var/lib/postgresql/data": f"transvidio-{stack}-postgres-primary-data",
+        render.PGBACKREST_REPO_DIR: f"transvidio-{stack}-postgres-backups",
+    }
+    assert render.PGBACKREST_CONF in uploads_of(primary)
+    assert all(render.PGBACKREST_CONF not in uploads_of(replica) for replica in replicas)
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -663,7 +670,15 @@ def test_prod_exports_exactly_these_outputs() -> None:
 def test_each_data_tier_container_gets_exactly_the_environment_its_entrypoint_reads() -> None:
     ev = evaluated("prod")
     envs = {name.removeprefix("transvidio-prod-"): env_of(c) for name, c in ev.containers.items()}
-    assert envs["postgres-primary"] == {"PG_ROLE": "primary", "PG_NODE": "postgres-primary"}
+    assert envs["postgres-primary"] == {
+        "PG_ROLE": "primary",
+        "PG_NODE": "postgres-primary",
+        "PGBACKREST_CONFIG": "/etc/transvidio/postgres/pgbackrest.conf",
+        "PGBACKREST_STANZA": "transvidio",
+        "BACKUP_FULL_INTERVAL_MINUTES": "1440",
+        "BACKUP_INCREMENTAL_INTERVAL_MINUTES": "60",
+        "RESTORE_TARGET": "",
+    }
     assert envs["postgres-replica-2"] == {
         "PG_ROLE": "replica",
         "PG_NODE": "postgres-replica-2",

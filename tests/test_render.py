@@ -151,6 +151,37 @@ def test_postgresql_conf_replication_settings_and_replica_slot() -> None:
     assert "host=postgres-primary" in replica and "user=replicator" in replica
 
 
+def test_every_node_archives_its_wal_to_the_backup_repository_within_the_archive_timeout() -> None:
+    s = settings(postgres={"archiveTimeoutSeconds": 30})
+    for node in (Topology(s).postgres_primary, Topology(s).postgres_replicas[0]):
+        values = conf_values(render.postgresql_conf(s, node))
+        assert values["archive_mode"] == "on"
+        assert values["archive_command"] == (
+            "'pgbackrest --config=/etc/transvidio/postgres/pgbackrest.conf --stanza=transvidio archive-push %p'"
+        )
+        assert values["archive_timeout"] == "'30s'"
+
+
+def test_pgbackrest_keeps_the_configured_full_backups_of_the_local_cluster() -> None:
+    conf = render.pgbackrest_conf(settings(postgres={"backupRetentionFull": 3}))
+    assert conf == render.HEADER + (
+        "[global]\n"
+        "repo1-path=/var/lib/pgbackrest\n"
+        "repo1-retention-full-type=count\n"
+        "repo1-retention-full=3\n"
+        "compress-type=zst\n"
+        "start-fast=y\n"
+        "log-level-console=info\n"
+        "log-level-file=off\n"
+        "lock-path=/var/lib/postgresql/run/pgbackrest\n"
+        "\n"
+        "[transvidio]\n"
+        "pg1-path=/var/lib/postgresql/data\n"
+        "pg1-socket-path=/var/lib/postgresql/run\n"
+        "pg1-port=5432\n"
+    )
+
+
 def test_primary_setup_sql_is_idempotent_and_reads_passwords_from_files() -> None:
     sql = render.primary_setup_sql()
     assert "WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'replicator')" in sql

@@ -177,6 +177,16 @@ ERRORS = [
         {"redis": {"publishPort": 65535}},
         "transvidio:redis.publishPort=65535: needs 2 ports from there, past 65535",
     ),
+    (
+        "prod",
+        {"postgres": {"backupFullIntervalMinutes": 60, "backupIncrementalIntervalMinutes": 60}},
+        "transvidio:postgres.backupIncrementalIntervalMinutes=60 with postgres.backupFullIntervalMinutes=60: incremental backups must come more often than full ones (or set 0 for none)",
+    ),
+    (
+        "prod",
+        {"postgres": {"restoreTarget": "yesterday"}},
+        "transvidio:postgres.restoreTarget='yesterday': must be empty, latest, or a time with its UTC offset such as '2026-11-29 14:05:00+00'",
+    ),
 ]
 
 
@@ -186,6 +196,36 @@ def test_bad_value_is_named_with_what_is_allowed(stack: str, overrides: dict[str
     with pytest.raises(cfg.SettingsError) as raised:
         parse_stack(stack, overrides)
     assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [
+        ("", ""),
+        (None, ""),
+        ("latest", "latest"),
+        ("2026-11-29 14:05:00+00", "2026-11-29 14:05:00+00"),
+        ("2026-11-29 14:05:00.123456-05:30", "2026-11-29 14:05:00.123456-05:30"),
+    ],
+)
+def test_a_restore_target_is_latest_or_a_time_with_its_offset(value: Any, parsed: str) -> None:
+    assert cfg.restore_target("k", value) == parsed
+
+
+@pytest.mark.parametrize(
+    "value", ["now", "2026-11-29 14:05:00", "2026-11-29T14:05:00+00", "2026-13-01 00:00:00+00", "2026-11-29", 7]
+)
+def test_a_restore_target_without_an_offset_or_not_a_time_is_refused(value: Any) -> None:
+    refused(
+        cfg.restore_target,
+        value,
+        "must be empty, latest, or a time with its UTC offset such as '2026-11-29 14:05:00+00'",
+    )
+
+
+def test_incremental_backups_may_be_off() -> None:
+    settings = parse_stack("prod", {"postgres": {"backupIncrementalIntervalMinutes": 0}})
+    assert settings.postgres.backup_incremental_interval_minutes == 0
 
 
 def test_published_ports_may_end_exactly_at_65535() -> None:
@@ -230,7 +270,7 @@ def test_https_port_is_accepted_with_a_certificate_and_key() -> None:
 
 def readme_cell(value: Any) -> str:
     """How the README's configuration table writes a value."""
-    return "(build)" if value == "" else f"`{value}`"
+    return "`''`" if value == "" else f"`{value}`"
 
 
 def test_readme_config_table_matches_the_code_and_both_stack_files_value_by_value() -> None:

@@ -58,6 +58,22 @@ class ApplyError(RuntimeError):
     """A resource could not be created; names it and shows the tail of its output."""
 
 
+class InitializationError(ApplyError):
+    """The resource exists but did not become ready (a container with `wait` never healthy).
+
+    The provider set the container's ID before waiting, so the bridge hands Pulumi a partial
+    state: the engine keeps the resource with its initialization errors (and on the next
+    `pulumi up` updates it, even with no change: pulumi/pkg/resource/deploy/step_generator.go,
+    "If resource was unchanged, but there were initialization errors, generate an empty
+    update step").
+    """
+
+    def __init__(self, message: str, resource_id: str, outputs: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.resource_id = resource_id
+        self.outputs = outputs
+
+
 def _host_ip(ip: str | None) -> str:
     """0.0.0.0 means every interface to Docker; netavark 1.4 turns it into a rule that matches
     no packet (`-d 0.0.0.0/32`), so on Podman the same meaning is passed as an empty host IP."""
@@ -164,6 +180,7 @@ class Resource:
     property_dependencies: dict[str, set[Key]] = field(default_factory=dict)
     delete_before_replace: bool = False
     retain_on_delete: bool = False
+    init_errors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -314,6 +331,10 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
             elif changes:
                 resource = self._update(old, inputs, meta, changes)
                 self._record("update", key, tuple(sorted(changes)))
+            elif old.init_errors:
+                # The engine's empty update: the provider's Update has nothing to change.
+                resource = self._new(old.type, old.name, old.id, inputs, old.state, old.outputs, meta)
+                self._record("update", key, ())
             else:
                 resource = old
                 resource.dependencies = meta.get("dependencies", old.dependencies)
@@ -357,11 +378,21 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
     # --- create, update, replace, delete, read: per type --------------------------------
 
     def _create(self, type_: str, name: str, inputs: dict[str, Any], meta: dict[str, Any]) -> Resource:
-        resource_id, outputs = self.handlers[type_](name, inputs)
+        init_errors: tuple[str, ...] = ()
+        try:
+            resource_id, outputs = self.handlers[type_](name, inputs)
+        except InitializationError as failure:
+            resource_id, outputs, init_errors = failure.resource_id, failure.outputs, (str(failure),)
         state = provider.planned(type_, inputs, {})
         if type_ == CONTAINER:
             state = provider.read_container(self.client.api.inspect_container(resource_id), state)
-        return self._new(type_, name, resource_id, inputs, state, outputs, meta)
+        resource = self._new(type_, name, resource_id, inputs, state, outputs, meta)
+        if init_errors:
+            resource.init_errors = init_errors
+            with self.lock:
+                self.state[(type_, name)] = resource
+            raise ApplyError(init_errors[0])
+        return resource
 
     def _update(self, old: Resource, inputs: dict[str, Any], meta: dict[str, Any], changes: dict[str, str]) -> Resource:
         resource_id, outputs = old.id, old.outputs
@@ -635,9 +666,13 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
         for upload in inputs.get("uploads", []):
             self._upload(name, container_id, upload)
         api.start(container_id)
+        outputs = {**inputs, "id": container_id}
         if inputs.get("wait"):
-            wait_healthy(self.client, inputs["name"], float(inputs.get("waitTimeout", 60)))
-        return container_id, {**inputs, "id": container_id}
+            try:
+                wait_healthy(self.client, inputs["name"], float(inputs.get("waitTimeout", 60)))
+            except ApplyError as error:
+                raise InitializationError(str(error), container_id, outputs) from None
+        return container_id, outputs
 
     def _update_container(self, old: Resource, inputs: dict[str, Any], changes: dict[str, str]) -> None:
         """U: one ContainerUpdate with the restart policy and the resources; swap only when set."""
