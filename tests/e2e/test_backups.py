@@ -3,8 +3,9 @@
 The primary archives every WAL segment and takes scheduled pgBackRest backups into the
 backup volume; these tests wipe every PostgreSQL data volume (the backup volume stays,
 as it would after losing the database host's disks) and restore through the program:
-`postgres.restoreTarget` set, `pulumi up --refresh`. Backups run every minute here, one
-full backup kept, so the schedule and the retention are seen within the test.
+`postgres.restoreTarget` set, `pulumi up --refresh`. Here a full backup is due every two minutes and an
+incremental one every minute, one full backup kept, so the schedule and the retention
+are seen within the test.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from tests.e2e.conftest import Deployment, deployed
 
 BACKUP_OVERRIDES = {
     "postgres": {
-        "backupFullIntervalMinutes": 1,
-        "backupIncrementalIntervalMinutes": 0,
+        "backupFullIntervalMinutes": 2,
+        "backupIncrementalIntervalMinutes": 1,
         "backupRetentionFull": 1,
         "archiveTimeoutSeconds": 10,
     }
@@ -113,17 +114,23 @@ def application_writes(dev: Deployment) -> None:
     assert status == 201, body
 
 
-def test_backups_run_on_schedule_and_retention_keeps_the_newest_full_one(dev: Deployment) -> None:
+def test_full_and_incremental_backups_run_on_schedule_and_retention_expires_the_old_set(dev: Deployment) -> None:
     first = wait_for(lambda: [b for b in backups(dev) if b["type"] == "full"], 90, "a first full backup")[0]
-    # One minute later the next full backup is due; with one kept, the first one is expired.
+    # A minute later an incremental one on top of it; two minutes after the first, the next
+    # full one, and with one full backup kept the first set (full and incremental) expires.
+    incremental = wait_for(lambda: [b for b in backups(dev) if b["type"] == "incr"], 90, "an incremental backup")[0]
+    assert incremental["prior"] == first["label"]
+    assert incremental["timestamp"]["start"] >= first["timestamp"]["stop"] + 60
 
-    def first_expired() -> list[dict[str, Any]]:
+    def first_set_expired() -> list[dict[str, Any]]:
         current = backups(dev)
-        return current if current and all(b["label"] != first["label"] for b in current) else []
+        labels = {first["label"], incremental["label"]}
+        fulls = [b for b in current if b["type"] == "full"]
+        return current if fulls and not labels & {b["label"] for b in current} else []
 
-    later = wait_for(first_expired, 150, "a second full backup and the first one expired")
-    assert [b["type"] for b in later] == ["full"]
-    assert later[0]["timestamp"]["start"] >= first["timestamp"]["stop"] + 60
+    later = wait_for(first_set_expired, 150, "a second full backup and the first set expired")
+    assert later[0]["type"] == "full"
+    assert later[0]["timestamp"]["start"] >= first["timestamp"]["stop"] + 120
 
 
 def test_an_empty_primary_is_never_initialised_over_existing_backups(dev: Deployment) -> None:
