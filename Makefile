@@ -105,7 +105,7 @@ mutate: venv
 	git ls-files | tar -T - -c | tar -C $(MUTATE_DIR) -x
 	ln -s $(CURDIR)/$(VENV) $(MUTATE_DIR)/$(VENV)
 	-cd $(MUTATE_DIR) && $(BIN)/mutmut run --paths-to-mutate $(MUTATE_PATHS) --tests-dir tests --no-progress \
-		--runner "$(BIN)/python -m pytest -x -q -p no:cacheprovider $(MUTATE_TESTS)"
+		--runner "$(BIN)/python -m tests.mutation_runner -x -q -p no:cacheprovider $(MUTATE_TESTS)"
 	$(BIN)/python -m tests.mutation_score $(MUTATE_DIR)
 
 clean:
