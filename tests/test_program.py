@@ -750,3 +750,36 @@ def test_uploads_tls_ports_capabilities_and_healthchecks_per_role() -> None:
         f"{render.SECRETS_DIR}/tls.crt": ("CERT", "33"),
         f"{render.SECRETS_DIR}/tls.key": ("KEY", "33"),
     }
+
+
+def test_make_render_writes_exactly_what_the_stack_uploads() -> None:
+    """`make render` is for review: each file it writes is the one the containers get."""
+    ev = evaluated("prod")
+    uploaded: dict[str, set[str]] = {}
+    for container in ev.containers.values():
+        for path, upload in uploads_of(container).items():
+            uploaded.setdefault(path, set()).add(upload["content"])
+    directories = {"postgres": render.POSTGRES_CONF_DIR, "redis": render.REDIS_CONF_DIR, "nginx": render.NGINX_CONF_DIR}
+    paths = {
+        "mpi/hostfile": f"{render.MPI_CONF_DIR}/hostfile",
+        "mpi/openmpi-mca-params.conf": "/home/app/.openmpi/mca-params.conf",
+        "mpi/prte-mca-params.conf": "/home/app/.prte/mca-params.conf",
+    }
+    files = render.rendered_files(parse("prod", stack_config("prod")))
+    for name, text in files.items():
+        if name in ("mpi/known_hosts", "backend/environment"):
+            continue
+        directory, _, filename = name.partition("/")
+        path = paths.get(name) or f"{directories[directory]}/{filename}"
+        assert uploaded.get(path) == {text}, name
+    # known_hosts: the same hosts, with placeholders where the stack has generated keys.
+    hosts = [line.split()[0] for line in files["mpi/known_hosts"].splitlines()]
+    [known_hosts] = uploaded["/etc/ssh/ssh_known_hosts"]
+    assert hosts == [line.split()[0] for line in known_hosts.splitlines()]
+    # The backend's environment: every plain value as it gets it, every secret as a placeholder.
+    backend = env_of(ev.containers["transvidio-prod-backend-1"])
+    written = dict(line.split("=", 1) for line in files["backend/environment"].splitlines())
+    assert {k: v for k, v in written.items() if v != "<secret>"} == {
+        k: v for k, v in backend.items() if k not in render.BACKEND_SECRET_ENV
+    }
+    assert sorted(k for k, v in written.items() if v == "<secret>") == sorted(render.BACKEND_SECRET_ENV)

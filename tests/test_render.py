@@ -8,6 +8,8 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 from components import render
 from components.settings import Settings, parse
 from components.topology import Topology
@@ -303,3 +305,9 @@ def test_postgres_sizes_are_written_in_the_largest_unit_that_divides_them() -> N
         "'1536kB'",
         "'1536MB'",
     )
+
+
+def test_known_hosts_needs_exactly_one_host_key_per_mpi_node() -> None:
+    with pytest.raises(ValueError) as raised:
+        render.known_hosts(settings(), ["ssh-ed25519 ONLY-ONE"])
+    assert str(raised.value) == "3 MPI nodes but 1 host keys"

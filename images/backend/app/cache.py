@@ -21,7 +21,6 @@ TTL_SECONDS = 3600
 
 class Cache:
     def __init__(self, config: Config) -> None:
-        self.config = config
         self.sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(config.redis_sentinels),
             sentinel_kwargs={"password": config.redis_password, "socket_timeout": config.dependency_timeout},
