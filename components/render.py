@@ -279,6 +279,9 @@ def backend_environment(settings: Settings) -> dict[str, str]:
         "MPI_SSH_PORT": str(SSH_PORT),
         "UPLOADS_DIR": UPLOADS_DIR,
         "OUTPUTS_DIR": OUTPUTS_DIR,
+        # The same limits as nginx's: the app holds to them when reached some other way.
+        "MAX_UPLOAD_BYTES": str(settings.nginx.max_body_size_mb * 1024 * 1024),
+        "MAX_JSON_BYTES": str(API_MAX_BODY_KB * 1024),
     }
 
 
@@ -308,22 +311,121 @@ def nginx_environment() -> dict[str, str]:
     }
 
 
+# Passive health: a backend that fails to connect, times out or answers 502/504 is skipped
+# (and after max_fails, rested). Not 503: the app answers 503 when a dependency is down,
+# which says nothing about the backend, and counting it would let any client that asks
+# for a degraded /api/health twice take every backend out of the pool.
+_PROXY_TO_BACKENDS = """proxy_pass http://backends;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_set_header X-Real-IP $remote_addr;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_next_upstream error timeout http_502 http_504;
+            proxy_next_upstream_tries 3;
+            proxy_connect_timeout 2s;
+            proxy_send_timeout 300s;
+            proxy_read_timeout 300s;
+            proxy_request_buffering off;"""
+
+# Bodies other than uploads are small JSON documents.
+API_MAX_BODY_KB = 64
+# Only with TLS on: browsers then refuse plain HTTP to this host for a year.
+HSTS = """
+        add_header Strict-Transport-Security "max-age=31536000" always;"""
+
+
+def _cluster_only(settings: Settings) -> str:
+    """Allow the cluster's own networks; the bridge gateway is how the host (and anything
+    published) reaches nginx, so it is refused first."""
+    gateway = settings.network.edge_subnet.network_address + 1
+    return f"""deny {gateway};
+            allow 127.0.0.1;
+            allow {settings.network.edge_subnet};
+            deny all;"""
+
+
 def nginx_conf(settings: Settings) -> str:
     """The load balancer: /api/ to every backend, /outputs/ from the shared volume.
 
     The upstream's servers are not in this file: the entrypoint writes them to
     NGINX_UPSTREAMS_FILE from the backends alias and reloads nginx when they change, so
-    scaling the pool changes neither this file nor the nginx container.
+    scaling the pool changes neither this file nor the nginx container. With TLS, the
+    HTTP port only redirects to HTTPS (and answers the container's own healthcheck).
     """
     ngx = settings.nginx
-    gateway = settings.network.edge_subnet.network_address + 1
-    tls = ""
+    local = f"""location = /health {{
+            access_log off;
+            default_type text/plain;
+            return 200 "ok\\n";
+        }}
+
+        location = /nginx-status {{
+            stub_status;
+            {_cluster_only(settings)}
+        }}"""
+    service = f"""client_max_body_size {API_MAX_BODY_KB}k;
+        # These time the gaps between reads, not whole transfers: a slow 500 MB upload is fine.
+        client_body_timeout 120s;
+        send_timeout 120s;
+        add_header X-Content-Type-Options nosniff always;
+        add_header X-Frame-Options DENY always;
+        add_header Referrer-Policy no-referrer always;{HSTS if settings.tls_enabled else ""}
+
+        {local}
+
+        location /outputs/ {{
+            alias {OUTPUTS_DIR}/;
+            autoindex off;
+            limit_except GET HEAD {{ deny all; }}
+        }}
+
+        # Readiness names every dependency and its address: for the cluster, not for clients.
+        location = /api/health {{
+            {_cluster_only(settings)}
+            {_PROXY_TO_BACKENDS}
+        }}
+
+        location = /api/uploads {{
+            client_max_body_size {ngx.max_body_size_mb}m;
+            {_PROXY_TO_BACKENDS}
+        }}
+
+        location /api/ {{
+            {_PROXY_TO_BACKENDS}
+        }}"""
     if settings.tls_enabled:
-        tls = f"""
+        https_port = settings.nginx.https_port
+        authority = "$host" if https_port == 443 else f"$host:{https_port}"
+        servers = f"""server {{
+        listen {NGINX_HTTP_PORT};
+        server_name _;
+
+        {local}
+
+        location / {{
+            return 301 https://{authority}$request_uri;
+        }}
+    }}
+
+    server {{
         listen {NGINX_HTTPS_PORT} ssl;
+        server_name _;
         ssl_certificate {SECRETS_DIR}/tls.crt;
         ssl_certificate_key {SECRETS_DIR}/tls.key;
-        ssl_protocols TLSv1.2 TLSv1.3;"""
+        ssl_protocols TLSv1.2 TLSv1.3;
+
+        {service}
+    }}"""
+    else:
+        servers = f"""server {{
+        listen {NGINX_HTTP_PORT};
+        server_name _;
+
+        {service}
+    }}"""
     return f"""# Rendered by transvidio-cluster from the stack's settings; edit the stack config, not this file.
 worker_processes {ngx.worker_processes};
 pid /tmp/nginx.pid;
@@ -356,54 +458,7 @@ http {{
         keepalive 32;
     }}
 
-    server {{
-        listen {NGINX_HTTP_PORT};{tls}
-        server_name _;
-
-        client_max_body_size {ngx.max_body_size_mb}m;
-        # These time the gaps between reads, not whole transfers: a slow 500 MB upload is fine.
-        client_body_timeout 120s;
-        send_timeout 120s;
-
-        location = /health {{
-            access_log off;
-            default_type text/plain;
-            return 200 "ok\\n";
-        }}
-
-        location = /nginx-status {{
-            stub_status;
-            # The bridge gateway is how the host (and anything published) reaches us.
-            deny {gateway};
-            allow 127.0.0.1;
-            allow {settings.network.edge_subnet};
-            deny all;
-        }}
-
-        location /outputs/ {{
-            alias {OUTPUTS_DIR}/;
-            autoindex off;
-            limit_except GET HEAD {{ deny all; }}
-        }}
-
-        location /api/ {{
-            proxy_pass http://backends;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
-            proxy_set_header Host $host;
-            proxy_set_header X-Real-IP $remote_addr;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto $scheme;
-            # Passive health: a dead backend is skipped; POSTs are never replayed.
-            proxy_next_upstream error timeout http_502 http_503 http_504;
-            proxy_next_upstream_tries 3;
-            proxy_connect_timeout 2s;
-            proxy_send_timeout 300s;
-            proxy_read_timeout 300s;
-            proxy_request_buffering off;
-        }}
-    }}
+    {servers}
 }}
 """
 

@@ -475,6 +475,11 @@ def _validate(s: Settings) -> None:
         raise SettingsError(
             f"{PROJECT}:{data_ports[0]} is set on stack {s.stack}: production publishes only nginx; set it to 0"
         )
+    if s.tls_enabled and not s.nginx.https_port:
+        raise SettingsError(
+            f"{PROJECT}:nginx.httpsPort=0 with the secrets tlsCertificate and tlsKey set: nginx would have a "
+            "certificate and no port to serve it on; set nginx.httpsPort (e.g. 443), or remove the secrets"
+        )
     if s.nginx.https_port and not s.tls_enabled:
         raise SettingsError(
             f"{PROJECT}:nginx.httpsPort={s.nginx.https_port} needs the secrets tlsCertificate and tlsKey "

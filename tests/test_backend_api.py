@@ -133,6 +133,7 @@ def state(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> Iterator[F
     monkeypatch.setattr(main, "config", config)
     monkeypatch.setattr(main, "_state", fake)
     monkeypatch.setattr(main, "MAX_UPLOAD_BYTES", 1000)
+    monkeypatch.setattr(main, "MAX_JSON_BYTES", 200)
     yield fake
 
 
@@ -306,6 +307,22 @@ def test_a_job_for_an_upload_that_does_not_exist_is_a_422_naming_it(state: FakeS
     missing = "f" * 32
     response = post_job({"upload_id": missing, "duration_seconds": 5, "target_language": "fr"})
     assert (response.status, response.json()) == (422, {"error": f"upload {missing} does not exist"})
+
+
+def test_a_job_body_over_the_json_limit_is_a_413_without_being_held(state: FakeState, tmp_path: pathlib.Path) -> None:
+    upload_id = upload(b"video", tmp_path)
+    padded = json.dumps({"upload_id": upload_id, "duration_seconds": 5, "target_language": "fr", "pad": "x" * 200})
+    response = call("POST", "/api/jobs", [padded.encode()], headers={"content-length": str(len(padded))})
+    assert (response.status, response.json()) == (
+        413,
+        {"error": f"body of {len(padded)} bytes exceeds the limit of 200 bytes"},
+    )
+    response = call("POST", "/api/jobs", [b"{" + b" " * 150, b" " * 51 + b"}"])  # chunked, no length declared
+    assert (response.status, response.json()) == (413, {"error": "body exceeds the limit of 200 bytes"})
+    assert state.db.statements == []
+    exact = json.dumps({"upload_id": upload_id, "duration_seconds": 5, "target_language": "fr"}).encode()
+    exact += b" " * (200 - len(exact))
+    assert call("POST", "/api/jobs", [exact], headers={"content-length": "200"}).status == 201
 
 
 def test_malformed_json_is_a_400(state: FakeState) -> None:

@@ -42,27 +42,64 @@ def test_nginx_environment_names_the_alias_every_backend_carries() -> None:
     }
 
 
+def block(conf: str, opening: str) -> str:
+    """The text of the block that starts with `opening` (up to its matching brace)."""
+    start = conf.index(opening + " {")
+    depth = 0
+    for end in range(conf.index("{", start), len(conf)):
+        depth += {"{": 1, "}": -1}.get(conf[end], 0)
+        if depth == 0:
+            return conf[start : end + 1]
+    raise ValueError(f"unclosed block {opening}")
+
+
 def test_nginx_conf_carries_the_proxy_contract() -> None:
     s = settings()
     conf = render.nginx_conf(s)
-    assert "client_max_body_size 500m;" in conf
-    assert "proxy_next_upstream error timeout http_502 http_503 http_504;" in conf
-    assert "non_idempotent" not in conf
+    server = block(conf, "server")
+    # Small bodies everywhere; the upload limit only where uploads go.
+    assert "client_max_body_size 64k;" in server.split("location")[0]
+    assert "client_max_body_size 500m;" in block(conf, "location = /api/uploads")
+    assert conf.count("client_max_body_size") == 2
+    # Retried on a dead or broken backend, never on the app's own 503 (a degraded dependency).
+    api_locations = [block(conf, f"location {name}") for name in ("= /api/health", "= /api/uploads", "/api/")]
+    for location in api_locations:
+        assert "proxy_pass http://backends;" in location
+        assert "proxy_next_upstream error timeout http_502 http_504;" in location
+    assert "http_503" not in conf and "non_idempotent" not in conf
     assert "proxy_set_header Upgrade $http_upgrade;" in conf
     assert "proxy_set_header Connection $connection_upgrade;" in conf
     assert f"alias {render.OUTPUTS_DIR}/;" in conf
     assert "worker_processes 4;" in conf and "worker_connections 2048;" in conf
-    status = conf[conf.index("location = /nginx-status") :]
-    status = status[: status.index("}")]
-    assert status.index("deny 10.211.0.1;") < status.index("allow 10.211.0.0/24;") < status.index("deny all;")
-    assert "ssl_certificate" not in conf
+    # Status and readiness only for the cluster: the gateway (the host, anything published) first refused.
+    for name in ("= /nginx-status", "= /api/health"):
+        rules = [
+            line.strip()
+            for line in block(conf, f"location {name}").splitlines()
+            if line.strip()[:5] in ("allow", "deny ")
+        ]
+        assert rules == ["deny 10.211.0.1;", "allow 127.0.0.1;", "allow 10.211.0.0/24;", "deny all;"], name
+    for header in ("X-Content-Type-Options nosniff", "X-Frame-Options DENY", "Referrer-Policy no-referrer"):
+        assert f"add_header {header} always;" in server
+    assert "ssl_certificate" not in conf and "Strict-Transport-Security" not in conf
 
 
-def test_nginx_conf_adds_tls_only_when_enabled() -> None:
-    s = parse("prod", stack_config("prod", {"nginx": {"httpsPort": 443}}), tls_enabled=True)
+@pytest.mark.parametrize(
+    ("https_port", "location"), [(443, "https://$host$request_uri"), (8443, "https://$host:8443$request_uri")]
+)
+def test_with_tls_http_only_redirects_and_https_serves_with_hsts(https_port: int, location: str) -> None:
+    s = parse("prod", stack_config("prod", {"nginx": {"httpsPort": https_port}}), tls_enabled=True)
     conf = render.nginx_conf(s)
-    assert "listen 8443 ssl;" in conf
-    assert f"ssl_certificate {render.SECRETS_DIR}/tls.crt;" in conf
+    http_server, https_server = conf.split("    server {")[1:]
+    assert "listen 8080;" in http_server and "proxy_pass" not in http_server
+    assert f"return 301 {location};" in http_server
+    assert "location = /health" in http_server and "location = /nginx-status" in http_server
+    assert "listen 8443 ssl;" in https_server
+    assert f"ssl_certificate {render.SECRETS_DIR}/tls.crt;" in https_server
+    assert f"ssl_certificate_key {render.SECRETS_DIR}/tls.key;" in https_server
+    assert "ssl_protocols TLSv1.2 TLSv1.3;" in https_server
+    assert 'add_header Strict-Transport-Security "max-age=31536000" always;' in https_server
+    assert "location /api/ {" in https_server and "location = /api/uploads {" in https_server
 
 
 def test_sentinel_monitor_line_uses_the_quorum_and_the_initial_master() -> None:

@@ -263,6 +263,16 @@ def test_a_bad_value_stops_the_program_before_any_resource_is_registered(
     assert len(mocks.created) > 20
 
 
+def test_a_certificate_without_an_https_port_is_refused() -> None:
+    # It used to render `listen ... ssl` with no certificate uploaded: nginx never started.
+    with pytest.raises(cfg.SettingsError) as raised:
+        parse_stack("prod", tls=True)
+    assert str(raised.value) == (
+        "transvidio:nginx.httpsPort=0 with the secrets tlsCertificate and tlsKey set: nginx would have a "
+        "certificate and no port to serve it on; set nginx.httpsPort (e.g. 443), or remove the secrets"
+    )
+
+
 def test_https_port_is_accepted_with_a_certificate_and_key() -> None:
     settings = parse_stack("prod", {"nginx": {"httpsPort": 443}}, tls=True)
     assert settings.nginx.https_port == 443

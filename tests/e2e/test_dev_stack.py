@@ -17,7 +17,8 @@ import redis
 from transvidio_jobs import processing
 
 from components.topology import REDIS_MASTER_NAME
-from tests.e2e import report
+from tests.e2e import report, traffic
+from tests.e2e.chaos import wait_streaming
 from tests.e2e.conftest import Deployment, deployed, engine_name, readback_drift
 
 
@@ -140,10 +141,12 @@ def test_mpirun_spans_master_and_worker_over_ssh(dev: Deployment) -> None:
     assert exit_code != 0 and "Host key verification failed" in output
 
 
-def test_nginx_serves_health_and_reports_every_dependency(dev: Deployment) -> None:
+def test_nginx_serves_liveness_to_all_and_readiness_to_the_cluster_only(dev: Deployment) -> None:
     status, body = http_get("http://127.0.0.1:8080/health")
     assert status == 200
-    status, body = http_get("http://127.0.0.1:8080/api/health")
+    status, _ = http_get("http://127.0.0.1:8080/api/health")  # the host: outside the cluster
+    assert status == 403
+    status, body = traffic.from_inside(dev, "/api/health")
     assert status == 200, body
     report = json.loads(body)
     assert report["status"] == "ok"
@@ -159,15 +162,52 @@ def test_nginx_serves_health_and_reports_every_dependency(dev: Deployment) -> No
 def test_nginx_status_is_for_the_cluster_only(dev: Deployment) -> None:
     status, _ = http_get("http://127.0.0.1:8080/nginx-status")
     assert status == 403
-    exit_code, output = dev.exec(
-        "backend-1",
-        [
-            "python3",
-            "-c",
-            "import urllib.request;print(urllib.request.urlopen('http://nginx:8080/nginx-status').read().decode())",
-        ],
-    )
-    assert exit_code == 0 and "Active connections" in output
+    status, body = traffic.from_inside(dev, "/nginx-status")
+    assert status == 200 and b"Active connections" in body
+
+
+def test_every_response_carries_the_security_headers(dev: Deployment) -> None:
+    for path in ("/health", "/api/jobs/not-a-job", "/outputs/missing"):
+        _, headers, _ = traffic.request(dev, "GET", path)
+        assert headers.get("x-content-type-options") == "nosniff", path
+        assert headers.get("x-frame-options") == "DENY", path
+        assert headers.get("referrer-policy") == "no-referrer", path
+        assert "server" not in headers or "nginx/" not in headers["server"], path
+
+
+def test_a_large_json_body_is_refused_and_the_backend_stays_healthy(dev: Deployment) -> None:
+    body = b'{"pad": "' + b"x" * (20 * 1024 * 1024) + b'"}'
+    status, _, _ = traffic.request(dev, "POST", "/api/jobs", body, {"Content-Type": "application/json"})
+    assert status == 413
+    status, _, raw = traffic.request(dev, "POST", "/api/uploads", b"still here")
+    assert status == 201, raw
+    dev.assert_all_healthy()
+
+
+def test_a_degraded_dependency_never_takes_the_backends_out_of_nginx(dev: Deployment) -> None:
+    # The app answers 503 while a replica is down; nginx must not count that against the
+    # backends, or a few readiness calls would make every /api/ request a 502. nginx never
+    # rests the only server of an upstream: this needs two backends.
+    dev.apply({"backend": {"replicas": 2}})
+    dev.wait_all_healthy()
+    deadline = time.monotonic() + 30
+    while len(traffic.upstream_servers(dev)) < 2:
+        assert time.monotonic() < deadline, "nginx never took the second backend"
+        time.sleep(1)
+    replica = dev.client.containers.get(dev.name("postgres-replica-1"))
+    replica.stop(timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        while traffic.from_inside(dev, "/api/health")[0] != 503:
+            assert time.monotonic() < deadline, "readiness never reported the stopped replica"
+            time.sleep(1)
+        assert [traffic.from_inside(dev, "/api/health")[0] for _ in range(20)] == [503] * 20
+        status, _, raw = traffic.request(dev, "POST", "/api/uploads", b"during a degraded dependency")
+        assert status == 201, raw
+    finally:
+        replica.start()
+        wait_streaming(dev, 1)
+        dev.apply({"backend": {"replicas": 1}})
 
 
 def test_a_second_apply_with_no_change_plans_nothing(dev: Deployment) -> None:
@@ -208,5 +248,5 @@ def test_a_new_subnet_replaces_the_network_and_the_containers_on_it(dev: Deploym
     assert network.id != old_network
     assert network.attrs["IPAM"]["Config"][0]["Subnet"] == "10.210.2.0/24"
     dev.wait_all_healthy()
-    status, body = http_get("http://127.0.0.1:8080/api/health")
+    status, body = traffic.from_inside(dev, "/api/health")
     assert status == 200, body

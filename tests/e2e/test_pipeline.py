@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from transvidio_jobs import processing
 
-from tests.e2e import chaos, report
+from tests.e2e import chaos, report, traffic
 from tests.e2e.apply import wait_healthy
 from tests.e2e.conftest import Deployment, deployed
 from tests.e2e.traffic import GetStream, request
@@ -45,6 +45,12 @@ def api(deployment: Deployment, method: str, path: str, document: Any = None) ->
     body = json.dumps(document).encode() if document is not None else None
     status, _, raw = request(deployment, method, path, body, {"Content-Type": "application/json"})
     return status, json.loads(raw) if raw else None
+
+
+def readiness(deployment: Deployment) -> tuple[int, Any]:
+    """/api/health through nginx, from inside the cluster (the only place that may ask)."""
+    status, raw = traffic.from_inside(deployment, "/api/health")
+    return status, json.loads(raw)
 
 
 def upload(deployment: Deployment, data: bytes) -> str:
@@ -150,7 +156,7 @@ def test_jobs_complete_while_a_replica_and_the_redis_master_are_down(prod: Deplo
     replica = prod.topology.postgres_replicas[0].hostname
     prod.client.containers.get(prod.name(replica)).stop(timeout=5)
     try:
-        status, health = api(prod, "GET", "/api/health")
+        status, health = readiness(prod)
         assert status == 503 and f"postgres-replica:{replica}" in health["down"]
         job = wait_done(prod, submit(prod, upload_id, 20, "it")["id"])
         assert job["status"] == "succeeded"
@@ -164,7 +170,7 @@ def test_jobs_complete_while_a_replica_and_the_redis_master_are_down(prod: Deplo
         deadline = time.monotonic() + 15
         seen_down = False
         while time.monotonic() < deadline and not seen_down:
-            status, health = api(prod, "GET", "/api/health")
+            status, health = readiness(prod)
             seen_down = status == 503 and "redis" in health["down"]
         assert seen_down, "/api/health never reported Redis down"
         long_job = wait_done(prod, submit(prod, upload_id, 90, "nl")["id"])
@@ -174,8 +180,8 @@ def test_jobs_complete_while_a_replica_and_the_redis_master_are_down(prod: Deplo
         prod.client.containers.get(prod.name(master)).start()
     assert chaos.wait_settled(prod) != master
     deadline = time.monotonic() + 30
-    while api(prod, "GET", "/api/health")[0] != 200:
-        assert time.monotonic() < deadline, api(prod, "GET", "/api/health")
+    while readiness(prod)[0] != 200:
+        assert time.monotonic() < deadline, readiness(prod)
         time.sleep(1)
 
 

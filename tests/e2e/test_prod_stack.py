@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import socket
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
+from tests.e2e import traffic
 from tests.e2e.conftest import Deployment, deployed
 
 DATA_TIER = {"postgres-primary": 5432, "postgres-replica-1": 5432, "redis-0": 6379, "sentinel-1": 26379}
@@ -45,8 +45,9 @@ def test_from_the_host_only_nginx_answers(prod: Deployment) -> None:
     }
     assert {name for name, bindings in published.items() if bindings} == {"transvidio-prod-nginx"}
     assert [b["HostPort"] for b in published["transvidio-prod-nginx"]["8080/tcp"]] == ["80"]
-    with urllib.request.urlopen("http://127.0.0.1:80/api/health", timeout=10) as response:
-        report = json.loads(response.read())
+    status, body = traffic.from_inside(prod, "/api/health")  # readiness is for the cluster only
+    assert status == 200, body
+    report = json.loads(body)
     assert report["status"] == "ok"
     assert len(report["dependencies"]) == 1 + 2 + 1 + 1  # primary, 2 replicas, redis, mpi
     for port in (5432, 5433, 6379, 26379, 8000, 22):

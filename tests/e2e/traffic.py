@@ -8,6 +8,8 @@ import time
 from collections import Counter
 from types import TracebackType
 
+from components import render
+from components.topology import NGINX_HTTP_PORT
 from tests.e2e.conftest import Deployment
 
 NGINX = "127.0.0.1"
@@ -28,6 +30,35 @@ def request(
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
         connection.close()
+
+
+# Run in a backend: an HTTP request to nginx from inside the cluster, printed as status + body.
+_INSIDE = """
+import sys, urllib.error, urllib.request
+try:
+    response = urllib.request.urlopen("http://nginx:%d" + sys.argv[1], timeout=20)
+    status, body = response.status, response.read()
+except urllib.error.HTTPError as error:
+    status, body = error.code, error.read()
+sys.stdout.write(str(status) + "\\n" + body.decode())
+"""
+
+
+def from_inside(deployment: Deployment, path: str) -> tuple[int, bytes]:
+    """GET `path` through nginx from a backend container: what the cluster's own networks see."""
+    code, output = deployment.exec(
+        deployment.topology.backends[0].hostname, ["python3", "-c", _INSIDE % NGINX_HTTP_PORT, path]
+    )
+    assert code == 0, output
+    status, _, body = output.partition("\n")
+    return int(status), body.encode()
+
+
+def upstream_servers(deployment: Deployment) -> list[str]:
+    """The backends nginx balances over now, from the file its entrypoint keeps."""
+    code, output = deployment.exec("nginx", ["cat", render.NGINX_UPSTREAMS_FILE])
+    assert code == 0, output
+    return [line.split()[1] for line in output.splitlines() if line.startswith("server ") and " down;" not in line]
 
 
 class GetStream:

@@ -38,6 +38,7 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname
 config = Config.from_env()
 HOST = socket.gethostname()
 MAX_UPLOAD_BYTES = int(os.environ.get("MAX_UPLOAD_BYTES", str(500 * 1024 * 1024)))
+MAX_JSON_BYTES = int(os.environ.get("MAX_JSON_BYTES", str(64 * 1024)))
 MPI_THRESHOLD_SECONDS = 60  # longer jobs go to the MPI cluster
 MAX_DURATION_SECONDS = 36000
 # Matched whole (fullmatch): `$` would also accept a trailing newline.
@@ -134,14 +135,23 @@ async def api_health(request: Request) -> JSONResponse:
 # --- uploads ------------------------------------------------------------------------------
 
 
+def declared_length_problem(request: Request, limit: int, what: str) -> JSONResponse | None:
+    """A 400 or 413 for a Content-Length that is malformed or over `limit`, before reading."""
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return None
+    if not declared.isdigit():
+        return problem(400, "Content-Length must be a number")
+    if int(declared) > limit:
+        return problem(413, f"{what} of {declared} bytes exceeds the limit of {limit} bytes")
+    return None
+
+
 async def create_upload(request: Request) -> JSONResponse:
     """Streams the body to the uploads volume; never holds it in memory."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            return problem(400, "Content-Length must be a number")
-        if int(declared) > MAX_UPLOAD_BYTES:
-            return problem(413, f"upload of {declared} bytes exceeds the limit of {MAX_UPLOAD_BYTES} bytes")
+    refused = declared_length_problem(request, MAX_UPLOAD_BYTES, "upload")
+    if refused is not None:
+        return refused
     upload_id = uuid.uuid4().hex
     final = os.path.join(config.uploads_dir, upload_id)
     partial = final + ".part"
@@ -188,8 +198,24 @@ def _validate(body: Any) -> tuple[str, int, str] | str:
     return upload_id, duration, language
 
 
+async def read_json_body(request: Request) -> bytes | JSONResponse:
+    """The body, read up to MAX_JSON_BYTES: a larger one is refused without being held."""
+    refused = declared_length_problem(request, MAX_JSON_BYTES, "body")
+    if refused is not None:
+        return refused
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_JSON_BYTES:
+            return problem(413, f"body exceeds the limit of {MAX_JSON_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def create_job(request: Request) -> JSONResponse:
-    raw = await request.body()
+    raw = await read_json_body(request)
+    if isinstance(raw, JSONResponse):
+        return raw
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
