@@ -8,7 +8,16 @@ import pulumi
 import pulumi_docker as docker
 
 from components import render
-from components.container import ContainerSpec, Networks, VolumeMount, data_volume, role_image, service_container
+from components.container import (
+    SERVICE_UIDS,
+    ContainerSpec,
+    Networks,
+    VolumeMount,
+    data_volume,
+    role_image,
+    secret_file,
+    service_container,
+)
 from components.settings import Settings
 from components.topology import BACKEND_PORT, Node, Topology
 
@@ -51,9 +60,10 @@ class BackendPool(pulumi.ComponentResource):
             "REDIS_PASSWORD": args.redis_password,
             "SECRET_KEY": args.secret_key,
         }
-        assert tuple(sorted(secrets)) == tuple(sorted(render.BACKEND_SECRET_ENV))
-        envs: list[pulumi.Input[str]] = [f"{k}={v}" for k, v in sorted(render.backend_environment(s).items())]
-        envs += [pulumi.Output.secret(pulumi.Output.concat(k, "=", v)) for k, v in sorted(secrets.items())]
+        assert sorted(secrets) == sorted(render.BACKEND_SECRET_FILES)
+        uid = SERVICE_UIDS[COMPONENT]
+        secret_files = [secret_file(render.secret_path(k), v, uid) for k, v in sorted(secrets.items())]
+        envs = [f"{k}={v}" for k, v in sorted(render.backend_environment(s).items())]
         self.uploads_volume = data_volume(name, "uploads", s, COMPONENT, self)
         self.outputs_volume = data_volume(name, "outputs", s, COMPONENT, self)
         topo = Topology(s)
@@ -71,6 +81,7 @@ class BackendPool(pulumi.ComponentResource):
                     healthcheck=["python3", "/usr/local/bin/healthcheck.py"],
                     memory_mb=s.backend.memory_mb,
                     envs=envs,
+                    uploads=secret_files,
                     volumes=[
                         VolumeMount(self.uploads_volume.name, render.UPLOADS_DIR),
                         VolumeMount(self.outputs_volume.name, render.OUTPUTS_DIR),

@@ -92,26 +92,24 @@ class MpiCluster(pulumi.ComponentResource):
             VolumeMount(args.outputs_volume, render.OUTPUTS_DIR),
         ]
 
-        runner_env: list[pulumi.Input[str]] = [f"{k}={v}" for k, v in sorted(render.mpi_runner_environment(s).items())]
-        runner_env.append(pulumi.Output.secret(pulumi.Output.concat("POSTGRES_PASSWORD=", args.postgres_password)))
+        runner_env = [f"{k}={v}" for k, v in sorted(render.mpi_runner_environment(s).items())]
+        runner_password = secret_file(render.secret_path("POSTGRES_PASSWORD"), args.postgres_password, uid)
 
         def container(node: Node) -> docker.Container:
             host_key = secret_file(
                 "/etc/ssh/ssh_host_ed25519_key", self.host_keys[node.hostname].private_key_openssh, ROOT_UID
             )
-            role_env: list[pulumi.Input[str]] = [
-                f"MPI_HOSTFILE={render.MPI_CONF_DIR}/hostfile",
-                f"MPI_ROLE={node.role}",
-            ]
+            role_env = [f"MPI_HOSTFILE={render.MPI_CONF_DIR}/hostfile", f"MPI_ROLE={node.role}"]
+            runner = node.role == "mpi-master"  # the job runner (and its password) is the master's only
             spec = ContainerSpec(
                 node=node,
                 component=COMPONENT,
                 image=self.image.repo_digest,
                 healthcheck=["/usr/local/bin/healthcheck.sh"],
                 memory_mb=s.mpi.memory_mb,
-                envs=role_env + (runner_env if node.role == "mpi-master" else []),
+                envs=role_env + (runner_env if runner else []),
                 volumes=volumes,
-                uploads=[*shared_uploads, host_key],
+                uploads=[*shared_uploads, host_key, *([runner_password] if runner else [])],
                 capabilities=SSHD_CAPABILITIES,
                 # MPI launches by name (hostfile, known_hosts) and the runner reaches the
                 # primary by name: pin them to the fixed addresses so neither waits on, or

@@ -261,11 +261,23 @@ def prte_mca_params(settings: Settings) -> str:
 # --- backend --------------------------------------------------------------------------
 
 # Secret members of the backend's env contract; the components pass them as secret Outputs.
-BACKEND_SECRET_ENV = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "SECRET_KEY")
+# The backend's secrets, each a file under SECRETS_DIR named here; the environment carries
+# only its path, in <NAME>_FILE (a value in the environment shows in `docker inspect` and is
+# inherited by every child process).
+BACKEND_SECRET_FILES = {
+    "POSTGRES_PASSWORD": "app-db-password",
+    "REDIS_PASSWORD": "redis-password",
+    "SECRET_KEY": "secret-key",
+}
+
+
+def secret_path(name: str) -> str:
+    """Where a container finds the secret BACKEND_SECRET_FILES names `name`."""
+    return f"{SECRETS_DIR}/{BACKEND_SECRET_FILES[name]}"
 
 
 def backend_environment(settings: Settings) -> dict[str, str]:
-    """The backend's env contract, without its secrets (see BACKEND_SECRET_ENV)."""
+    """The backend's env contract: names, addresses, limits and the paths of its secret files."""
     topo = Topology(settings)
     return {
         "POSTGRES_MASTER_HOST": topo.postgres_primary.hostname,
@@ -282,13 +294,22 @@ def backend_environment(settings: Settings) -> dict[str, str]:
         # The same limits as nginx's: the app holds to them when reached some other way.
         "MAX_UPLOAD_BYTES": str(settings.nginx.max_body_size_mb * 1024 * 1024),
         "MAX_JSON_BYTES": str(API_MAX_BODY_KB * 1024),
+        **{f"{name}_FILE": secret_path(name) for name in sorted(BACKEND_SECRET_FILES)},
     }
 
 
 def mpi_runner_environment(settings: Settings) -> dict[str, str]:
     """The MPI master's job runner: the queue in PostgreSQL and the shared volumes."""
     contract = backend_environment(settings)
-    keys = ("POSTGRES_MASTER_HOST", "POSTGRES_PORT", "POSTGRES_DB", "POSTGRES_USER", "UPLOADS_DIR", "OUTPUTS_DIR")
+    keys = (
+        "POSTGRES_MASTER_HOST",
+        "POSTGRES_PORT",
+        "POSTGRES_DB",
+        "POSTGRES_USER",
+        "POSTGRES_PASSWORD_FILE",
+        "UPLOADS_DIR",
+        "OUTPUTS_DIR",
+    )
     return {key: contract[key] for key in keys}
 
 
@@ -476,8 +497,7 @@ def rendered_files(settings: Settings, host_public_keys: Sequence[str] | None = 
         "postgres/pgbackrest.conf": pgbackrest_conf(settings),
         f"postgres/{topo.postgres_primary.hostname}.conf": postgresql_conf(settings, topo.postgres_primary),
         "nginx/nginx.conf": nginx_conf(settings),
-        "backend/environment": "".join(f"{k}={v}\n" for k, v in sorted(backend_environment(settings).items()))
-        + "".join(f"{k}=<secret>\n" for k in BACKEND_SECRET_ENV),
+        "backend/environment": "".join(f"{k}={v}\n" for k, v in sorted(backend_environment(settings).items())),
         "mpi/hostfile": hostfile(settings),
         "mpi/known_hosts": known_hosts(settings, keys),
         "mpi/openmpi-mca-params.conf": openmpi_mca_params(settings),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, MutableMapping
 from datetime import UTC, datetime
@@ -24,18 +25,21 @@ from starlette.requests import Request
 
 from tests.aio import run
 
+# The secrets as the stack delivers them: files, their paths in <NAME>_FILE.
+SECRETS_DIR = pathlib.Path(tempfile.mkdtemp(prefix="transvidio-secrets-"))
+SECRETS = {"POSTGRES_PASSWORD": "app-password", "REDIS_PASSWORD": "redis-password", "SECRET_KEY": "secret-key"}
+for _name, _value in SECRETS.items():
+    (SECRETS_DIR / _name.lower()).write_text(_value + "\n")
 ENV = {
     "POSTGRES_MASTER_HOST": "postgres-primary",
     "POSTGRES_SLAVE_HOSTS": "postgres-replica-1,postgres-replica-2",
     "POSTGRES_DB": "transvidio",
     "POSTGRES_USER": "transvidio_app",
-    "POSTGRES_PASSWORD": "app-password",
     "REDIS_SENTINELS": "sentinel-0:26379, sentinel-1:26380",
     "REDIS_MASTER_NAME": "transvidio",
-    "REDIS_PASSWORD": "redis-password",
     "MPI_MASTER_HOST": "mpi-master",
-    "SECRET_KEY": "secret-key",
     "OUTPUTS_DIR": "/srv/transvidio/outputs",
+    **{f"{name}_FILE": str(SECRETS_DIR / name.lower()) for name in SECRETS},
 }
 for _key, _value in ENV.items():  # main.py reads its env contract on import, as in the image
     os.environ.setdefault(_key, _value)
@@ -198,6 +202,7 @@ def test_liveness_names_the_backend_and_every_response_carries_x_served_by(state
     response = call("GET", "/health")
     assert (response.status, response.json()) == (200, {"status": "ok", "backend": main.HOST})
     assert response.headers["x-served-by"] == main.HOST
+    assert response.headers["content-type"] == "application/json"  # the app's own headers kept
     assert call("GET", "/api/jobs/not-a-uuid").headers["x-served-by"] == main.HOST
 
 
@@ -616,15 +621,35 @@ def test_the_env_contract_is_parsed_with_its_defaults() -> None:
     overridden = Config.from_env(
         {**ENV, "POSTGRES_SLAVE_HOSTS": "", "POSTGRES_PORT": "6543", "DEPENDENCY_TIMEOUT_SECONDS": "0.5"}
     )
+    no_replicas = {key: value for key, value in ENV.items() if key != "POSTGRES_SLAVE_HOSTS"}
+    assert Config.from_env(no_replicas).postgres_slave_hosts == ()
     assert (overridden.postgres_slave_hosts, overridden.postgres_port, overridden.dependency_timeout) == ((), 6543, 0.5)
 
 
 def test_a_missing_or_empty_variable_stops_the_backend_naming_every_one() -> None:
-    env = {key: value for key, value in ENV.items() if key not in ("POSTGRES_DB", "SECRET_KEY")}
+    env = {key: value for key, value in ENV.items() if key not in ("POSTGRES_DB", "SECRET_KEY_FILE")}
     with pytest.raises(SystemExit) as stopped:
-        Config.from_env({**env, "REDIS_PASSWORD": ""})
-    assert str(stopped.value) == "backend: missing environment variables: POSTGRES_DB, REDIS_PASSWORD, SECRET_KEY"
+        Config.from_env({**env, "REDIS_PASSWORD_FILE": ""})
+    assert str(stopped.value) == (
+        "backend: missing environment variables: POSTGRES_DB, REDIS_PASSWORD_FILE, SECRET_KEY_FILE"
+    )
     assert set(REQUIRED) <= set(ENV)
+
+
+def test_secrets_are_read_from_their_files_never_from_the_environment(tmp_path: pathlib.Path) -> None:
+    # A value in the environment is ignored: only the file counts.
+    config = Config.from_env({**ENV, "POSTGRES_PASSWORD": "from-the-environment"})
+    assert config.postgres_password == "app-password"
+    with pytest.raises(SystemExit) as stopped:
+        Config.from_env({**ENV, "REDIS_PASSWORD_FILE": str(tmp_path / "absent")})
+    assert (
+        str(stopped.value)
+        == f"backend: REDIS_PASSWORD_FILE={tmp_path / 'absent'} cannot be read: No such file or directory"
+    )
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SystemExit) as stopped:
+        Config.from_env({**ENV, "SECRET_KEY_FILE": str(tmp_path / "empty")})
+    assert str(stopped.value) == f"backend: SECRET_KEY_FILE={tmp_path / 'empty'} is empty"
 
 
 # --- the cache ------------------------------------------------------------------------------------

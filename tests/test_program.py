@@ -221,8 +221,11 @@ def test_backend_env_contract(stack: str) -> None:
         assert env["REDIS_MASTER_NAME"] == "transvidio"
         assert env["MPI_MASTER_HOST"] == "mpi-master" and env["MPI_SSH_PORT"] == "22"
         assert env["OUTPUTS_DIR"] == render.OUTPUTS_DIR
-        assert env["POSTGRES_PASSWORD"] and env["REDIS_PASSWORD"] and env["SECRET_KEY"]
-        assert is_secret(backend.inputs["envs"])
+        assert env["POSTGRES_PASSWORD_FILE"] == f"{render.SECRETS_DIR}/app-db-password"
+        assert env["REDIS_PASSWORD_FILE"] == f"{render.SECRETS_DIR}/redis-password"
+        assert env["SECRET_KEY_FILE"] == f"{render.SECRETS_DIR}/secret-key"
+        assert not is_secret(backend.inputs["envs"])  # names and paths only
+        assert is_secret(backend.inputs["uploads"])
         pinned = {h["host"]: h["ip"] for h in backend.inputs["hosts"]}
         topo = Topology(s)
         assert pinned == {
@@ -451,7 +454,8 @@ def test_secret_config_replaces_a_generated_password() -> None:
     password = uploads_of(node)[f"{render.SECRETS_DIR}/redis-password"]["content"]
     assert password == "chosen-by-the-operator"
     assert is_secret(node.inputs["uploads"])
-    assert env_of(ev.containers["transvidio-dev-backend-1"])["REDIS_PASSWORD"] == "chosen-by-the-operator"
+    backend = uploads_of(ev.containers["transvidio-dev-backend-1"])
+    assert backend[f"{render.SECRETS_DIR}/redis-password"]["content"] == "chosen-by-the-operator"
 
 
 def test_each_secret_is_generated_by_a_password_resource_of_a_stable_name_and_length() -> None:
@@ -561,9 +565,9 @@ SECRET_FILES = {
     "postgres-slots": {"replication-password"},
     "redis": {"redis-password"},
     "sentinel": {"redis-password"},
-    "mpi-master": {"ssh_host_ed25519_key", "id_ed25519"},
+    "mpi-master": {"ssh_host_ed25519_key", "id_ed25519", "app-db-password"},
     "mpi-worker": {"ssh_host_ed25519_key", "id_ed25519"},
-    "backend": set(),
+    "backend": {"app-db-password", "redis-password", "secret-key"},
     "nginx": set(),
 }
 
@@ -577,6 +581,7 @@ def test_each_container_gets_exactly_its_secrets_and_the_right_ones(stack: str) 
         "replication-password": generated["secrets-postgres-replication"],
         "app-db-password": generated["secrets-postgres-app"],
         "redis-password": generated["secrets-redis"],
+        "secret-key": generated["secrets-secret-key"],
     }
     for name, container in ev.containers.items():
         role = labels_of(container)["io.transvidio.role"]
@@ -587,17 +592,11 @@ def test_each_container_gets_exactly_its_secrets_and_the_right_ones(stack: str) 
         for file, upload in secret_uploads.items():
             if file in by_file:
                 assert upload["content"] == by_file[file], (name, file)
-    # Environment secrets: the backends get the application role's password, never the superuser's.
+    # No secret in any environment: a value there shows in `docker inspect` and reaches every child.
     for name, container in ev.containers.items():
+        assert not is_secret(container.inputs["envs"]), name
         env = env_of(container)
-        role = labels_of(container)["io.transvidio.role"]
-        if role == "backend":
-            assert env["POSTGRES_PASSWORD"] == generated["secrets-postgres-app"], name
-            assert env["REDIS_PASSWORD"] == generated["secrets-redis"], name
-            assert env["SECRET_KEY"] == generated["secrets-secret-key"], name
-        elif role == "mpi-master":
-            assert env["POSTGRES_PASSWORD"] == generated["secrets-postgres-app"], name
-        assert not any(generated["secrets-postgres-superuser"] in e for e in env.values()), name
+        assert not any(secret in value for value in env.values() for secret in generated.values()), name
 
 
 def test_durations_are_written_as_go_prints_them() -> None:
@@ -705,13 +704,12 @@ def test_each_data_tier_container_gets_exactly_the_environment_its_entrypoint_re
     }
     assert envs["sentinel-2"] == {"REDIS_MASTER_NAME": "transvidio", "SENTINEL_NODE": "sentinel-2"}
     assert envs["mpi-worker-1"] == {"MPI_HOSTFILE": "/etc/transvidio/mpi/hostfile", "MPI_ROLE": "mpi-worker"}
-    generated = {r.name: plain(r.outputs["result"]) for r in ev.of_type("random:index/randomPassword:RandomPassword")}
     assert envs["mpi-master"] == {
         "MPI_HOSTFILE": "/etc/transvidio/mpi/hostfile",
         "MPI_ROLE": "mpi-master",
         **render.mpi_runner_environment(parse("prod", stack_config("prod"))),
-        "POSTGRES_PASSWORD": generated["secrets-postgres-app"],
     }
+    assert envs["mpi-master"]["POSTGRES_PASSWORD_FILE"] == f"{render.SECRETS_DIR}/app-db-password"
     assert envs["nginx"] == render.nginx_environment()
     memory = {name: c.inputs["memory"] for name, c in ev.containers.items()}
     assert memory["transvidio-prod-postgres-slots"] == 64 and memory["transvidio-prod-postgres-primary"] == 1024
@@ -776,10 +774,6 @@ def test_make_render_writes_exactly_what_the_stack_uploads() -> None:
     hosts = [line.split()[0] for line in files["mpi/known_hosts"].splitlines()]
     [known_hosts] = uploaded["/etc/ssh/ssh_known_hosts"]
     assert hosts == [line.split()[0] for line in known_hosts.splitlines()]
-    # The backend's environment: every plain value as it gets it, every secret as a placeholder.
+    # The backend's environment, as it gets it (secrets are files: only their paths are here).
     backend = env_of(ev.containers["transvidio-prod-backend-1"])
-    written = dict(line.split("=", 1) for line in files["backend/environment"].splitlines())
-    assert {k: v for k, v in written.items() if v != "<secret>"} == {
-        k: v for k, v in backend.items() if k not in render.BACKEND_SECRET_ENV
-    }
-    assert sorted(k for k, v in written.items() if v == "<secret>") == sorted(render.BACKEND_SECRET_ENV)
+    assert dict(line.split("=", 1) for line in files["backend/environment"].splitlines()) == backend

@@ -249,7 +249,8 @@ def test_render_command_writes_every_file_of_a_stack(tmp_path: pathlib.Path) -> 
     assert "redis/sentinel-3.conf" in written and "postgres/postgres-replica-2.conf" in written
     assert result.stdout.count("\n") == len(written)
     env = (tmp_path / "backend/environment").read_text()
-    assert "POSTGRES_PASSWORD=<secret>" in env and "POSTGRES_SLAVE_HOSTS=postgres-replica-1,postgres-replica-2" in env
+    assert f"POSTGRES_PASSWORD_FILE={render.SECRETS_DIR}/app-db-password" in env
+    assert "POSTGRES_SLAVE_HOSTS=postgres-replica-1,postgres-replica-2" in env
 
 
 def test_render_command_reports_a_bad_setting(tmp_path: pathlib.Path) -> None:

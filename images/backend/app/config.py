@@ -29,6 +29,7 @@ class Config:
         missing = [key for key in REQUIRED if not env.get(key)]
         if missing:
             raise SystemExit(f"backend: missing environment variables: {', '.join(missing)}")
+        secrets = {name: read_secret(env, name) for name in SECRET_NAMES}
         sentinels = []
         for entry in env["REDIS_SENTINELS"].split(","):
             host, _, port = entry.strip().rpartition(":")
@@ -39,27 +40,41 @@ class Config:
             postgres_port=int(env.get("POSTGRES_PORT", "5432")),
             postgres_db=env["POSTGRES_DB"],
             postgres_user=env["POSTGRES_USER"],
-            postgres_password=env["POSTGRES_PASSWORD"],
+            postgres_password=secrets["POSTGRES_PASSWORD"],
             redis_sentinels=tuple(sentinels),
             redis_master_name=env["REDIS_MASTER_NAME"],
-            redis_password=env["REDIS_PASSWORD"],
+            redis_password=secrets["REDIS_PASSWORD"],
             mpi_master_host=env["MPI_MASTER_HOST"],
-            secret_key=env["SECRET_KEY"],
+            secret_key=secrets["SECRET_KEY"],
             uploads_dir=env.get("UPLOADS_DIR", "/srv/transvidio/uploads"),
             outputs_dir=env["OUTPUTS_DIR"],
             dependency_timeout=float(env.get("DEPENDENCY_TIMEOUT_SECONDS", "2")),
         )
 
 
+def read_secret(env: dict[str, str], name: str) -> str:
+    """A secret from the file <NAME>_FILE names (never from the environment itself)."""
+    path = env[f"{name}_FILE"]
+    try:
+        with open(path) as secret:
+            value = secret.read().strip()
+    except OSError as error:
+        raise SystemExit(f"backend: {name}_FILE={path} cannot be read: {error.strerror}") from None
+    if not value:
+        raise SystemExit(f"backend: {name}_FILE={path} is empty")
+    return value
+
+
+SECRET_NAMES = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "SECRET_KEY")
 REQUIRED = (
     "POSTGRES_MASTER_HOST",
     "POSTGRES_DB",
     "POSTGRES_USER",
-    "POSTGRES_PASSWORD",
+    "POSTGRES_PASSWORD_FILE",
     "REDIS_SENTINELS",
     "REDIS_MASTER_NAME",
-    "REDIS_PASSWORD",
+    "REDIS_PASSWORD_FILE",
     "MPI_MASTER_HOST",
-    "SECRET_KEY",
+    "SECRET_KEY_FILE",
     "OUTPUTS_DIR",
 )

@@ -25,12 +25,14 @@ Execute = Callable[[dict[str, Any]], str]
 
 def primary_conninfo() -> str:
     env = os.environ
+    with open(env["POSTGRES_PASSWORD_FILE"]) as secret:  # a file, never an environment value
+        password = secret.read().strip()
     return make_conninfo(
         host=env["POSTGRES_MASTER_HOST"],
         port=env.get("POSTGRES_PORT", "5432"),
         dbname=env["POSTGRES_DB"],
         user=env["POSTGRES_USER"],
-        password=env["POSTGRES_PASSWORD"],
+        password=password,
         connect_timeout="3",
     )
 
