@@ -20,6 +20,7 @@ from components.topology import REDIS_MASTER_NAME
 from tests.e2e import report, traffic
 from tests.e2e.chaos import wait_streaming
 from tests.e2e.conftest import Deployment, deployed, engine_name, readback_drift
+from tests.program import plain
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +251,19 @@ def test_a_new_subnet_replaces_the_network_and_the_containers_on_it(dev: Deploym
     dev.wait_all_healthy()
     status, body = traffic.from_inside(dev, "/api/health")
     assert status == 200, body
+
+
+def test_no_secret_is_in_any_container_environment(dev: Deployment) -> None:
+    # What `docker inspect` shows (and every child process inherits): names and paths only.
+    secrets = [
+        str(plain(r.outputs["result"])) for r in dev.evaluation.of_type("random:index/randomPassword:RandomPassword")
+    ]
+    assert len(secrets) == 5
+    containers = dev.client.containers.list(all=True, filters={"label": "io.transvidio.stack=dev"})
+    assert len(containers) == len(dev.container_names)
+    for container in containers:
+        environment = "\n".join(container.attrs["Config"]["Env"] or [])
+        assert not [s for s in secrets if s in environment], container.name
+    # The backend reads them from its files: it is serving, with the application role's password.
+    status, _, raw = traffic.request(dev, "POST", "/api/uploads", b"secret-free")
+    assert status == 201, raw
