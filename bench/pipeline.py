@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any
 
+from bench import add_to_bench_json
 from tests.e2e import chaos
 from tests.e2e.conftest import Deployment, deployed
 
@@ -179,14 +180,7 @@ def main() -> None:
         f"{ngx['kill_under_load']['requests']} requests failed |"
     )
     print(f"(machine {figures['machine']})")
-    if os.environ.get("BENCH_JSON"):
-        path = os.environ["BENCH_JSON"]
-        existing = {}
-        if os.path.exists(path):
-            with open(path) as previous:
-                existing = json.load(previous)
-        with open(path, "w") as out:
-            json.dump({**existing, "pipeline": figures}, out, indent=2, sort_keys=True)
+    add_to_bench_json("pipeline", figures)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ gateway, inside the data subnet that pg_hba allows).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -221,3 +222,48 @@ def wait_settled(deployment: Deployment, timeout: float = 90) -> str:
             last = repr(error)
         time.sleep(0.5)
     raise AssertionError(f"Redis did not settle on one master with every replica in {timeout}s: {last}")
+
+
+# --- PostgreSQL backups ----------------------------------------------------------------
+
+SUPERUSER_PSQL = ["psql", "--host=/var/lib/postgresql/run", "--dbname=postgres", "-Atq", "-c"]
+
+
+def pg_backups(deployment: Deployment) -> list[dict[str, Any]]:
+    """The repository's backups, oldest first, as `pgbackrest info` reports them."""
+    code, output = deployment.exec("postgres-primary", ["pgbackrest", "info", "--output=json"])
+    assert code == 0, output
+    return list(json.loads(output)[0].get("backup", []))
+
+
+def archive_everything(deployment: Deployment, timeout: float = 60) -> None:
+    """Waits until the WAL holding every write so far is in the repository."""
+    # As the operator would, through the local socket: pg_switch_wal needs the superuser.
+    code, output = deployment.exec("postgres-primary", [*SUPERUSER_PSQL, "SELECT pg_walfile_name(pg_switch_wal())"])
+    assert code == 0, output
+    segment = output.strip()
+    deadline = time.monotonic() + timeout
+    while True:
+        code, output = deployment.exec(
+            "postgres-primary", [*SUPERUSER_PSQL, "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver"]
+        )
+        if code == 0 and output.strip() >= segment:
+            return
+        assert time.monotonic() < deadline, f"WAL segment {segment} not archived within {timeout:.0f}s"
+        time.sleep(0.5)
+
+
+def wipe_postgres(deployment: Deployment) -> None:
+    """Every PostgreSQL node and data volume gone, as with a lost disk; the backup volume kept."""
+    nodes = [deployment.topology.postgres_primary, *deployment.topology.postgres_replicas]
+    for lost in nodes:
+        deployment.client.containers.get(lost.container_name).remove(force=True)
+    for lost in nodes:
+        deployment.client.volumes.get(f"{deployment.name(lost.hostname)}-data").remove(force=True)
+
+
+def restore_postgres(deployment: Deployment, target: str) -> None:
+    """`pulumi config set --path postgres.restoreTarget TARGET && pulumi up --refresh`, until healthy."""
+    deployment.apply({"postgres": {"restoreTarget": target}}, refresh=True)
+    deployment.wait_all_healthy()
+    wait_streaming(deployment, len(deployment.topology.postgres_replicas))

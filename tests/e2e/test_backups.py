@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import docker
 import pytest
 
 from tests.e2e import chaos, traffic
@@ -31,20 +30,12 @@ BACKUP_OVERRIDES = {
     }
 }
 ROWS_PER_BATCH = 100
-SUPERUSER_PSQL = ["psql", "--host=/var/lib/postgresql/run", "--dbname=postgres", "-Atq", "-c"]
 
 
 @pytest.fixture(scope="module")
 def dev() -> Iterator[Deployment]:
     with deployed("dev", BACKUP_OVERRIDES) as deployment:
         yield deployment
-
-
-def backups(dev: Deployment) -> list[dict[str, Any]]:
-    """The repository's backups, oldest first, as `pgbackrest info` reports them."""
-    code, output = dev.exec("postgres-primary", ["pgbackrest", "info", "--output=json"])
-    assert code == 0, output
-    return list(json.loads(output)[0].get("backup", []))
 
 
 def wait_for(condition: Any, timeout: float, what: str) -> Any:
@@ -67,38 +58,6 @@ def batches(dev: Deployment) -> dict[int, int]:
     return {batch: count for batch, count in rows}
 
 
-def archive_everything(dev: Deployment) -> None:
-    """Waits until the WAL holding every write so far is in the repository."""
-    # As the operator would, through the local socket: pg_switch_wal needs the superuser.
-    code, output = dev.exec("postgres-primary", [*SUPERUSER_PSQL, "SELECT pg_walfile_name(pg_switch_wal())"])
-    assert code == 0, output
-    segment = output.strip()
-
-    def archived() -> bool:
-        code, output = dev.exec(
-            "postgres-primary", [*SUPERUSER_PSQL, "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver"]
-        )
-        return code == 0 and output.strip() >= segment
-
-    wait_for(archived, 60, f"WAL segment {segment} archived")
-
-
-def wipe_postgres(dev: Deployment) -> None:
-    """Every PostgreSQL node and data volume gone; the backup volume kept."""
-    client: docker.DockerClient = dev.client
-    nodes = [dev.topology.postgres_primary, *dev.topology.postgres_replicas]
-    for node in nodes:
-        client.containers.get(node.container_name).remove(force=True)
-    for node in nodes:
-        client.volumes.get(f"{dev.name(node.hostname)}-data").remove(force=True)
-
-
-def restore(dev: Deployment, target: str) -> None:
-    dev.apply({"postgres": {"restoreTarget": target}}, refresh=True)
-    dev.wait_all_healthy()
-    chaos.wait_streaming(dev, len(dev.topology.postgres_replicas))
-
-
 def application_writes(dev: Deployment) -> None:
     """A job recorded through nginx and a backend: the application role on the primary."""
     status, _, body = traffic.request(dev, "POST", "/api/uploads", body=b"restored video")
@@ -115,15 +74,17 @@ def application_writes(dev: Deployment) -> None:
 
 
 def test_full_and_incremental_backups_run_on_schedule_and_retention_expires_the_old_set(dev: Deployment) -> None:
-    first = wait_for(lambda: [b for b in backups(dev) if b["type"] == "full"], 90, "a first full backup")[0]
+    first = wait_for(lambda: [b for b in chaos.pg_backups(dev) if b["type"] == "full"], 90, "a first full backup")[0]
     # A minute later an incremental one on top of it; two minutes after the first, the next
     # full one, and with one full backup kept the first set (full and incremental) expires.
-    incremental = wait_for(lambda: [b for b in backups(dev) if b["type"] == "incr"], 90, "an incremental backup")[0]
+    incremental = wait_for(
+        lambda: [b for b in chaos.pg_backups(dev) if b["type"] == "incr"], 90, "an incremental backup"
+    )[0]
     assert incremental["prior"] == first["label"]
     assert incremental["timestamp"]["start"] >= first["timestamp"]["stop"] + 60
 
     def first_set_expired() -> list[dict[str, Any]]:
-        current = backups(dev)
+        current = chaos.pg_backups(dev)
         labels = {first["label"], incremental["label"]}
         fulls = [b for b in current if b["type"] == "full"]
         return current if fulls and not labels & {b["label"] for b in current} else []
@@ -134,20 +95,20 @@ def test_full_and_incremental_backups_run_on_schedule_and_retention_expires_the_
 
 
 def test_an_empty_primary_is_never_initialised_over_existing_backups(dev: Deployment) -> None:
-    wait_for(lambda: backups(dev), 90, "a backup in the repository")
+    wait_for(lambda: chaos.pg_backups(dev), 90, "a backup in the repository")
     add_batch(dev, 0)
-    archive_everything(dev)
-    wipe_postgres(dev)
+    chaos.archive_everything(dev)
+    chaos.wipe_postgres(dev)
     with pytest.raises(Exception) as refused:  # the apply's error, as the Pulumi runtime re-raises it
         dev.apply(refresh=True)
     assert "container transvidio-dev-postgres-primary exited (code 65" in str(refused.value)
     assert "not initialising an empty database over them" in str(refused.value)
-    restore(dev, "latest")
+    chaos.restore_postgres(dev, "latest")
     assert batches(dev)[0] == ROWS_PER_BATCH
 
 
 def test_a_wiped_stack_is_restored_to_the_latest_write_and_to_a_point_in_time(dev: Deployment) -> None:
-    wait_for(lambda: backups(dev), 90, "a backup in the repository")
+    wait_for(lambda: chaos.pg_backups(dev), 90, "a backup in the repository")
     add_batch(dev, 1)
     time.sleep(1)
     with chaos.pg(dev, "postgres-primary") as conn:
@@ -156,17 +117,17 @@ def test_a_wiped_stack_is_restored_to_the_latest_write_and_to_a_point_in_time(de
     between = row[0]
     time.sleep(1)
     add_batch(dev, 2)
-    archive_everything(dev)
+    chaos.archive_everything(dev)
 
-    wipe_postgres(dev)
-    restore(dev, "latest")
+    chaos.wipe_postgres(dev)
+    chaos.restore_postgres(dev, "latest")
     restored = batches(dev)
     assert (restored.get(1), restored.get(2)) == (ROWS_PER_BATCH, ROWS_PER_BATCH)
     application_writes(dev)
 
-    wipe_postgres(dev)
+    chaos.wipe_postgres(dev)
     target = between.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
-    restore(dev, target)
+    chaos.restore_postgres(dev, target)
     restored = batches(dev)
     assert (restored.get(1), restored.get(2)) == (ROWS_PER_BATCH, None)
     application_writes(dev)

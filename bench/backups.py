@@ -1,0 +1,111 @@
+"""PostgreSQL restore benchmarks on the dev stack (figures, not asserts).
+
+Each run: a writer commits one timestamped row every 100 ms; at a moment drawn across the
+archive_timeout window, every PostgreSQL node and data volume is removed (the backup volume
+kept, as after losing the database host's disks); then the stack is restored to the latest
+archived write through the program (`postgres.restoreTarget=latest`, `pulumi up --refresh`).
+- RPO: the age, at the moment of loss, of the newest row the restored cluster has;
+- restore time: from the apply's start to the stack healthy with its replica streaming.
+With the default archiveTimeoutSeconds (60) and a tight one (10). Prints a table; with
+BENCH_JSON=path also writes the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import statistics
+import threading
+import time
+from typing import Any
+
+import psycopg
+
+from bench import add_to_bench_json
+from tests.e2e import chaos
+from tests.e2e.conftest import Deployment, deployed
+
+RUNS = int(os.environ.get("BENCH_RUNS", "5"))
+SETTINGS = {"default": 60, "tight": 10}
+
+
+class Writer(threading.Thread):
+    """Commits one row every 100 ms; remembers nothing but that it ran."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        super().__init__(daemon=True)
+        self.deployment = deployment
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with chaos.pg(self.deployment, "postgres-primary") as conn:
+                while not self.stop.wait(0.1):
+                    conn.execute("INSERT INTO bench_rpo (at) VALUES (clock_timestamp())")
+        except psycopg.Error:
+            pass  # the loss: the primary is gone
+
+
+def one_run(deployment: Deployment, archive_timeout: int) -> dict[str, float]:
+    with chaos.pg(deployment, "postgres-primary") as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS bench_rpo (at timestamptz NOT NULL)")
+    chaos.archive_everything(deployment)
+    writer = Writer(deployment)
+    writer.start()
+    time.sleep(random.uniform(5, 5 + archive_timeout))
+    with chaos.pg(deployment, "postgres-primary") as conn:
+        row = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert row is not None
+    lost_at = row[0]
+    chaos.wipe_postgres(deployment)
+    writer.stop.set()
+    writer.join()
+    started = time.monotonic()
+    chaos.restore_postgres(deployment, "latest")
+    restore_seconds = time.monotonic() - started
+    with chaos.pg(deployment, "postgres-primary") as conn:
+        newest = conn.execute("SELECT max(at) FROM bench_rpo").fetchone()
+    assert newest is not None and newest[0] is not None
+    return {"rpo_s": (lost_at - newest[0]).total_seconds(), "restore_s": restore_seconds}
+
+
+def restores(name: str, archive_timeout: int) -> dict[str, Any]:
+    overrides = {"postgres": {"archiveTimeoutSeconds": archive_timeout, "backupIncrementalIntervalMinutes": 0}}
+    with deployed("dev", overrides, health_ticker=False) as deployment:
+        while not chaos.pg_backups(deployment):
+            time.sleep(1)
+        runs = [one_run(deployment, archive_timeout) for _ in range(RUNS)]
+    rpo, restore = [r["rpo_s"] for r in runs], [r["restore_s"] for r in runs]
+    result = {
+        "archive_timeout_s": archive_timeout,
+        "runs": len(runs),
+        "rpo_median_s": round(statistics.median(rpo), 1),
+        "rpo_max_s": round(max(rpo), 1),
+        "restore_median_s": round(statistics.median(restore), 1),
+        "restore_max_s": round(max(restore), 1),
+    }
+    print(f"postgres restore ({name}): {result}", flush=True)
+    return result
+
+
+def main() -> None:
+    machine = {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    figures: dict[str, Any] = {"machine": machine}
+    figures["postgres_restore"] = {name: restores(name, timeout) for name, timeout in SETTINGS.items()}
+    print("\n| figure | value |\n|---|---|")
+    for name, result in figures["postgres_restore"].items():
+        print(
+            f"| PostgreSQL RPO after losing every volume, archive_timeout {result['archive_timeout_s']} s ({name}) "
+            f"| median {result['rpo_median_s']} s, max {result['rpo_max_s']} s |"
+        )
+        print(
+            f"| PostgreSQL restore to the latest write, wiped dev stack ({name}) "
+            f"| median {result['restore_median_s']} s, max {result['restore_max_s']} s |"
+        )
+    print(f"(machine {figures['machine']})")
+    add_to_bench_json("backups", figures)
+
+
+if __name__ == "__main__":
+    main()
