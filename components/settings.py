@@ -500,6 +500,31 @@ def parse(stack: str, raw: Mapping[str, Any], tls_enabled: bool = False) -> Sett
     return settings
 
 
+# Passwords land in a pgpass file (':' separates fields), Redis and Sentinel configs (a
+# newline starts a directive) and URLs ('@', '/', '?' end parts): URL-unreserved characters only.
+_PASSWORD_RE = re.compile(r"^[A-Za-z0-9._~-]{16,128}$")
+_SECRET_KEY_RE = re.compile(r"^[!-~]{32,256}$")  # printable, no whitespace
+_PEM_MARKERS = {"tlsCertificate": "-----BEGIN CERTIFICATE-----", "tlsKey": "PRIVATE KEY-----"}
+
+
+def check_secret(key: str, value: str) -> None:
+    """Refuses a secret override that would break a file or a URL; the message names the key,
+    never the value."""
+    if key in _PEM_MARKERS:
+        if _PEM_MARKERS[key] not in value:
+            raise SettingsError(f"{PROJECT}:{key} (secret, value not shown): must be PEM text ({_PEM_MARKERS[key]})")
+    elif key == "secretKey":
+        if not _SECRET_KEY_RE.match(value):
+            raise SettingsError(
+                f"{PROJECT}:{key} (secret, value not shown): must be 32 to 256 printable characters, no spaces"
+            )
+    elif not _PASSWORD_RE.match(value):
+        raise SettingsError(
+            f"{PROJECT}:{key} (secret, value not shown): must be 16 to 128 characters from A-Z a-z 0-9 . _ ~ - "
+            "(it goes into a pgpass file, server configs and URLs)"
+        )
+
+
 @dataclass(frozen=True)
 class SecretOverrides:
     """Secrets set with `pulumi config set --secret`; None means 'generate it'."""
@@ -526,6 +551,9 @@ def load() -> tuple[Settings, SecretOverrides]:
             raise _fail(name, config.get(name), "must be an object of settings") from None
         raw[name] = value
     overrides = {key: value for key in SECRET_KEYS if (value := config.get_secret(key)) is not None}
+    for key in overrides:
+        # The plain value, for the check only, at preview: it goes on only as the secret Output.
+        check_secret(key, str(pulumi.runtime.get_config(f"{PROJECT}:{key}")))
     tls_enabled = "tlsCertificate" in overrides and "tlsKey" in overrides
     settings = parse(pulumi.get_stack(), raw, tls_enabled=tls_enabled)
     return settings, SecretOverrides(overrides)

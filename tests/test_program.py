@@ -15,6 +15,11 @@ from tests.program import Evaluation, Registration, evaluate, is_secret, plain, 
 
 CONTAINER = "docker:index/container:Container"
 STACKS = ("dev", "prod")
+# What an operator's certificate and key look like to the checks (not a usable pair).
+PEM_PAIR = {
+    "tlsCertificate": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    "tlsKey": "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n",
+}
 
 
 @cache
@@ -736,17 +741,15 @@ def test_uploads_tls_ports_capabilities_and_healthchecks_per_role() -> None:
             ], name  # fmt: skip
         else:
             assert adds is None, name
-    tls = evaluate(
-        "prod", {"nginx": {"httpsPort": 443}}, secret_config={"tlsCertificate": "CERT", "tlsKey": "KEY"}
-    ).containers["transvidio-prod-nginx"]
+    tls = evaluate("prod", {"nginx": {"httpsPort": 443}}, secret_config=PEM_PAIR).containers["transvidio-prod-nginx"]
     assert plain(tls.inputs["ports"]) == [
         {"internal": 8080, "external": 80, "ip": "0.0.0.0", "protocol": "tcp"},
         {"internal": 8443, "external": 443, "ip": "0.0.0.0", "protocol": "tcp"},
     ]
     secrets = {path: u for path, u in uploads_of(tls).items() if u["permissions"] == "0400"}
     assert {path: (u["content"], u["owner"]) for path, u in secrets.items()} == {
-        f"{render.SECRETS_DIR}/tls.crt": ("CERT", "33"),
-        f"{render.SECRETS_DIR}/tls.key": ("KEY", "33"),
+        f"{render.SECRETS_DIR}/tls.crt": (PEM_PAIR["tlsCertificate"], "33"),
+        f"{render.SECRETS_DIR}/tls.key": (PEM_PAIR["tlsKey"], "33"),
     }
 
 

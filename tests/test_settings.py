@@ -263,6 +263,54 @@ def test_a_bad_value_stops_the_program_before_any_resource_is_registered(
     assert len(mocks.created) > 20
 
 
+PASSWORD_RULE = (
+    "must be 16 to 128 characters from A-Z a-z 0-9 . _ ~ - (it goes into a pgpass file, server configs and URLs)"
+)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("redisPassword", "short-one", PASSWORD_RULE),
+        ("postgresPassword", "has:a-colon-in-it-xx", PASSWORD_RULE),
+        ("appDbPassword", "line-one\nrequirepass x", PASSWORD_RULE),
+        ("replicationPassword", "user@host/path?query", PASSWORD_RULE),
+        ("redisPassword", "x" * 129, PASSWORD_RULE),
+        ("secretKey", "a key with spaces in it, thirty-two+", "must be 32 to 256 printable characters, no spaces"),
+        ("secretKey", "too-short", "must be 32 to 256 printable characters, no spaces"),
+        ("tlsCertificate", "a certificate", "must be PEM text (-----BEGIN CERTIFICATE-----)"),
+        ("tlsKey", "a key", "must be PEM text (PRIVATE KEY-----)"),
+    ],
+)
+def test_a_secret_that_would_break_a_file_or_a_url_is_refused_naming_the_key_not_the_value(
+    key: str, value: str, allowed: str
+) -> None:
+    with pytest.raises(cfg.SettingsError) as raised:
+        cfg.check_secret(key, value)
+    assert str(raised.value) == f"transvidio:{key} (secret, value not shown): {allowed}"
+    assert value not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("redisPassword", "A" * 16),
+        ("postgresPassword", "Az09._~-" * 16),
+        ("secretKey", "!#$%&()*+,-./:;<=>?@[]^_`{|}~" + "x" * 3),
+        ("tlsKey", "-----BEGIN EC PRIVATE KEY-----\n...\n-----END EC PRIVATE KEY-----\n"),
+    ],
+)
+def test_a_sound_secret_is_accepted(key: str, value: str) -> None:
+    cfg.check_secret(key, value)
+
+
+def test_a_bad_secret_override_stops_the_program_before_any_resource_is_registered() -> None:
+    mocks = CountingMocks()
+    with pytest.raises(Exception, match="transvidio:redisPassword"):
+        evaluate("dev", mocks=mocks, secret_config={"redisPassword": "has:colon-and-more-chars"})
+    assert mocks.created == []
+
+
 def test_a_certificate_without_an_https_port_is_refused() -> None:
     # It used to render `listen ... ssl` with no certificate uploaded: nginx never started.
     with pytest.raises(cfg.SettingsError) as raised:
