@@ -147,8 +147,11 @@ def primary_setup_sql() -> str:
     """
     return f"""-- Rendered by transvidio-cluster. Runs on every start of the primary; idempotent.
 \\set ON_ERROR_STOP on
+\\set superuser_password `cat {SECRETS_DIR}/postgres-password`
 \\set replication_password `cat {SECRETS_DIR}/replication-password`
 \\set app_password `cat {SECRETS_DIR}/app-db-password`
+-- initdb set the superuser's first password; this applies a rotated one.
+ALTER ROLE postgres WITH PASSWORD :'superuser_password';
 SELECT 'CREATE ROLE {POSTGRES_REPLICATION_USER} WITH LOGIN REPLICATION'
   WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{POSTGRES_REPLICATION_USER}') \\gexec
 ALTER ROLE {POSTGRES_REPLICATION_USER} WITH LOGIN REPLICATION NOSUPERUSER PASSWORD :'replication_password';

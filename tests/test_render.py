@@ -226,6 +226,9 @@ def test_primary_setup_sql_is_idempotent_and_reads_passwords_from_files() -> Non
     assert "WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'replicator')" in sql
     assert "WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'transvidio')" in sql
     assert f"`cat {render.SECRETS_DIR}/replication-password`" in sql
+    # Every role's password is set on every start, the superuser's too: a rotation takes effect.
+    assert f"\\set superuser_password `cat {render.SECRETS_DIR}/postgres-password`" in sql
+    assert "ALTER ROLE postgres WITH PASSWORD :'superuser_password';" in sql.splitlines()
 
 
 def test_rendering_is_deterministic_and_has_no_secrets() -> None:
