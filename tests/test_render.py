@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from components import render
-from components.settings import Settings, parse
+from components.settings import Settings, SettingsError, parse
 from components.topology import Topology
 from tests.program import PROJECT_DIR, stack_config
 
@@ -352,3 +352,19 @@ def test_known_hosts_needs_exactly_one_host_key_per_mpi_node() -> None:
     with pytest.raises(ValueError) as raised:
         render.known_hosts(settings(), ["ssh-ed25519 ONLY-ONE"])
     assert str(raised.value) == "3 MPI nodes but 1 host keys"
+
+
+def test_the_backend_holds_to_the_same_body_limits_as_nginx() -> None:
+    s = settings(nginx={"maxBodySize": "64MB"})
+    env, conf = render.backend_environment(s), render.nginx_conf(s)
+    assert env["MAX_UPLOAD_BYTES"] == str(64 * 1024 * 1024)
+    assert "client_max_body_size 64m;" in block(conf, "location = /api/uploads")
+    assert env["MAX_JSON_BYTES"] == str(64 * 1024)
+    assert "client_max_body_size 64k;" in block(conf, "server").split("location")[0]
+
+
+def test_a_missing_stack_file_is_named(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "Pulumi.yaml").write_text((PROJECT_DIR / "Pulumi.yaml").read_text())
+    with pytest.raises(SettingsError) as raised:
+        render.read_stack_file(tmp_path, "staging")
+    assert str(raised.value) == f"no stack file {tmp_path / 'Pulumi.staging.yaml'}"
