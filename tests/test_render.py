@@ -368,3 +368,27 @@ def test_a_missing_stack_file_is_named(tmp_path: pathlib.Path) -> None:
     with pytest.raises(SettingsError) as raised:
         render.read_stack_file(tmp_path, "staging")
     assert str(raised.value) == f"no stack file {tmp_path / 'Pulumi.staging.yaml'}"
+
+
+def test_render_sees_tls_from_the_stack_files_secure_values_and_reports_errors_whole(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "Pulumi.yaml").write_text((PROJECT_DIR / "Pulumi.yaml").read_text())
+    # What `pulumi config set --secret` writes: the value encrypted, only its presence readable.
+    (project / "Pulumi.tls.yaml").write_text(
+        "config:\n"
+        "  transvidio:nginx:\n    httpsPort: 443\n"
+        "  transvidio:tlsCertificate:\n    secure: v1:AAAA\n"
+        "  transvidio:tlsKey:\n    secure: v1:BBBB\n"
+    )
+    assert render.main(["--stack", "tls", "--out", str(tmp_path / "out"), "--project-dir", str(project)]) == 0
+    assert "listen 8443 ssl;" in (tmp_path / "out/nginx/nginx.conf").read_text()
+    written = capsys.readouterr().out.splitlines()
+    assert sorted(written) == sorted(str(p) for p in (tmp_path / "out").rglob("*") if p.is_file())
+
+    (project / "Pulumi.bad.yaml").write_text("config:\n  transvidio:backend:\n    replicas: 99\n")
+    assert render.main(["--stack", "bad", "--out", str(tmp_path / "bad"), "--project-dir", str(project)]) == 2
+    assert capsys.readouterr().err == ("error: transvidio:backend.replicas=99: must be a whole number from 1 to 20\n")
+    assert not (tmp_path / "bad").exists()
