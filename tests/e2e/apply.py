@@ -242,6 +242,11 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
         self._registering: dict[Key, dict[str, Any]] = {}
         self._declared: set[Key] = set()
         self._replace_dependents: set[Key] = set()
+        # Steps in flight, and the first failure: after one, the engine starts no new step
+        # and waits for those in flight (it does not continue on error by default).
+        self._steps = threading.Condition()
+        self._in_flight = 0
+        self.failure: str | None = None
         self.handlers = {
             NETWORK: self._network,
             VOLUME: self._volume,
@@ -255,6 +260,8 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
     # --- one apply ------------------------------------------------------------------------
 
     def begin(self, refresh: bool = False) -> None:
+        self.wait_idle()
+        self.failure = None
         self.refresh = refresh
         self.plan = Plan(self.stack)
         self._registering.clear()
@@ -298,6 +305,28 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
     # --- dispatch -------------------------------------------------------------------------
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
+        with self._steps:
+            if self.failure is not None:
+                raise ApplyError(f"{args.typ} {args.name}: not applied, an earlier step failed: {self.failure}")
+            self._in_flight += 1
+        try:
+            return self._step(args)
+        except Exception as error:
+            with self._steps:
+                self.failure = self.failure or str(error).splitlines()[0]
+            raise
+        finally:
+            with self._steps:
+                self._in_flight -= 1
+                self._steps.notify_all()
+
+    def wait_idle(self, timeout: float = 900) -> None:
+        """Returns once no step is in flight: an apply that failed leaves nothing running behind it."""
+        with self._steps:
+            if not self._steps.wait_for(lambda: self._in_flight == 0, timeout):
+                raise ApplyError(f"{self._in_flight} steps still in flight after {timeout:.0f}s")
+
+    def _step(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
         if args.typ.startswith("transvidio:"):
             return f"{args.name}-component", dict(args.inputs)
         if args.typ not in self.handlers:
@@ -736,7 +765,10 @@ def up(
     """`pulumi up` (with `--refresh` when asked): evaluate, apply, delete what is gone; prints the plan."""
     mocks.stack = stack
     mocks.begin(refresh=refresh)
-    evaluation = evaluate(stack, overrides, mocks=mocks, secret_config=secret_config)
+    try:
+        evaluation = evaluate(stack, overrides, mocks=mocks, secret_config=secret_config)
+    finally:
+        mocks.wait_idle()
     plan = mocks.finish()
     print(plan)
     return evaluation, plan

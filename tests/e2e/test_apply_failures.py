@@ -39,7 +39,7 @@ def make_broken_base(client: docker.DockerClient) -> None:
 def test_a_failing_build_names_the_image_and_shows_its_output(client: docker.DockerClient) -> None:
     make_broken_base(client)
     with pytest.raises(Exception) as raised:
-        evaluate(STACK, {"images": {"base": BROKEN_BASE}}, mocks=DockerApplyMocks(client))
+        up(DockerApplyMocks(client, STACK), STACK, {"images": {"base": BROKEN_BASE}})
     message = str(raised.value)
     assert "failed to build" in message
     assert any(
@@ -52,7 +52,9 @@ def test_a_failing_build_names_the_image_and_shows_its_output(client: docker.Doc
 
 def test_a_container_that_never_gets_healthy_names_itself_and_shows_its_logs(client: docker.DockerClient) -> None:
     # A user's backend image that is no backend at all: the base image (its shell exits).
-    evaluation = evaluate(STACK, {"images": {"backend": "debian:trixie-slim"}}, mocks=DockerApplyMocks(client))
+    mocks = DockerApplyMocks(client, STACK)
+    evaluation = evaluate(STACK, {"images": {"backend": "debian:trixie-slim"}}, mocks=mocks)
+    mocks.wait_idle()
     backend = "transvidio-dev-backend-1"
     assert backend in evaluation.containers
     with pytest.raises(ApplyError) as raised:
