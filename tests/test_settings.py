@@ -457,6 +457,10 @@ def test_subnets_are_private_cidrs_and_addresses_ipv4() -> None:
 # limit is a decision, so it changes here too.
 INTEGER_BOUNDS = {
     "postgres.replicas": (0, 8),
+    "postgres.backupFullIntervalMinutes": (1, 44640),
+    "postgres.backupIncrementalIntervalMinutes": (0, 44640),
+    "postgres.backupRetentionFull": (1, 365),
+    "postgres.archiveTimeoutSeconds": (10, 3600),
     "redis.replicas": (1, 8),
     "redis.sentinels": (1, 7),
     "redis.quorum": (1, 7),
