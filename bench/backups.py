@@ -50,7 +50,11 @@ class Writer(threading.Thread):
 def one_run(deployment: Deployment, archive_timeout: int) -> dict[str, float]:
     with chaos.pg(deployment, "postgres-primary") as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS bench_rpo (at timestamptz NOT NULL)")
+        conn.execute("TRUNCATE bench_rpo")
     chaos.archive_everything(deployment)
+    with chaos.pg(deployment, "postgres-primary") as conn:
+        archived = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert archived is not None
     writer = Writer(deployment)
     writer.start()
     time.sleep(random.uniform(5, 5 + archive_timeout))
@@ -66,8 +70,10 @@ def one_run(deployment: Deployment, archive_timeout: int) -> dict[str, float]:
     restore_seconds = time.monotonic() - started
     with chaos.pg(deployment, "postgres-primary") as conn:
         newest = conn.execute("SELECT max(at) FROM bench_rpo").fetchone()
-    assert newest is not None and newest[0] is not None
-    return {"rpo_s": (lost_at - newest[0]).total_seconds(), "restore_s": restore_seconds}
+    assert newest is not None
+    # No row restored: everything since the last archived point (taken just before) is lost.
+    restorable = newest[0] if newest[0] is not None else archived[0]
+    return {"rpo_s": (lost_at - restorable).total_seconds(), "restore_s": restore_seconds}
 
 
 def restores(name: str, archive_timeout: int) -> dict[str, Any]:

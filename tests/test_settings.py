@@ -228,6 +228,18 @@ def test_incremental_backups_may_be_off() -> None:
     assert settings.postgres.backup_incremental_interval_minutes == 0
 
 
+def test_the_postgres_nodes_publish_one_port_each_from_publish_port() -> None:
+    # dev: the primary and one replica, so two ports: the range may end at 65535...
+    assert parse_stack("dev", {"postgres": {"publishPort": 65534}}).postgres.publish_port == 65534
+    # ...and its second port is taken: Redis node 0 cannot have it.
+    with pytest.raises(cfg.SettingsError) as raised:
+        parse_stack("dev", {"postgres": {"publishPort": 6378}})
+    assert str(raised.value) == (
+        "transvidio:redis.publishPort publishes host port 6379, already published by "
+        "transvidio:postgres.publishPort: every published port must be distinct"
+    )
+
+
 def test_published_ports_may_end_exactly_at_65535() -> None:
     # Two Redis nodes from 65534 use 65534 and 65535: the last port there is.
     assert parse_stack("dev", {"redis": {"publishPort": 65534}}).redis.publish_port == 65534
