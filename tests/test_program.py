@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from components import render
+from components.container import SERVICE_UIDS
 from components.settings import parse
 from components.topology import Topology
 from tests.program import Evaluation, Registration, evaluate, is_secret, plain, stack_config
@@ -594,6 +595,8 @@ def test_each_container_gets_exactly_its_secrets_and_the_right_ones(stack: str) 
             path.rsplit("/", 1)[-1]: u for path, u in uploads_of(container).items() if u["permissions"] == "0400"
         }
         assert set(secret_uploads) == SECRET_FILES[role], name
+        if role == "backend":  # readable by the backend's user only: the reference image runs as it
+            assert {u["owner"] for u in secret_uploads.values()} == {str(SERVICE_UIDS["backend"])}, name
         for file, upload in secret_uploads.items():
             if file in by_file:
                 assert upload["content"] == by_file[file], (name, file)
