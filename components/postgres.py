@@ -23,7 +23,6 @@ from components.settings import Settings
 from components.topology import POSTGRES_PORT, POSTGRES_REPLICATION_USER, Node, Topology
 
 COMPONENT = "postgres"
-DATA_DIR = "/var/lib/postgresql/data"
 SLOT_KEEPER_MEMORY_MB = 64
 
 
@@ -154,7 +153,7 @@ class PostgresReplicaSet(pulumi.ComponentResource):
             memory_mb=s.postgres.memory_mb,
             container_port=POSTGRES_PORT,
             envs=envs,
-            volumes=[VolumeMount(volume.name, DATA_DIR), *(extra_volumes or [])],
+            volumes=[VolumeMount(volume.name, render.POSTGRES_DATA_DIR), *(extra_volumes or [])],
             uploads=[
                 config_file(f"{render.POSTGRES_CONF_DIR}/{node.hostname}.conf", render.postgresql_conf(s, node)),
                 *self._common_uploads,

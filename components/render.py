@@ -40,6 +40,8 @@ MPI_CONF_DIR = "/etc/transvidio/mpi"
 UPLOADS_DIR = "/srv/transvidio/uploads"
 OUTPUTS_DIR = "/srv/transvidio/outputs"
 WORKSPACE_DIR = "/srv/transvidio/workspace"
+POSTGRES_DATA_DIR = "/var/lib/postgresql/data"  # each node's volume
+POSTGRES_RUN_DIR = "/var/lib/postgresql/run"  # sockets, the pgpass file, locks
 PGBACKREST_REPO_DIR = "/var/lib/pgbackrest"  # the backup repository volume
 PGBACKREST_CONF = f"{POSTGRES_CONF_DIR}/pgbackrest.conf"
 PGBACKREST_STANZA = PROJECT
@@ -68,7 +70,7 @@ def postgresql_conf(settings: Settings, node: Node) -> str:
         "listen_addresses = '*'",
         f"port = {POSTGRES_PORT}",
         f"hba_file = '{POSTGRES_CONF_DIR}/pg_hba.conf'",
-        "unix_socket_directories = '/var/lib/postgresql/run'",
+        f"unix_socket_directories = '{POSTGRES_RUN_DIR}'",
         "password_encryption = 'scram-sha-256'",
         "max_connections = 200",
         f"shared_buffers = '{_pg_size(pg.shared_buffers)}'",
@@ -98,7 +100,7 @@ def postgresql_conf(settings: Settings, node: Node) -> str:
         lines += [
             f"primary_conninfo = 'host={Topology(settings).postgres_primary.hostname} port={POSTGRES_PORT} "
             f"user={POSTGRES_REPLICATION_USER} application_name={node.slot_name} "
-            f"passfile=/var/lib/postgresql/run/pgpass'",
+            f"passfile={POSTGRES_RUN_DIR}/pgpass'",
             f"primary_slot_name = '{node.slot_name}'",
         ]
     return HEADER + "\n".join(lines) + "\n"
@@ -117,11 +119,11 @@ def pgbackrest_conf(settings: Settings) -> str:
         "start-fast=y",
         "log-level-console=info",
         "log-level-file=off",
-        "lock-path=/var/lib/postgresql/run/pgbackrest",
+        f"lock-path={POSTGRES_RUN_DIR}/pgbackrest",
         "",
         f"[{PGBACKREST_STANZA}]",
-        "pg1-path=/var/lib/postgresql/data",
-        "pg1-socket-path=/var/lib/postgresql/run",
+        f"pg1-path={POSTGRES_DATA_DIR}",
+        f"pg1-socket-path={POSTGRES_RUN_DIR}",
         f"pg1-port={POSTGRES_PORT}",
     ]
     return HEADER + "\n".join(lines) + "\n"
@@ -263,7 +265,6 @@ def prte_mca_params(settings: Settings) -> str:
 
 # --- backend --------------------------------------------------------------------------
 
-# Secret members of the backend's env contract; the components pass them as secret Outputs.
 # The backend's secrets, each a file under SECRETS_DIR named here; the environment carries
 # only its path, in <NAME>_FILE (a value in the environment shows in `docker inspect` and is
 # inherited by every child process).
