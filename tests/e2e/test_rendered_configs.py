@@ -154,6 +154,17 @@ def directives(text: str, separator: str) -> list[tuple[int, str, str]]:
     return found
 
 
+def node_conf(registration: Registration, conf_dir: str, separator: str) -> tuple[str, list[tuple[int, str, str]]]:
+    """The node's own config file, `<conf_dir>/<hostname>.conf`, and its directives."""
+    path = f"{conf_dir}/{registration.inputs['hostname']}.conf"
+    return path, directives(uploads_of(registration)[path]["content"], separator)
+
+
+def until_redis_answers(port: str | int) -> str:
+    """A shell line that waits (5 s at most) for a Redis or Sentinel on `port` to answer PING."""
+    return f"for _ in $(seq 50); do redis-cli -p {port} ping >/dev/null 2>&1 && break; sleep 0.1; done\n"
+
+
 # --- PostgreSQL ----------------------------------------------------------------------------
 
 PG_REPORT = """
@@ -177,9 +188,7 @@ def test_postgresql_applies_every_line_of_each_nodes_config_and_pg_hba(
     nodes = containers_of(evaluation, "postgres-primary", "postgres-replica")
     assert nodes
     for node in nodes:
-        uploads = uploads_of(node)
-        [conf] = [path for path in uploads if path == f"{render.POSTGRES_CONF_DIR}/{node.inputs['hostname']}.conf"]
-        rendered = directives(uploads[conf]["content"], "=")
+        conf, rendered = node_conf(node, render.POSTGRES_CONF_DIR, "=")
         sockets = dict((name, value) for _, name, value in rendered)["unix_socket_directories"].strip("'")
         output = run_check(client, images, node, f"CONF={shlex.quote(conf)} SOCKETS={sockets}\n" + PG_REPORT)
         report = json.loads(output.strip().splitlines()[-1])
@@ -188,7 +197,7 @@ def test_postgresql_applies_every_line_of_each_nodes_config_and_pg_hba(
             for line, name, value in rendered
         ]
         assert report["settings"] == expected, node.inputs["name"]
-        hba = uploads[f"{render.POSTGRES_CONF_DIR}/pg_hba.conf"]["content"]
+        hba = uploads_of(node)[f"{render.POSTGRES_CONF_DIR}/pg_hba.conf"]["content"]
         hba_lines = [line for line, _, _ in directives(hba, " ")]
         assert report["hba"] == [{"line": line, "error": None} for line in hba_lines], node.inputs["name"]
 
@@ -204,13 +213,12 @@ def test_each_redis_node_starts_on_its_config_and_reports_every_directive(
     nodes = containers_of(evaluation, "redis")
     assert nodes
     for node in nodes:
-        conf = f"{render.REDIS_CONF_DIR}/{node.inputs['hostname']}.conf"
-        rendered = directives(uploads_of(node)[conf]["content"], " ")
+        conf, rendered = node_conf(node, render.REDIS_CONF_DIR, " ")
         names = " ".join(sorted({name for _, name, _ in rendered}))
         script = (
             f"redis-server {conf} --daemonize yes --logfile /tmp/redis.log || {{ cat /tmp/redis.log; exit 1; }}\n"
-            f"for _ in $(seq 50); do redis-cli -p {REDIS_PORT} ping >/dev/null 2>&1 && break; sleep 0.1; done\n"
-            f"for name in {names}; do redis-cli -p {REDIS_PORT} --json config get $name; done\n"
+            + until_redis_answers(REDIS_PORT)
+            + f"for name in {names}; do redis-cli -p {REDIS_PORT} --json config get $name; done\n"
         )
         reported: dict[str, str] = {}
         for line in run_check(client, images, node, script).splitlines():
@@ -226,16 +234,15 @@ def test_each_sentinel_starts_on_its_config_and_monitors_the_master_as_rendered(
     sentinels = containers_of(evaluation, "sentinel")
     assert sentinels
     for sentinel in sentinels:
-        conf = f"{render.REDIS_CONF_DIR}/{sentinel.inputs['hostname']}.conf"
-        rendered = directives(uploads_of(sentinel)[conf]["content"], " ")
+        conf, rendered = node_conf(sentinel, render.REDIS_CONF_DIR, " ")
         port = dict((name, value) for _, name, value in rendered)["port"]
         # Sentinel rewrites its config: it reads a writable copy, as the entrypoint gives it.
         script = (
             f"cp {conf} /tmp/sentinel.conf\n"
             "redis-server /tmp/sentinel.conf --sentinel --daemonize yes --logfile /tmp/sentinel.log"
             " || { cat /tmp/sentinel.log; exit 1; }\n"
-            f"for _ in $(seq 50); do redis-cli -p {port} ping >/dev/null 2>&1 && break; sleep 0.1; done\n"
-            f"redis-cli -p {port} --json sentinel masters\n"
+            + until_redis_answers(port)
+            + f"redis-cli -p {port} --json sentinel masters\n"
             f"redis-cli -p {port} --json sentinel config get '*'\n"
             # Sentinel keeps a line it does not understand, commented "# ???", instead of failing.
             "! grep -n '^# ???' /tmp/sentinel.conf\n"
