@@ -12,7 +12,6 @@ RUN_CONF=/var/lib/redis/run/redis.conf
 : "${INITIAL_MASTER:?INITIAL_MASTER is the address of the node that is master on first start}"
 : "${REDIS_SENTINELS:?REDIS_SENTINELS lists host:port of every Sentinel}"
 : "${REDIS_MASTER_NAME:=transvidio}"
-: "${SENTINEL_WAIT_SECONDS:=30}"
 : "${DOWN_AFTER_MS:=30000}"
 : "${FAILOVER_TIMEOUT_MS:=180000}"
 # A Sentinel that finds no replica with fresh enough INFO aborts and retries a failover
@@ -48,7 +47,7 @@ ask_sentinels() { sentinel_query is_address get-master-addr-by-name "$REDIS_MAST
 has_data() { [ -d /data/appendonlydir ] || [ -s /data/dump.rdb ]; }
 
 master=""
-deadline=$((SECONDS + SENTINEL_WAIT_SECONDS))
+next_notice=0
 while :; do
     if master=$(ask_sentinels); then
         log "Sentinels say the master is $master"
@@ -59,13 +58,14 @@ while :; do
         log "no Sentinel answers and no data here: first start, initial master is $master"
         break
     fi
-    if [ "$SECONDS" -ge "$deadline" ]; then
-        # Data but nobody to ask: come back as a replica of the initial master, never
-        # as a master; the Sentinels reconfigure us once they are back.
-        master=$INITIAL_MASTER
-        [ "$master" = "$REDIS_ANNOUNCE_IP" ] && master=""
-        log "no Sentinel answered in ${SENTINEL_WAIT_SECONDS}s; following ${master:-nobody (read-only until told)}"
-        break
+    # Data and nobody to ask: starting as master could make a second master, and
+    # following a guess can close a replication loop (the guess following us). Wait,
+    # however long it takes, for a Sentinel; what it says then decides, as on any start.
+    # A guess would also make things worse later: a replica whose link to the master
+    # was down for over 10 x down-after is one Sentinel never promotes.
+    if [ "$SECONDS" -ge "$next_notice" ]; then
+        log "no Sentinel answers and this node has data: waiting for a Sentinel before starting"
+        next_notice=$((SECONDS + 30))
     fi
     sleep 1
 done
@@ -102,7 +102,7 @@ umask 077
     cat "$CONF_DIR/$REDIS_NODE.conf"
     printf 'requirepass "%s"\nmasterauth "%s"\n' "$password" "$password"
     if [ "$master" != "$REDIS_ANNOUNCE_IP" ]; then
-        printf 'replicaof %s 6379\n' "${master:-$INITIAL_MASTER}"
+        printf 'replicaof %s 6379\n' "$master"
     fi
 } >"$RUN_CONF"
 unset password REDISCLI_AUTH

@@ -67,6 +67,15 @@ def logs(deployment: Deployment, hostname: str, since: float | None = None) -> s
     return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
 
 
+def wait_logged(deployment: Deployment, hostname: str, since: float, text: str, timeout: float = 60) -> str:
+    """Until the container has logged `text` since `since`; returns those logs."""
+    deadline = time.monotonic() + timeout
+    while text not in (log := logs(deployment, hostname, since)):
+        assert time.monotonic() < deadline, f"{hostname} did not log {text!r} in {timeout}s: {log[-2000:]}"
+        time.sleep(0.5)
+    return log
+
+
 def disconnect(deployment: Deployment, hostname: str) -> None:
     deployment.client.networks.get(f"transvidio-{deployment.stack}-data").disconnect(deployment.name(hostname))
 
