@@ -23,6 +23,8 @@ postgres = PostgresReplicaSet(
         networks=networks,
         superuser_password=secrets.postgres_password,
         replication_password=secrets.replication_password,
+        rewind_password=secrets.rewind_password,
+        patroni_api_password=secrets.patroni_api_password,
         app_password=secrets.app_db_password,
     ),
 )

@@ -40,7 +40,7 @@ class Writer(threading.Thread):
 
     def run(self) -> None:
         try:
-            with chaos.pg(self.deployment, "postgres-primary") as conn:
+            with chaos.pg_writer(self.deployment) as conn:
                 while not self.stop.wait(0.1):
                     conn.execute("INSERT INTO bench_rpo (at) VALUES (clock_timestamp())")
         except psycopg.Error:
@@ -48,17 +48,17 @@ class Writer(threading.Thread):
 
 
 def one_run(deployment: Deployment, archive_timeout: int) -> dict[str, float]:
-    with chaos.pg(deployment, "postgres-primary") as conn:
+    with chaos.pg_writer(deployment) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS bench_rpo (at timestamptz NOT NULL)")
         conn.execute("TRUNCATE bench_rpo")
     chaos.archive_everything(deployment)
-    with chaos.pg(deployment, "postgres-primary") as conn:
+    with chaos.pg_writer(deployment) as conn:
         archived = conn.execute("SELECT clock_timestamp()").fetchone()
     assert archived is not None
     writer = Writer(deployment)
     writer.start()
     time.sleep(random.uniform(5, 5 + archive_timeout))
-    with chaos.pg(deployment, "postgres-primary") as conn:
+    with chaos.pg_writer(deployment) as conn:
         row = conn.execute("SELECT clock_timestamp()").fetchone()
     assert row is not None
     lost_at = row[0]
@@ -68,7 +68,7 @@ def one_run(deployment: Deployment, archive_timeout: int) -> dict[str, float]:
     started = time.monotonic()
     chaos.restore_postgres(deployment, "latest")
     restore_seconds = time.monotonic() - started
-    with chaos.pg(deployment, "postgres-primary") as conn:
+    with chaos.pg_writer(deployment) as conn:
         newest = conn.execute("SELECT max(at) FROM bench_rpo").fetchone()
     assert newest is not None
     # No row restored: everything since the last archived point (taken just before) is lost.

@@ -127,7 +127,7 @@ def postgres() -> dict[str, Any]:
         stop = threading.Event()
 
         def sample() -> None:
-            with chaos.pg(deployment, "postgres-primary") as conn:
+            with chaos.pg_writer(deployment) as conn:
                 while not stop.is_set():
                     rows = conn.execute(
                         "SELECT application_name, EXTRACT(EPOCH FROM COALESCE(replay_lag, '0'))::float "

@@ -70,7 +70,7 @@ class BackendPool(pulumi.ComponentResource):
         self.members = topo.backends
         # The hosts the env contract names, pinned to their fixed addresses: a lookup never
         # waits on the engine's DNS while a container restarts.
-        pinned = [topo.postgres_primary, *topo.postgres_replicas, topo.mpi_master]
+        pinned = [*topo.postgres_nodes, topo.mpi_master]
         self.containers = [
             service_container(
                 name,

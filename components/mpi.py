@@ -112,9 +112,9 @@ class MpiCluster(pulumi.ComponentResource):
                 uploads=[*shared_uploads, host_key, *([runner_password] if runner else [])],
                 capabilities=SSHD_CAPABILITIES,
                 # MPI launches by name (hostfile, known_hosts) and the runner reaches the
-                # primary by name: pin them to the fixed addresses so neither waits on, or
-                # fails with, the engine's DNS.
-                extra_hosts=[*topo.mpi_nodes, topo.postgres_primary],
+                # PostgreSQL nodes by name: pin them to the fixed addresses so neither waits
+                # on, or fails with, the engine's DNS. Workers never reach PostgreSQL.
+                extra_hosts=[*topo.mpi_nodes, *(topo.postgres_nodes if runner else [])],
             )
             return service_container(name, spec, s, args.networks, self)
 

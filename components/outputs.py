@@ -15,11 +15,11 @@ from components.settings import Settings
 from components.topology import POSTGRES_APP_USER, POSTGRES_DB, POSTGRES_PORT, REDIS_MASTER_NAME
 
 
-def _dsn(host: str, password: pulumi.Input[str]) -> pulumi.Output[str]:
+def _dsn(hosts: list[str], password: pulumi.Input[str], query: str) -> pulumi.Output[str]:
+    """A libpq URL over every node; `query` picks the node (the primary, or a standby)."""
+    authority = ",".join(f"{host}:{POSTGRES_PORT}" for host in hosts)
     return pulumi.Output.secret(
-        pulumi.Output.concat(
-            "postgresql://", POSTGRES_APP_USER, ":", password, f"@{host}:{POSTGRES_PORT}/{POSTGRES_DB}"
-        )
+        pulumi.Output.concat("postgresql://", POSTGRES_APP_USER, ":", password, f"@{authority}/{POSTGRES_DB}?{query}")
     )
 
 
@@ -37,8 +37,8 @@ def export_stack_outputs(
         "endpoints",
         {
             "nginx": nginx.url,
-            "postgresPrimary": f"{postgres.primary_host}:{POSTGRES_PORT}",
-            "postgresReplicas": [f"{h}:{POSTGRES_PORT}" for h in postgres.replica_hosts],
+            # Any node may be primary: Patroni says which (see postgresWhoIsPrimary).
+            "postgresNodes": [f"{h}:{POSTGRES_PORT}" for h in postgres.node_hosts],
             "redisSentinels": redis.sentinel_addresses,
             "redisMasterName": REDIS_MASTER_NAME,
             "mpiMaster": mpi.master_host,
@@ -56,8 +56,21 @@ def export_stack_outputs(
         },
     )
     pulumi.export("backendEnvironment", render.backend_environment(settings))
-    pulumi.export("postgresPrimaryDsn", _dsn(postgres.primary_host, secrets.app_db_password))
-    pulumi.export("postgresReplicaDsns", [_dsn(h, secrets.app_db_password) for h in postgres.replica_hosts])
+    pulumi.export(
+        "postgresPrimaryDsn", _dsn(postgres.node_hosts, secrets.app_db_password, "target_session_attrs=read-write")
+    )
+    pulumi.export(
+        "postgresStandbyDsn",
+        _dsn(
+            postgres.node_hosts,
+            secrets.app_db_password,
+            "target_session_attrs=prefer-standby&load_balance_hosts=random",
+        ),
+    )
+    pulumi.export(
+        "postgresWhoIsPrimary",
+        f"docker exec {postgres.node_containers[0]} patronictl --config-file {render.PATRONI_RUN_CONF} list",
+    )
     pulumi.export("postgresSuperuserPassword", secrets.postgres_password)
     pulumi.export("redisPassword", secrets.redis_password)
     pulumi.export("secretKey", secrets.secret_key)

@@ -1,4 +1,4 @@
-"""PostgresReplicaSet: a PostgreSQL primary and its streaming replicas."""
+"""PostgresReplicaSet: PostgreSQL nodes under Patroni, their etcd, and their backups."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from components.container import (
     service_container,
 )
 from components.settings import Settings
-from components.topology import POSTGRES_PORT, POSTGRES_REPLICATION_USER, Node, Topology
+from components.topology import POSTGRES_PORT, Node, Topology
 
 COMPONENT = "postgres"
-SLOT_KEEPER_MEMORY_MB = 64
+ETCD_MEMORY_MB = 128
 
 
 @dataclass(frozen=True)
@@ -32,21 +32,25 @@ class PostgresReplicaSetArgs:
     networks: Networks
     superuser_password: pulumi.Input[str]
     replication_password: pulumi.Input[str]
+    rewind_password: pulumi.Input[str]
+    patroni_api_password: pulumi.Input[str]
     app_password: pulumi.Input[str]
 
 
 class PostgresReplicaSet(pulumi.ComponentResource):
-    """Deploys a primary, N streaming replicas, a slot keeper and a backup repository.
+    """Deploys PostgreSQL nodes under Patroni, the etcd members that hold its leader lock,
+    and a backup repository.
 
-    Each node has its own retained volume and /dev/shm size. The primary is created
-    with `wait=True` and the replicas depend on it; each replica bootstraps with
-    pg_basebackup through its own replication slot (only when its volume is empty) and
-    is healthy only while in recovery and streaming. The slot keeper drops the slots of
-    replicas the stack no longer has, so scaling down frees the WAL they pinned; the
-    primary's config does not depend on the replica count, so scaling never restarts it.
-    The primary archives every WAL segment to the backup repository volume and takes
-    pgBackRest's full and incremental backups on the configured schedule; started empty
-    with `restoreTarget` set, it restores from that repository instead of initialising.
+    Patroni makes one node primary and the others streaming replicas through slots it
+    keeps per node (and drops for nodes the stack no longer has); when the primary is
+    lost it promotes the most advanced replica (with `synchronous`, only one holding every
+    acknowledged commit), and an old primary that returns is rewound and follows. Each
+    node has its own retained volume; the first node bootstraps the cluster and is created
+    (healthy) before the others, which clone it. Whichever node is primary archives every
+    WAL segment to the shared backup repository volume and takes pgBackRest's full and
+    incremental backups on the configured schedule; with `restoreTarget` set, a cluster
+    bootstrapped on empty volumes restores from that repository instead of initialising.
+    Every node carries every secret a primary needs: any node may become primary.
     """
 
     def __init__(self, name: str, args: PostgresReplicaSetArgs, opts: pulumi.ResourceOptions | None = None) -> None:
@@ -56,116 +60,87 @@ class PostgresReplicaSet(pulumi.ComponentResource):
         self._args = args
         self.image = role_image(f"{name}-image", COMPONENT, s, self)
         uid = SERVICE_UIDS[COMPONENT]
-        replication_secret = secret_file(f"{render.SECRETS_DIR}/replication-password", args.replication_password, uid)
-        self._common_uploads = [
-            config_file(f"{render.POSTGRES_CONF_DIR}/pg_hba.conf", render.pg_hba_conf(s)),
-            replication_secret,
-        ]
+        self.etcd = [self._etcd_member(name, member) for member in topo.etcd_nodes]
         # The backup repository: pgBackRest's full and incremental backups and the WAL archive.
         self.backups = data_volume(name, "postgres-backups", s, COMPONENT, self)
-        pg = s.postgres
-        self.primary = self._node(
-            name,
-            topo.postgres_primary,
-            envs=[
-                "PG_ROLE=primary",
-                f"PG_NODE={topo.postgres_primary.hostname}",
-                f"PGBACKREST_CONFIG={render.PGBACKREST_CONF}",
-                f"PGBACKREST_STANZA={render.PGBACKREST_STANZA}",
-                f"BACKUP_FULL_INTERVAL_MINUTES={pg.backup_full_interval_minutes}",
-                f"BACKUP_INCREMENTAL_INTERVAL_MINUTES={pg.backup_incremental_interval_minutes}",
-                f"RESTORE_TARGET={pg.restore_target}",
-            ],
-            extra_volumes=[VolumeMount(self.backups.name, render.PGBACKREST_REPO_DIR)],
-            uploads=[
-                config_file(render.PGBACKREST_CONF, render.pgbackrest_conf(s)),
-                config_file(f"{render.POSTGRES_CONF_DIR}/primary-setup.sql", render.primary_setup_sql()),
-                secret_file(f"{render.SECRETS_DIR}/postgres-password", args.superuser_password, uid),
-                secret_file(f"{render.SECRETS_DIR}/app-db-password", args.app_password, uid),
-            ],
-            wait=True,
-            depends_on=[],
-        )
-        self.replicas = [
-            self._node(
-                name,
-                replica,
-                envs=[
-                    "PG_ROLE=replica",
-                    f"PG_NODE={replica.hostname}",
-                    f"PG_SLOT={replica.slot_name}",
-                    f"PRIMARY_HOST={topo.postgres_primary.hostname}",
-                    f"REPLICATION_USER={POSTGRES_REPLICATION_USER}",
-                ],
-                uploads=[],
-                wait=False,
-                depends_on=[self.primary],
-                extra_hosts=[topo.postgres_primary],
-            )
-            for replica in topo.postgres_replicas
+        self._uploads = [
+            config_file(f"{render.POSTGRES_CONF_DIR}/postgresql.conf", render.postgresql_conf(s)),
+            config_file(f"{render.POSTGRES_CONF_DIR}/pg_hba.conf", render.pg_hba_conf(s)),
+            config_file(render.PGBACKREST_CONF, render.pgbackrest_conf(s)),
+            config_file(f"{render.POSTGRES_CONF_DIR}/primary-setup.sql", render.primary_setup_sql()),
+            config_file(render.DCS_CONF, render.patroni_dcs_json(s)),
+            secret_file(f"{render.SECRETS_DIR}/postgres-password", args.superuser_password, uid),
+            secret_file(f"{render.SECRETS_DIR}/replication-password", args.replication_password, uid),
+            secret_file(f"{render.SECRETS_DIR}/rewind-password", args.rewind_password, uid),
+            secret_file(f"{render.SECRETS_DIR}/patroni-api-password", args.patroni_api_password, uid),
+            secret_file(f"{render.SECRETS_DIR}/app-db-password", args.app_password, uid),
         ]
-        keeper = topo.postgres_slot_keeper
-        self.slot_keeper = service_container(
+        self.primary = self._node(name, topo.postgres_primary, wait=True, depends_on=list(self.etcd))
+        self.replicas = [
+            self._node(name, replica, wait=False, depends_on=[self.primary]) for replica in topo.postgres_replicas
+        ]
+        self.nodes = [self.primary, *self.replicas]
+        self.node_hosts = [n.hostname for n in topo.postgres_nodes]
+        self.node_containers = [n.container_name for n in topo.postgres_nodes]
+        self.register_outputs({"nodes": self.node_hosts, "port": POSTGRES_PORT})
+
+    def _etcd_member(self, name: str, member: Node) -> docker.Container:
+        s = self._args.settings
+        volume = data_volume(name, f"{member.hostname}-data", s, COMPONENT, self)
+        return service_container(
             name,
             ContainerSpec(
-                node=keeper,
+                node=member,
                 component=COMPONENT,
                 image=self.image.repo_digest,
                 healthcheck=["/usr/local/bin/healthcheck.sh"],
-                memory_mb=SLOT_KEEPER_MEMORY_MB,
-                envs=[
-                    "PG_ROLE=slots",
-                    f"PG_NODE={keeper.hostname}",
-                    f"PG_STALE_SLOTS={','.join(topo.stale_replica_slots())}",
-                    f"PRIMARY_HOST={topo.postgres_primary.hostname}",
-                    f"REPLICATION_USER={POSTGRES_REPLICATION_USER}",
+                memory_mb=ETCD_MEMORY_MB,
+                envs=["PG_ROLE=etcd", f"PG_NODE={member.hostname}"],
+                volumes=[VolumeMount(volume.name, render.ETCD_DATA_DIR)],
+                uploads=[
+                    config_file(f"{render.POSTGRES_CONF_DIR}/{member.hostname}.etcd.yml", render.etcd_yml(s, member))
                 ],
-                uploads=[replication_secret],
-                depends_on=[self.primary],
-                extra_hosts=[topo.postgres_primary],
+                # Not waited for one by one: a member is healthy only once a majority is up.
+                wait=False,
             ),
             s,
-            args.networks,
+            self._args.networks,
             self,
         )
-        self.primary_host = topo.postgres_primary.hostname
-        self.replica_hosts = [r.hostname for r in topo.postgres_replicas]
-        self.register_outputs({"primary": self.primary_host, "replicas": self.replica_hosts, "port": POSTGRES_PORT})
 
-    def _node(
-        self,
-        name: str,
-        node: Node,
-        envs: list[str],
-        uploads: list[docker.ContainerUploadArgs],
-        wait: bool,
-        depends_on: list[pulumi.Resource],
-        extra_hosts: list[Node] | None = None,
-        extra_volumes: list[VolumeMount] | None = None,
-    ) -> docker.Container:
+    def _node(self, name: str, node: Node, wait: bool, depends_on: list[pulumi.Resource]) -> docker.Container:
         s = self._args.settings
+        pg = s.postgres
         volume = data_volume(name, f"{node.hostname}-data", s, COMPONENT, self)
         spec = ContainerSpec(
             node=node,
             component=COMPONENT,
             image=self.image.repo_digest,
             healthcheck=["/usr/local/bin/healthcheck.sh"],
-            memory_mb=s.postgres.memory_mb,
+            memory_mb=pg.memory_mb,
             container_port=POSTGRES_PORT,
-            envs=envs,
-            volumes=[VolumeMount(volume.name, render.POSTGRES_DATA_DIR), *(extra_volumes or [])],
-            uploads=[
-                config_file(f"{render.POSTGRES_CONF_DIR}/{node.hostname}.conf", render.postgresql_conf(s, node)),
-                *self._common_uploads,
-                *uploads,
+            envs=[
+                "PG_ROLE=node",
+                f"PG_NODE={node.hostname}",
+                f"PGBACKREST_CONFIG={render.PGBACKREST_CONF}",
+                f"PGBACKREST_STANZA={render.PGBACKREST_STANZA}",
+                f"BACKUP_FULL_INTERVAL_MINUTES={pg.backup_full_interval_minutes}",
+                f"BACKUP_INCREMENTAL_INTERVAL_MINUTES={pg.backup_incremental_interval_minutes}",
             ],
-            shm_size_mb=s.postgres.shm_size_mb,
-            # A replica's first base backup copies the whole primary: give it time.
-            start_period_seconds=120 if node.role == "postgres-replica" else 60,
-            # A fast shutdown checkpoints first: give it time rather than a crash recovery.
+            volumes=[
+                VolumeMount(volume.name, render.POSTGRES_DATA_DIR),
+                VolumeMount(self.backups.name, render.PGBACKREST_REPO_DIR),
+            ],
+            uploads=[
+                config_file(f"{render.POSTGRES_CONF_DIR}/{node.hostname}.patroni.yml", render.patroni_yml(s, node)),
+                *self._uploads,
+            ],
+            shm_size_mb=pg.shm_size_mb,
+            # A replica's first clone copies the whole primary; a restore replays the archive.
+            start_period_seconds=120,
+            # A clean stop checkpoints and hands the leader lock over: give it time.
             stop_grace_seconds=60,
             wait=wait,
             depends_on=depends_on,
-            extra_hosts=extra_hosts or [],
         )
         return service_container(name, spec, s, self._args.networks, self)

@@ -9,7 +9,9 @@ Secrets never appear here: containers read them from separately uploaded files.
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -17,12 +19,17 @@ from typing import Any
 from components.settings import MAX_POSTGRES_REPLICAS, PROJECT, Settings, SettingsError, parse
 from components.topology import (
     BACKEND_PORT,
+    ETCD_CLIENT_PORT,
+    ETCD_PEER_PORT,
     NGINX_HTTP_PORT,
     NGINX_HTTPS_PORT,
+    PATRONI_API_USER,
+    PATRONI_PORT,
     POSTGRES_APP_USER,
     POSTGRES_DB,
     POSTGRES_PORT,
     POSTGRES_REPLICATION_USER,
+    POSTGRES_REWIND_USER,
     REDIS_MASTER_NAME,
     REDIS_PORT,
     SENTINEL_PORT,
@@ -45,6 +52,7 @@ POSTGRES_RUN_DIR = "/var/lib/postgresql/run"  # sockets, the pgpass file, locks
 PGBACKREST_REPO_DIR = "/var/lib/pgbackrest"  # the backup repository volume
 PGBACKREST_CONF = f"{POSTGRES_CONF_DIR}/pgbackrest.conf"
 PGBACKREST_STANZA = PROJECT
+ETCD_DATA_DIR = "/var/lib/etcd"
 
 HEADER = "# Rendered by transvidio-cluster from the stack's settings; edit the stack config, not this file.\n"
 
@@ -60,28 +68,33 @@ def _pg_size(size_bytes: int) -> str:
 # --- PostgreSQL -----------------------------------------------------------------------
 
 
-def postgresql_conf(settings: Settings, node: Node) -> str:
-    """postgresql.conf for the primary or a replica (same shape; replicas add standby settings)."""
-    pg = settings.postgres
-    # Sized for the most replicas a stack may have (plus room for a re-bootstrap while an old
-    # slot lingers), not for today's count: scaling replicas leaves this file as it is.
+# Patroni passes these on postgres' command line and keeps them equal on every node (they
+# live in its DCS): the bootstrap writes them there, and every start re-applies them.
+def postgres_cluster_parameters(settings: Settings) -> dict[str, str | int]:
+    """Parameters every node must share, sized for the most replicas a stack may have (plus
+    room for a re-clone while an old slot lingers): scaling replicas changes none of them."""
     replica_slots = MAX_POSTGRES_REPLICAS + 2
+    return {
+        "hot_standby": "on",
+        "max_connections": 200,
+        "max_replication_slots": replica_slots,
+        "max_wal_senders": replica_slots + 2,
+        "wal_keep_size": "256MB",
+        "wal_level": "replica",
+        # pg_rewind needs hint bits WAL-logged to rewind an old primary that ran ahead.
+        "wal_log_hints": "on",
+    }
+
+
+def postgresql_conf(settings: Settings) -> str:
+    """The settings Patroni does not own, the same on every node (its `custom_conf`)."""
+    pg = settings.postgres
     lines = [
-        "listen_addresses = '*'",
-        f"port = {POSTGRES_PORT}",
-        f"hba_file = '{POSTGRES_CONF_DIR}/pg_hba.conf'",
-        f"unix_socket_directories = '{POSTGRES_RUN_DIR}'",
         "password_encryption = 'scram-sha-256'",
-        "max_connections = 200",
         f"shared_buffers = '{_pg_size(pg.shared_buffers)}'",
         f"work_mem = '{_pg_size(pg.work_mem)}'",
         f"maintenance_work_mem = '{_pg_size(pg.maintenance_work_mem)}'",
-        "wal_level = replica",
-        f"max_wal_senders = {replica_slots + 2}",
-        f"max_replication_slots = {replica_slots}",
-        "wal_keep_size = '256MB'",
         f"max_slot_wal_keep_size = '{_pg_size(pg.max_slot_wal_keep_size)}'",
-        "hot_standby = on",
         "hot_standby_feedback = on",
         "wal_receiver_timeout = '30s'",
         "wal_sender_timeout = '30s'",
@@ -93,17 +106,148 @@ def postgresql_conf(settings: Settings, node: Node) -> str:
         # Every WAL segment goes to the backup repository (a standby archives nothing until
         # it is promoted); a quiet primary still switches segments every archive_timeout.
         "archive_mode = on",
-        f"archive_command = 'pgbackrest --config={PGBACKREST_CONF} --stanza={PGBACKREST_STANZA} archive-push %p'",
+        f"archive_command = '{PGBACKREST} archive-push %p'",
         f"archive_timeout = '{pg.archive_timeout_seconds}s'",
     ]
-    if node.role == "postgres-replica":
-        lines += [
-            f"primary_conninfo = 'host={Topology(settings).postgres_primary.hostname} port={POSTGRES_PORT} "
-            f"user={POSTGRES_REPLICATION_USER} application_name={node.slot_name} "
-            f"passfile={POSTGRES_RUN_DIR}/pgpass'",
-            f"primary_slot_name = '{node.slot_name}'",
-        ]
     return HEADER + "\n".join(lines) + "\n"
+
+
+PGBACKREST = f"pgbackrest --config={PGBACKREST_CONF} --stanza={PGBACKREST_STANZA}"
+PATRONI_CALLBACK = "/usr/local/bin/patroni-callback.sh"
+PATRONI_BOOTSTRAP = "/usr/local/bin/patroni-bootstrap.sh"
+DCS_CONF = f"{POSTGRES_CONF_DIR}/patroni-dcs.json"
+PATRONI_RUN_CONF = f"{POSTGRES_RUN_DIR}/patroni.yml"  # written at start: the config with its passwords
+
+
+def patroni_dcs(settings: Settings) -> dict[str, Any]:
+    """Patroni's cluster-wide settings (its DCS), written at bootstrap and re-applied by every
+    primary on start, so that a changed setting reaches a running cluster."""
+    pg = settings.postgres
+    # Patroni's rule: loop_wait + 2 x retry_timeout <= ttl.
+    loop_wait = max(1, pg.failover_ttl_seconds // 4)
+    return {
+        "ttl": pg.failover_ttl_seconds,
+        "loop_wait": loop_wait,
+        "retry_timeout": (pg.failover_ttl_seconds - loop_wait) // 2,
+        # A replica further behind than this never becomes primary on its own.
+        "maximum_lag_on_failover": 1024 * 1024,
+        # A commit returns once the synchronous standby has it, and only that standby may be
+        # promoted: no acknowledged write is lost in a failover. (Patroni 4's quorum mode was
+        # tried and left: on this host its replicas sometimes all declined the leader race.)
+        "synchronous_mode": pg.synchronous,
+        "synchronous_node_count": 1,
+        "postgresql": {
+            "use_pg_rewind": True,
+            "use_slots": True,
+            "parameters": postgres_cluster_parameters(settings),
+        },
+    }
+
+
+def patroni_dcs_json(settings: Settings) -> str:
+    """The DCS settings as the file a new primary applies with `patronictl edit-config`."""
+    return json.dumps(patroni_dcs(settings), indent=2, sort_keys=True) + "\n"
+
+
+def patroni_yml(settings: Settings, node: Node) -> str:
+    """Patroni's config for one PostgreSQL node, without its passwords and bin_dir (the
+    entrypoint adds them from the secret files and the installed server)."""
+    topo = Topology(settings)
+    pg = settings.postgres
+    restore = pg.restore_target
+    recovery: dict[str, str] = {
+        "restore_command": f'{PGBACKREST} archive-get %f "%p"',
+        "recovery_target_action": "promote",
+        "recovery_target_timeline": "latest",
+    }
+    if restore and restore != "latest":
+        recovery["recovery_target_time"] = restore
+    methods: dict[str, Any] = {
+        # Fresh: initdb, unless the backup repository holds backups of this stack.
+        "fresh": {"command": f"{PATRONI_BOOTSTRAP} fresh", "no_params": True},
+        "restore": {
+            # The target picks the backup to start from: the newest one taken before it.
+            "command": f"{PATRONI_BOOTSTRAP} restore {shlex.quote(restore or 'latest')}",
+            "no_params": True,
+            # Patroni writes these and recovery.signal: archive recovery to the target, then promote.
+            "recovery_conf": recovery,
+        },
+    }
+    config: dict[str, Any] = {
+        "scope": settings.prefix,
+        "namespace": "/transvidio/",
+        "name": node.hostname,
+        "restapi": {
+            "listen": f"0.0.0.0:{PATRONI_PORT}",
+            "connect_address": f"{node.data_ip}:{PATRONI_PORT}",
+            # Its password is added at start: switchover, restart and config changes need it.
+            "authentication": {"username": PATRONI_API_USER},
+        },
+        "etcd3": {
+            "hosts": [f"{e.data_ip}:{ETCD_CLIENT_PORT}" for e in topo.etcd_nodes],
+            "protocol": "http",
+        },
+        "bootstrap": {
+            "dcs": patroni_dcs(settings),
+            "method": "restore" if restore else "fresh",
+            "fresh": methods["fresh"],
+            "restore": methods["restore"],
+            # Roles, passwords and the app's database, once the first primary is up.
+            "post_bootstrap": f"{PATRONI_CALLBACK} post_bootstrap",
+        },
+        "postgresql": {
+            "listen": f"0.0.0.0:{POSTGRES_PORT}",
+            "connect_address": f"{node.data_ip}:{POSTGRES_PORT}",
+            "data_dir": POSTGRES_DATA_DIR,
+            "custom_conf": f"{POSTGRES_CONF_DIR}/postgresql.conf",
+            "pgpass": f"{POSTGRES_RUN_DIR}/patroni-pgpass",
+            # Patroni asks its own node for its timeline over a replication connection:
+            # through the socket, which pg_hba allows the replication role (by password).
+            "use_unix_socket": True,
+            "use_unix_socket_repl": True,
+            "parameters": {
+                "hba_file": f"{POSTGRES_CONF_DIR}/pg_hba.conf",
+                "unix_socket_directories": POSTGRES_RUN_DIR,
+            },
+            "authentication": {
+                "superuser": {"username": "postgres"},
+                "replication": {"username": POSTGRES_REPLICATION_USER},
+                "rewind": {"username": POSTGRES_REWIND_USER},
+            },
+            "callbacks": {
+                "on_start": PATRONI_CALLBACK,
+                "on_role_change": PATRONI_CALLBACK,
+            },
+            "create_replica_methods": ["basebackup"],
+            "basebackup": [{"checkpoint": "fast"}],
+            "remove_data_directory_on_rewind_failure": True,
+            "remove_data_directory_on_diverged_timelines": True,
+        },
+        "log": {"level": "INFO", "format": "%(asctime)s patroni %(levelname)s: %(message)s"},
+    }
+    return HEADER + json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def etcd_yml(settings: Settings, node: Node) -> str:
+    """One etcd member: the cluster's fixed addresses, its data on its volume."""
+    members = Topology(settings).etcd_nodes
+    config = {
+        "name": node.hostname,
+        "data-dir": ETCD_DATA_DIR,
+        "listen-peer-urls": f"http://{node.data_ip}:{ETCD_PEER_PORT}",
+        "initial-advertise-peer-urls": f"http://{node.data_ip}:{ETCD_PEER_PORT}",
+        "listen-client-urls": f"http://{node.data_ip}:{ETCD_CLIENT_PORT},http://127.0.0.1:{ETCD_CLIENT_PORT}",
+        "advertise-client-urls": f"http://{node.data_ip}:{ETCD_CLIENT_PORT}",
+        "initial-cluster": ",".join(f"{m.hostname}=http://{m.data_ip}:{ETCD_PEER_PORT}" for m in members),
+        "initial-cluster-state": "new",
+        "initial-cluster-token": settings.prefix,
+        # Patroni's keys are few and small: keep history short and the database small.
+        "auto-compaction-mode": "revision",
+        "auto-compaction-retention": "1000",
+        "quota-backend-bytes": 256 * 1024 * 1024,
+        "log-level": "warn",
+    }
+    return HEADER + json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 def pgbackrest_conf(settings: Settings) -> str:
@@ -130,11 +274,14 @@ def pgbackrest_conf(settings: Settings) -> str:
 
 
 def pg_hba_conf(settings: Settings) -> str:
-    """Local superuser by peer; replication and the app only from the data subnet, by SCRAM."""
+    """Local superuser by peer, local replication (Patroni's own checks) by SCRAM; replication,
+    pg_rewind and the app from the data subnet only, by SCRAM."""
     subnet = settings.network.data_subnet
     rows = [
         ("local", "all", "postgres", "", "peer"),
+        ("local", "replication", POSTGRES_REPLICATION_USER, "", "scram-sha-256"),
         ("host", "replication", POSTGRES_REPLICATION_USER, str(subnet), "scram-sha-256"),
+        ("host", "postgres", POSTGRES_REWIND_USER, str(subnet), "scram-sha-256"),
         ("host", POSTGRES_DB, POSTGRES_APP_USER, str(subnet), "scram-sha-256"),
         ("host", "all", "all", "0.0.0.0/0", "reject"),
     ]
@@ -143,21 +290,35 @@ def pg_hba_conf(settings: Settings) -> str:
 
 
 def primary_setup_sql() -> str:
-    """Idempotent roles and database, run by the primary's entrypoint on every start.
+    """Idempotent roles and database, run on a node each time it starts as, or becomes, primary.
 
-    Passwords are read by psql from the secret files, never passed on a command line.
+    Passwords are read by psql from the secret files, never passed on a command line. The
+    rewind role gets only the functions pg_rewind calls, not superuser.
     """
-    return f"""-- Rendered by transvidio-cluster. Runs on every start of the primary; idempotent.
+    rewind_functions = (
+        "pg_ls_dir(text, boolean, boolean)",
+        "pg_stat_file(text, boolean)",
+        "pg_read_binary_file(text)",
+        "pg_read_binary_file(text, bigint, bigint, boolean)",
+    )
+    grants = "".join(
+        f"GRANT EXECUTE ON FUNCTION pg_catalog.{function} TO {POSTGRES_REWIND_USER};\n" for function in rewind_functions
+    )
+    return f"""-- Rendered by transvidio-cluster. Runs whenever a node starts as or becomes primary; idempotent.
 \\set ON_ERROR_STOP on
 \\set superuser_password `cat {SECRETS_DIR}/postgres-password`
 \\set replication_password `cat {SECRETS_DIR}/replication-password`
+\\set rewind_password `cat {SECRETS_DIR}/rewind-password`
 \\set app_password `cat {SECRETS_DIR}/app-db-password`
 -- initdb set the superuser's first password; this applies a rotated one.
 ALTER ROLE postgres WITH PASSWORD :'superuser_password';
 SELECT 'CREATE ROLE {POSTGRES_REPLICATION_USER} WITH LOGIN REPLICATION'
   WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{POSTGRES_REPLICATION_USER}') \\gexec
 ALTER ROLE {POSTGRES_REPLICATION_USER} WITH LOGIN REPLICATION NOSUPERUSER PASSWORD :'replication_password';
-SELECT 'CREATE ROLE {POSTGRES_APP_USER} WITH LOGIN'
+SELECT 'CREATE ROLE {POSTGRES_REWIND_USER} WITH LOGIN'
+  WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{POSTGRES_REWIND_USER}') \\gexec
+ALTER ROLE {POSTGRES_REWIND_USER} WITH LOGIN NOSUPERUSER NOREPLICATION PASSWORD :'rewind_password';
+{grants}SELECT 'CREATE ROLE {POSTGRES_APP_USER} WITH LOGIN'
   WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{POSTGRES_APP_USER}') \\gexec
 ALTER ROLE {POSTGRES_APP_USER} WITH LOGIN NOSUPERUSER NOREPLICATION PASSWORD :'app_password';
 GRANT pg_monitor TO {POSTGRES_APP_USER};
@@ -283,9 +444,12 @@ def secret_path(name: str) -> str:
 def backend_environment(settings: Settings) -> dict[str, str]:
     """The backend's env contract: names, addresses, limits and the paths of its secret files."""
     topo = Topology(settings)
+    postgres_hosts = ",".join(n.hostname for n in topo.postgres_nodes)
     return {
-        "POSTGRES_MASTER_HOST": topo.postgres_primary.hostname,
-        "POSTGRES_SLAVE_HOSTS": ",".join(r.hostname for r in topo.postgres_replicas),
+        # Every node in both: libpq connects writes to whichever is primary now
+        # (target_session_attrs=read-write); reads go to the nodes streaming as standbys.
+        "POSTGRES_MASTER_HOST": postgres_hosts,
+        "POSTGRES_SLAVE_HOSTS": postgres_hosts,
         "POSTGRES_PORT": str(POSTGRES_PORT),
         "POSTGRES_DB": POSTGRES_DB,
         "POSTGRES_USER": POSTGRES_APP_USER,
@@ -499,7 +663,8 @@ def rendered_files(settings: Settings, host_public_keys: Sequence[str] | None = 
         "postgres/pg_hba.conf": pg_hba_conf(settings),
         "postgres/primary-setup.sql": primary_setup_sql(),
         "postgres/pgbackrest.conf": pgbackrest_conf(settings),
-        f"postgres/{topo.postgres_primary.hostname}.conf": postgresql_conf(settings, topo.postgres_primary),
+        "postgres/postgresql.conf": postgresql_conf(settings),
+        "postgres/patroni-dcs.json": patroni_dcs_json(settings),
         "nginx/nginx.conf": nginx_conf(settings),
         "backend/environment": "".join(f"{k}={v}\n" for k, v in sorted(backend_environment(settings).items())),
         "mpi/hostfile": hostfile(settings),
@@ -507,8 +672,10 @@ def rendered_files(settings: Settings, host_public_keys: Sequence[str] | None = 
         "mpi/openmpi-mca-params.conf": openmpi_mca_params(settings),
         "mpi/prte-mca-params.conf": prte_mca_params(settings),
     }
-    for replica in topo.postgres_replicas:
-        files[f"postgres/{replica.hostname}.conf"] = postgresql_conf(settings, replica)
+    for pg_node in topo.postgres_nodes:
+        files[f"postgres/{pg_node.hostname}.patroni.yml"] = patroni_yml(settings, pg_node)
+    for etcd_node in topo.etcd_nodes:
+        files[f"postgres/{etcd_node.hostname}.etcd.yml"] = etcd_yml(settings, etcd_node)
     for node in topo.redis_nodes:
         files[f"redis/{node.hostname}.conf"] = redis_conf(settings, node)
     for sentinel in topo.sentinels:

@@ -13,6 +13,8 @@ from components.settings import SecretOverrides
 GENERATED = {
     "postgresPassword": ("postgres-superuser", 32),
     "replicationPassword": ("postgres-replication", 32),
+    "rewindPassword": ("postgres-rewind", 32),
+    "patroniApiPassword": ("patroni-api", 32),
     "appDbPassword": ("postgres-app", 32),
     "redisPassword": ("redis", 32),
     "secretKey": ("secret-key", 48),
@@ -33,6 +35,8 @@ class ClusterSecrets(pulumi.ComponentResource):
 
     postgres_password: pulumi.Output[str]
     replication_password: pulumi.Output[str]
+    rewind_password: pulumi.Output[str]
+    patroni_api_password: pulumi.Output[str]
     app_db_password: pulumi.Output[str]
     redis_password: pulumi.Output[str]
     secret_key: pulumi.Output[str]
@@ -53,6 +57,8 @@ class ClusterSecrets(pulumi.ComponentResource):
             values[key] = pulumi.Output.secret(override if override is not None else generated.result)
         self.postgres_password = values["postgresPassword"]
         self.replication_password = values["replicationPassword"]
+        self.rewind_password = values["rewindPassword"]
+        self.patroni_api_password = values["patroniApiPassword"]
         self.app_db_password = values["appDbPassword"]
         self.redis_password = values["redisPassword"]
         self.secret_key = values["secretKey"]

@@ -64,6 +64,18 @@ def optional_port(key: str, value: Any) -> int | None:
     return result
 
 
+def odd_count(low: int, high: int) -> Parser:
+    """An odd whole number: a majority of an odd count survives losing the same number as one more."""
+
+    def parse(key: str, value: Any) -> int:
+        number: int = integer(low, high)(key, value)
+        if number % 2 == 0:
+            raise _fail(key, value, f"must be odd, from {low} to {high} (a majority must survive a loss)")
+        return number
+
+    return parse
+
+
 def boolean(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -192,9 +204,18 @@ MAX_POSTGRES_REPLICAS = 8
 
 @dataclass(frozen=True)
 class PostgresSettings:
-    """PostgreSQL primary and streaming replicas."""
+    """PostgreSQL nodes under Patroni (one primary, streaming replicas) and their etcd."""
 
     replica_count: int = _setting("replicas", 2, integer(0, MAX_POSTGRES_REPLICAS), "Streaming replicas.")
+    consensus_nodes: int = _setting(
+        "consensusNodes", 3, odd_count(1, 5), "etcd nodes holding Patroni's leader lock (1, 3 or 5; set at creation)."
+    )
+    synchronous: bool = _setting(
+        "synchronous", False, boolean, "Commit waits for a quorum of standbys: no acknowledged write lost."
+    )
+    failover_ttl_seconds: int = _setting(
+        "failoverTtlSeconds", 20, integer(20, 300), "Patroni's leader lock TTL: how long a lost primary is waited for."
+    )
     shared_buffers: int = _setting("sharedBuffers", "512MB", size_bytes, "shared_buffers.")
     work_mem: int = _setting("workMem", "32MB", size_bytes, "work_mem.")
     maintenance_work_mem: int = _setting("maintenanceWorkMem", "128MB", size_bytes, "maintenance_work_mem.")
@@ -313,6 +334,8 @@ SECTIONS: dict[str, type] = {
 SECRET_KEYS: dict[str, str] = {
     "postgresPassword": "PostgreSQL superuser password (generated when unset).",
     "replicationPassword": "PostgreSQL replication role password (generated when unset).",
+    "rewindPassword": "PostgreSQL pg_rewind role password (generated when unset).",
+    "patroniApiPassword": "Patroni REST API password: switchover, restart, config (generated when unset).",
     "appDbPassword": "PostgreSQL application role password (generated when unset).",
     "redisPassword": "Redis and Sentinel password (generated when unset).",
     "secretKey": "Backend SECRET_KEY (generated when unset).",
@@ -372,8 +395,8 @@ def _parse_section(section: str, raw: Any) -> Any:
 # Fixed host offsets per role in the data and edge subnets: scaling one role never moves
 # another role's address, so nothing else is replaced and nobody holds a stale IP.
 ADDRESS_BLOCKS: dict[str, tuple[int, int]] = {
-    "postgres": (10, 9),  # primary .10, replicas .11-.18
-    "postgres-slots": (19, 1),  # the slot keeper .19
+    "postgres": (10, 9),  # the bootstrapping node .10, the others .11-.18
+    "etcd": (60, 5),  # .60-.64
     "redis": (20, 9),  # node 0 .20 (initial master), replicas .21-.28
     "sentinel": (30, 7),  # .30-.36
     "mpi": (40, 17),  # master .40, workers .41-.56
@@ -385,7 +408,7 @@ ADDRESS_BLOCKS: dict[str, tuple[int, int]] = {
 def _role_sizes(s: Settings) -> dict[str, int]:
     return {
         "postgres": 1 + s.postgres.replica_count,
-        "postgres-slots": 1,
+        "etcd": s.postgres.consensus_nodes,
         "redis": 1 + s.redis.replica_count,
         "sentinel": s.redis.sentinel_count,
         "mpi": 1 + s.mpi.worker_count,
@@ -438,6 +461,11 @@ def _validate(s: Settings) -> None:
         raise SettingsError(
             f"{PROJECT}:redis.sentinels={r.sentinel_count} with quorum {r.quorum}: "
             "the quorum must be between 1 and the number of Sentinels"
+        )
+    if s.is_production and pg.consensus_nodes < 3:
+        raise SettingsError(
+            f"{PROJECT}:postgres.consensusNodes={pg.consensus_nodes} on stack {s.stack}: production needs at least 3 "
+            "(with one etcd node, losing it stops every PostgreSQL failover)"
         )
     if s.is_production and r.sentinel_count < 3:
         raise SettingsError(

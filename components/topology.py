@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from components.settings import ADDRESS_BLOCKS, MAX_POSTGRES_REPLICAS, Settings
+from components.settings import ADDRESS_BLOCKS, Settings
 
 POSTGRES_PORT = 5432
 REDIS_PORT = 6379
@@ -22,13 +22,19 @@ REDIS_MASTER_NAME = "transvidio"
 POSTGRES_DB = "transvidio"
 POSTGRES_APP_USER = "transvidio"
 POSTGRES_REPLICATION_USER = "replicator"
+POSTGRES_REWIND_USER = "rewinder"
+PATRONI_PORT = 8008
+PATRONI_API_USER = "patroni"
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
 
 
 @dataclass(frozen=True)
 class Node:
     """One container of the cluster."""
 
-    # postgres-primary, postgres-replica, postgres-slots, redis, sentinel, mpi-master, mpi-worker, backend, nginx
+    # postgres-primary, postgres-replica, etcd, redis, sentinel, mpi-master, mpi-worker, backend, nginx.
+    # A PostgreSQL node's role is the one it starts with: after a failover any node may be primary.
     role: str
     hostname: str  # DNS name inside the stack's networks
     container_name: str  # Docker name, prefixed with the stack
@@ -38,7 +44,7 @@ class Node:
 
     @property
     def slot_name(self) -> str:
-        """PostgreSQL replication slot name of a replica."""
+        """The replication slot Patroni keeps for a PostgreSQL node (its member name, made a slot name)."""
         return self.hostname.replace("-", "_")
 
 
@@ -82,14 +88,16 @@ class Topology:
         return [self._postgres_replica(i) for i in range(1, self.settings.postgres.replica_count + 1)]
 
     @property
-    def postgres_slot_keeper(self) -> Node:
-        """Drops the replication slots of replicas the stack no longer has."""
-        return self._node("postgres-slots", "postgres-slots", "postgres-slots", 0, False)
+    def postgres_nodes(self) -> list[Node]:
+        """Every PostgreSQL node; the first bootstraps the cluster (Patroni member names)."""
+        return [self.postgres_primary, *self.postgres_replicas]
 
-    def stale_replica_slots(self) -> list[str]:
-        """Slots of every replica the stack could have had but does not have now."""
-        first_absent = self.settings.postgres.replica_count + 1
-        return [self._postgres_replica(i).slot_name for i in range(first_absent, MAX_POSTGRES_REPLICAS + 1)]
+    @property
+    def etcd_nodes(self) -> list[Node]:
+        """The consensus store that holds Patroni's leader lock."""
+        return [
+            self._node("etcd", f"etcd-{i + 1}", "etcd", i, False) for i in range(self.settings.postgres.consensus_nodes)
+        ]
 
     @property
     def redis_nodes(self) -> list[Node]:
@@ -134,9 +142,8 @@ class Topology:
     def all_nodes(self) -> list[Node]:
         """Every container of the stack."""
         return [
-            self.postgres_primary,
-            *self.postgres_replicas,
-            self.postgres_slot_keeper,
+            *self.postgres_nodes,
+            *self.etcd_nodes,
             *self.redis_nodes,
             *self.sentinels,
             *self.mpi_nodes,

@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import tempfile
+import types
 import uuid
 from collections.abc import Iterable, Iterator, MutableMapping
 from datetime import UTC, datetime
@@ -31,8 +32,8 @@ SECRETS = {"POSTGRES_PASSWORD": "app-password", "REDIS_PASSWORD": "redis-passwor
 for _name, _value in SECRETS.items():
     (SECRETS_DIR / _name.lower()).write_text(_value + "\n")
 ENV = {
-    "POSTGRES_MASTER_HOST": "postgres-primary",
-    "POSTGRES_SLAVE_HOSTS": "postgres-replica-1,postgres-replica-2",
+    "POSTGRES_MASTER_HOST": "postgres-primary,postgres-replica-1,postgres-replica-2",
+    "POSTGRES_SLAVE_HOSTS": "postgres-primary,postgres-replica-1,postgres-replica-2",
     "POSTGRES_DB": "transvidio",
     "POSTGRES_USER": "transvidio_app",
     "REDIS_SENTINELS": "sentinel-0:26379, sentinel-1:26380",
@@ -414,11 +415,11 @@ def test_readiness_is_503_listing_exactly_the_dependencies_that_are_down(
 ) -> None:
     probed: list[tuple[str, bool]] = []
 
-    async def postgres(host: str, replica: bool) -> dict[str, Any]:
-        probed.append((host, replica))
+    async def postgres(host: str, writable: bool = False) -> dict[str, Any]:
+        probed.append((host, writable))
         if host == "postgres-replica-2":
             raise OSError("no route to host")
-        return {"ok": True, "in_recovery": replica}
+        return {"ok": True, "role": "replica"}
 
     async def healthy() -> dict[str, Any]:
         return {"ok": True}
@@ -434,28 +435,36 @@ def test_readiness_is_503_listing_exactly_the_dependencies_that_are_down(
     assert response.status == 503
     assert (body["status"], body["down"], body["backend"]) == (
         "degraded",
-        ["mpi-master", "postgres-replica:postgres-replica-2"],
+        ["mpi-master", "postgres:postgres-replica-2"],
         main.HOST,
     )
-    assert sorted(probed) == [("postgres-primary", False), ("postgres-replica-1", True), ("postgres-replica-2", True)]
-    assert body["dependencies"]["postgres-replica:postgres-replica-2"] == {
+    # The primary through the whole host list, then each node on its own.
+    assert sorted(probed) == [
+        ("postgres-primary", False),
+        ("postgres-primary,postgres-replica-1,postgres-replica-2", True),
+        ("postgres-replica-1", False),
+        ("postgres-replica-2", False),
+    ]
+    assert body["dependencies"]["postgres:postgres-replica-2"] == {
         "ok": False,
         "error": "OSError: no route to host",
     }
     assert sorted(body["dependencies"]) == [
         "mpi-master",
         "postgres-primary",
-        "postgres-replica:postgres-replica-1",
-        "postgres-replica:postgres-replica-2",
+        "postgres:postgres-primary",
+        "postgres:postgres-replica-1",
+        "postgres:postgres-replica-2",
         "redis",
     ]
 
 
 class FakePgConnection:
-    """What `_postgres` sees of a node: its answer to pg_is_in_recovery()."""
+    """What `_postgres` sees of a node: its answer to pg_is_in_recovery(), and its name."""
 
-    def __init__(self, in_recovery: bool) -> None:
+    def __init__(self, in_recovery: bool, host: str) -> None:
         self.in_recovery, self.sql = in_recovery, ""
+        self.info = types.SimpleNamespace(host=host)
 
     async def __aenter__(self) -> FakePgConnection:
         return self
@@ -472,31 +481,35 @@ class FakePgConnection:
 
 
 @pytest.mark.parametrize(
-    ("host", "replica", "in_recovery", "ok"),
+    ("host", "writable", "in_recovery", "expected"),
     [
-        ("postgres-primary", False, False, True),
-        ("postgres-primary", False, True, False),  # the "primary" is in recovery: not a primary
-        ("postgres-replica-1", True, True, True),
-        ("postgres-replica-1", True, False, False),  # a "replica" that was promoted
-        ("postgres-replica-2", True, True, False),  # lagging
+        # Through the host list: ready when the node libpq found is primary, and named.
+        ("a,b", True, False, {"ok": True, "role": "primary", "node": "b"}),
+        ("a,b", True, True, {"ok": False, "role": "replica", "node": "b"}),
+        # One node: a primary is ready; a replica while it does not lag.
+        ("postgres-replica-1", False, False, {"ok": True, "role": "primary"}),
+        ("postgres-replica-1", False, True, {"ok": True, "role": "replica", "lagging": False}),
+        ("postgres-replica-2", False, True, {"ok": False, "role": "replica", "lagging": True}),
     ],
 )
-def test_a_postgres_node_is_ready_when_its_role_is_the_expected_one_and_it_does_not_lag(
-    state: FakeState, monkeypatch: pytest.MonkeyPatch, host: str, replica: bool, in_recovery: bool, ok: bool
+def test_a_postgres_node_is_ready_as_primary_or_as_a_replica_that_keeps_up(
+    state: FakeState,
+    monkeypatch: pytest.MonkeyPatch,
+    host: str,
+    writable: bool,
+    in_recovery: bool,
+    expected: dict[str, Any],
 ) -> None:
     connections: list[dict[str, Any]] = []
 
     async def connect(**kwargs: Any) -> FakePgConnection:
         connections.append(kwargs)
-        return FakePgConnection(in_recovery)
+        return FakePgConnection(in_recovery, host.split(",")[-1])
 
     monkeypatch.setattr(psycopg.AsyncConnection, "connect", connect)
     state.db.lagging = {"postgres-replica-2"}
-    status = run(main._postgres(host, replica))
+    status = run(main._postgres(host, writable))
     latency = status.pop("latency_ms")
-    expected: dict[str, Any] = {"ok": ok, "in_recovery": in_recovery}
-    if replica:
-        expected["lagging"] = host == "postgres-replica-2"
     assert status == expected
     assert isinstance(latency, float) and 0 <= latency < 1000
     config = main.config
@@ -508,6 +521,7 @@ def test_a_postgres_node_is_ready_when_its_role_is_the_expected_one_and_it_does_
             "user": config.postgres_user,
             "password": config.postgres_password,
             "connect_timeout": 2,
+            "target_session_attrs": "read-write" if writable else "any",
             "autocommit": True,
         }
     ]
@@ -603,8 +617,8 @@ def test_a_probe_error_is_cut_to_300_characters(state: FakeState) -> None:
 def test_the_env_contract_is_parsed_with_its_defaults() -> None:
     config = Config.from_env(ENV)
     assert config == Config(
-        postgres_master_host="postgres-primary",
-        postgres_slave_hosts=("postgres-replica-1", "postgres-replica-2"),
+        postgres_master_host="postgres-primary,postgres-replica-1,postgres-replica-2",
+        postgres_slave_hosts=("postgres-primary", "postgres-replica-1", "postgres-replica-2"),
         postgres_port=5432,
         postgres_db="transvidio",
         postgres_user="transvidio_app",

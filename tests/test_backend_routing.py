@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,7 +17,9 @@ import psycopg
 import pytest
 from app import db
 from app.config import Config
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import PoolTimeout
+from transvidio_jobs import worker
 
 from tests.aio import run
 
@@ -193,3 +196,42 @@ def test_the_watcher_marks_replicas_that_do_not_stream_or_lag(monkeypatch: pytes
     with pytest.raises(asyncio.CancelledError):
         run(database.watch_replicas())
     assert database.lagging == {"postgres-replica-2", "postgres-replica-3"}
+
+
+def test_after_a_failover_the_new_primary_is_no_read_target_and_the_old_one_is_once_it_streams(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every node is a read candidate (any may be primary); Patroni's standbys report their
+    # member name, the hostname. The node that is primary now streams from nobody.
+    config = make_database(0)[0].config
+    nodes = ("postgres-primary", "postgres-replica-1", "postgres-replica-2")
+    database = db.Database(dataclasses.replace(config, postgres_slave_hosts=nodes))
+    database.primary = ReplicationRows(  # type: ignore[assignment]
+        [("postgres-primary", "streaming", 0.1), ("postgres-replica-2", "streaming", 0.3)]
+    )
+
+    async def stop(_: float) -> None:
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(asyncio, "sleep", stop)
+    with pytest.raises(asyncio.CancelledError):
+        run(database.watch_replicas())
+    assert database.lagging == {"postgres-replica-1"}
+    assert set(database.read_order()) == {"postgres-primary", "postgres-replica-2"}
+
+
+def test_writes_connect_to_whichever_node_is_primary_and_reads_to_each_node() -> None:
+    config = make_database(0)[0].config
+    nodes = ("postgres-primary", "postgres-replica-1")
+    database = db.Database(
+        dataclasses.replace(config, postgres_master_host=",".join(nodes), postgres_slave_hosts=nodes)
+    )
+    writer = conninfo_to_dict(str(database.primary.conninfo))
+    assert (writer["host"], writer["target_session_attrs"]) == ("postgres-primary,postgres-replica-1", "read-write")
+    for node in nodes:
+        reader = conninfo_to_dict(str(database.replicas[node].conninfo))
+        assert (reader["host"], reader["target_session_attrs"]) == (node, "any")
+        # A node cut off the network fails the query within seconds instead of hanging.
+        assert {k: reader[k] for k in worker.CONNECTION_TIMEOUTS} == worker.CONNECTION_TIMEOUTS
+    assert int(worker.CONNECTION_TIMEOUTS["tcp_user_timeout"]) <= 10000
+    assert {k: writer[k] for k in worker.CONNECTION_TIMEOUTS} == worker.CONNECTION_TIMEOUTS

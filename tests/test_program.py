@@ -54,8 +54,9 @@ def test_counts_and_docker_names(stack: str) -> None:
     s = parse(stack, stack_config(stack))
     names = set(ev.containers)
     prefix = f"transvidio-{stack}-"
-    expected = {"postgres-primary", "postgres-slots", "nginx", "mpi-master"}
+    expected = {"postgres-primary", "nginx", "mpi-master"}
     expected |= {f"postgres-replica-{i}" for i in range(1, s.postgres.replica_count + 1)}
+    expected |= {f"etcd-{i}" for i in range(1, s.postgres.consensus_nodes + 1)}
     expected |= {f"redis-{i}" for i in range(s.redis.replica_count + 1)}
     expected |= {f"sentinel-{i}" for i in range(1, s.redis.sentinel_count + 1)}
     expected |= {f"mpi-worker-{i}" for i in range(1, s.mpi.worker_count + 1)}
@@ -110,7 +111,7 @@ def test_every_container_gets_the_hygiene(stack: str) -> None:
         assert container.options["replace_on_changes"] == ["healthcheck"], name
         role = labels["io.transvidio.role"]
         health = i["healthcheck"]
-        start = {"postgres-primary": "1m0s", "postgres-replica": "2m0s"}.get(role, "30s")
+        start = {"postgres-primary": "2m0s", "postgres-replica": "2m0s"}.get(role, "30s")
         assert (health["interval"], health["timeout"], health["retries"], health["startPeriod"]) == (
             "5s",
             "4s",
@@ -137,7 +138,7 @@ def test_only_nginx_publishes_in_prod_and_the_data_tier_is_internal_only() -> No
         if role in {
             "postgres-primary",
             "postgres-replica",
-            "postgres-slots",
+            "etcd",
             "redis",
             "sentinel",
             "mpi-master",
@@ -193,7 +194,9 @@ def test_the_address_plan_of_prod_is_the_documented_one() -> None:
         "postgres-primary": (data + "10", None),
         "postgres-replica-1": (data + "11", None),
         "postgres-replica-2": (data + "12", None),
-        "postgres-slots": (data + "19", None),
+        "etcd-1": (data + "60", None),
+        "etcd-2": (data + "61", None),
+        "etcd-3": (data + "62", None),
         "redis-0": (data + "20", None),
         "redis-1": (data + "21", None),
         "redis-2": (data + "22", None),
@@ -216,10 +219,10 @@ def test_backend_env_contract(stack: str) -> None:
     s = parse(stack, stack_config(stack))
     for backend in (c for c in ev.containers.values() if labels_of(c)["io.transvidio.role"] == "backend"):
         env = env_of(backend)
-        assert env["POSTGRES_MASTER_HOST"] == "postgres-primary"
-        assert env["POSTGRES_SLAVE_HOSTS"].split(",") == [
-            f"postgres-replica-{i}" for i in range(1, s.postgres.replica_count + 1)
-        ]
+        # Every node in both: libpq finds the primary, the lag watch finds the standbys.
+        nodes = ["postgres-primary", *(f"postgres-replica-{i}" for i in range(1, s.postgres.replica_count + 1))]
+        assert env["POSTGRES_MASTER_HOST"].split(",") == nodes
+        assert env["POSTGRES_SLAVE_HOSTS"].split(",") == nodes
         assert env["POSTGRES_DB"] == "transvidio" and env["POSTGRES_USER"] == "transvidio"
         assert env["REDIS_SENTINELS"].split(",") == [
             f"{s.network.data_subnet.network_address + 30 + i}:26379" for i in range(s.redis.sentinel_count)
@@ -234,9 +237,7 @@ def test_backend_env_contract(stack: str) -> None:
         assert is_secret(backend.inputs["uploads"])
         pinned = {h["host"]: h["ip"] for h in backend.inputs["hosts"]}
         topo = Topology(s)
-        assert pinned == {
-            n.hostname: n.data_ip for n in [topo.postgres_primary, *topo.postgres_replicas, topo.mpi_master]
-        }
+        assert pinned == {n.hostname: n.data_ip for n in [*topo.postgres_nodes, topo.mpi_master]}
         mounts = mounts_of(backend)
         assert set(mounts) == {render.UPLOADS_DIR, render.OUTPUTS_DIR}
         assert not any(m.get("readOnly") for m in mounts.values())
@@ -244,35 +245,52 @@ def test_backend_env_contract(stack: str) -> None:
 
 
 @pytest.mark.parametrize("stack", STACKS)
-def test_postgres_primary_waits_and_replicas_follow_it(stack: str) -> None:
+def test_postgres_first_node_waits_for_etcd_and_the_others_follow_it(stack: str) -> None:
     ev = evaluated(stack)
+    s = parse(stack, stack_config(stack))
     containers = ev.containers
-    primary = containers[f"transvidio-{stack}-postgres-primary"]
-    assert primary.inputs["wait"] is True
-    assert primary.inputs["shmSize"] >= 64
-    assert env_of(primary)["PG_ROLE"] == "primary"
-    assert f"{render.POSTGRES_CONF_DIR}/primary-setup.sql" in uploads_of(primary)
+    first = containers[f"transvidio-{stack}-postgres-primary"]
+    assert first.inputs["wait"] is True
+    etcd = [c for c in containers.values() if labels_of(c)["io.transvidio.role"] == "etcd"]
+    assert len(etcd) == s.postgres.consensus_nodes
+    # A member is healthy only once a majority is up: none is waited for alone.
+    assert not any(member.inputs.get("wait") for member in etcd)
+    assert {member.urn for member in etcd} <= set(first.options["dependencies"])
     replicas = [c for c in containers.values() if labels_of(c)["io.transvidio.role"] == "postgres-replica"]
     assert replicas
-    # Registration order is dependency order: no replica registers before the primary returned.
+    # Registration order is dependency order: no replica registers before the first node returned.
     order = [r.name for r in ev.registrations]
+    nodes = [first, *replicas]
     for replica in replicas:
-        assert order.index(replica.name) > order.index(primary.name)
-        assert primary.urn in replica.options["dependencies"]
-        env = env_of(replica)
-        assert env["PG_ROLE"] == "replica" and env["PRIMARY_HOST"] == "postgres-primary"
-        assert env["PG_SLOT"] == replica.inputs["hostname"].replace("-", "_")
-        assert replica.inputs["healthcheck"]["tests"] == ["CMD", "/usr/local/bin/healthcheck.sh"]
-    volumes = [m for c in [primary, *replicas] for m in mounts_of(c).values()]
-    data = [m for m in volumes if m["target"] == "/var/lib/postgresql/data"]
-    assert len({m["source"] for m in data}) == len(replicas) + 1
-    # The backup repository is the primary's only other mount: a replica never writes backups.
-    assert {m["target"]: m["source"] for m in mounts_of(primary).values()} == {
-        "/var/lib/postgresql/data": f"transvidio-{stack}-postgres-primary-data",
-        render.PGBACKREST_REPO_DIR: f"transvidio-{stack}-postgres-backups",
-    }
-    assert render.PGBACKREST_CONF in uploads_of(primary)
-    assert all(render.PGBACKREST_CONF not in uploads_of(replica) for replica in replicas)
+        assert order.index(replica.name) > order.index(first.name)
+        assert primary_urn_in(first, replica)
+    for node in nodes:
+        name = node.inputs["hostname"]
+        assert env_of(node)["PG_ROLE"] == "node" and env_of(node)["PG_NODE"] == name
+        assert node.inputs["shmSize"] >= 64
+        assert node.inputs["healthcheck"]["tests"] == ["CMD", "/usr/local/bin/healthcheck.sh"]
+        files = uploads_of(node)
+        # Any node may become primary: each has the setup, the backups' config and its own Patroni config.
+        assert f"{render.POSTGRES_CONF_DIR}/primary-setup.sql" in files and render.PGBACKREST_CONF in files
+        assert files[f"{render.POSTGRES_CONF_DIR}/{name}.patroni.yml"]["content"] == render.patroni_yml(
+            s, next(n for n in Topology(s).postgres_nodes if n.hostname == name)
+        )
+        # Its own data volume and the shared backup repository, nothing else.
+        assert {m["target"]: m["source"] for m in mounts_of(node).values()} == {
+            "/var/lib/postgresql/data": f"transvidio-{stack}-{name}-data",
+            render.PGBACKREST_REPO_DIR: f"transvidio-{stack}-postgres-backups",
+        }
+    for member in etcd:
+        name = member.inputs["hostname"]
+        assert env_of(member) == {"PG_ROLE": "etcd", "PG_NODE": name}
+        assert {m["target"]: m["source"] for m in mounts_of(member).values()} == {
+            "/var/lib/etcd": f"transvidio-{stack}-{name}-data"
+        }
+        assert set(uploads_of(member)) == {f"{render.POSTGRES_CONF_DIR}/{name}.etcd.yml"}
+
+
+def primary_urn_in(first: Registration, replica: Registration) -> bool:
+    return first.urn in replica.options["dependencies"]
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -315,7 +333,8 @@ def test_mpi_keys_hostfile_and_known_hosts(stack: str) -> None:
         assert uploads[f"{render.MPI_CONF_DIR}/hostfile"]["content"] == render.hostfile(s)
         pinned = {h["host"]: h["ip"] for h in node.inputs["hosts"]}
         topo = Topology(s)
-        assert pinned == {n.hostname: n.data_ip for n in [*topo.mpi_nodes, topo.postgres_primary]}
+        runner = [*topo.postgres_nodes] if hostname == "mpi-master" else []
+        assert pinned == {n.hostname: n.data_ip for n in [*topo.mpi_nodes, *runner]}
         known = uploads["/etc/ssh/ssh_known_hosts"]["content"].splitlines()
         assert len(known) == len(mpi_nodes)
         for line in known:
@@ -358,16 +377,9 @@ def test_scaling_backends_adds_backends_and_changes_nothing_else() -> None:
 def test_scaling_postgres_replicas_never_touches_the_primary() -> None:
     added, removed, changed = scaling_diff({"postgres": {"replicas": 1}})
     assert (added, removed) == (set(), {"postgres-replica-2", "postgres-replica-2-data"})
-    # The backends list the replicas they read from (their env and /etc/hosts).
-    assert changed == {"postgres-slots", "backend-1", "backend-2", "backend-3"}
-    keeper = evaluate("prod", {"postgres": {"replicas": 1}}).containers["transvidio-prod-postgres-slots"]
-    stale = env_of(keeper)["PG_STALE_SLOTS"].split(",")
-    assert stale == [f"postgres_replica_{i}" for i in range(2, 9)]
-    none = evaluate("prod", {"postgres": {"replicas": 0}}).containers["transvidio-prod-postgres-slots"]
-    assert env_of(none)["PG_STALE_SLOTS"].split(",") == [f"postgres_replica_{i}" for i in range(1, 9)]
-    assert env_of(evaluated("prod").containers["transvidio-prod-postgres-slots"])["PG_STALE_SLOTS"].split(",") == [
-        f"postgres_replica_{i}" for i in range(3, 9)
-    ]
+    # Only the clients change: they list every node (their env and /etc/hosts). The job
+    # runner's replacement costs no job: its lease expires and the job is claimed again.
+    assert changed == {"backend-1", "backend-2", "backend-3", "mpi-master"}
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -391,13 +403,7 @@ def test_memory_swap_equals_memory_and_stops_are_graceful(stack: str) -> None:
         assert container.inputs["memorySwap"] == container.inputs["memory"], name
         grace = container.inputs["destroyGraceSeconds"]
         role = labels_of(container)["io.transvidio.role"]
-        assert grace == (
-            60
-            if role.startswith("postgres") and role != "postgres-slots"
-            else 30
-            if role in ("redis", "sentinel")
-            else 10
-        ), name
+        assert grace == (60 if role.startswith("postgres") else 30 if role in ("redis", "sentinel") else 10), name
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -426,7 +432,7 @@ def test_no_secret_appears_outside_a_secret(stack: str) -> None:
     secret_values = {plain(r.outputs["result"]) for r in ev.of_type("random:index/randomPassword:RandomPassword")} | {
         plain(r.outputs["private_key_openssh"]) for r in ev.of_type("tls:index/privateKey:PrivateKey")
     }
-    assert len(secret_values) == 5 + len(ev.of_type("tls:index/privateKey:PrivateKey"))
+    assert len(secret_values) == 7 + len(ev.of_type("tls:index/privateKey:PrivateKey"))
 
     def leaks(value: Any) -> list[str]:
         if is_secret(value):
@@ -446,7 +452,7 @@ def test_no_secret_appears_outside_a_secret(stack: str) -> None:
             assert secret, f"export {name} leaks a secret"
     for name in (
         "postgresPrimaryDsn",
-        "postgresReplicaDsns",
+        "postgresStandbyDsn",
         "postgresSuperuserPassword",
         "redisPassword",
         "secretKey",
@@ -470,6 +476,8 @@ def test_each_secret_is_generated_by_a_password_resource_of_a_stable_name_and_le
     assert {r.name: r.inputs["length"] for r in passwords} == {
         "secrets-postgres-superuser": 32,
         "secrets-postgres-replication": 32,
+        "secrets-postgres-rewind": 32,
+        "secrets-patroni-api": 32,
         "secrets-postgres-app": 32,
         "secrets-redis": 32,
         "secrets-secret-key": 48,
@@ -546,10 +554,12 @@ def container_dependencies(ev: Evaluation) -> dict[str, set[str]]:
 def test_every_dependency_edge_between_containers_is_exactly_the_designed_one() -> None:
     backends = {"backend-1", "backend-2", "backend-3"}
     expected = {
-        "postgres-primary": set(),
+        "postgres-etcd-1": set(),
+        "postgres-etcd-2": set(),
+        "postgres-etcd-3": set(),
+        "postgres-primary": {"postgres-etcd-1", "postgres-etcd-2", "postgres-etcd-3"},
         "postgres-replica-1": {"postgres-primary"},
         "postgres-replica-2": {"postgres-primary"},
-        "postgres-slots": {"postgres-primary"},
         "redis-0": set(),
         "redis-1": {"redis-0"},
         "redis-2": {"redis-0"},
@@ -565,10 +575,18 @@ def test_every_dependency_edge_between_containers_is_exactly_the_designed_one() 
     assert container_dependencies(evaluated("prod")) == expected
 
 
+# Any PostgreSQL node may become primary and then applies every role's password.
+POSTGRES_NODE_SECRETS = {
+    "postgres-password",
+    "replication-password",
+    "rewind-password",
+    "patroni-api-password",
+    "app-db-password",
+}
 SECRET_FILES = {
-    "postgres-primary": {"postgres-password", "replication-password", "app-db-password"},
-    "postgres-replica": {"replication-password"},
-    "postgres-slots": {"replication-password"},
+    "postgres-primary": POSTGRES_NODE_SECRETS,
+    "postgres-replica": POSTGRES_NODE_SECRETS,
+    "etcd": set(),
     "redis": {"redis-password"},
     "sentinel": {"redis-password"},
     "mpi-master": {"ssh_host_ed25519_key", "id_ed25519", "app-db-password"},
@@ -585,6 +603,8 @@ def test_each_container_gets_exactly_its_secrets_and_the_right_ones(stack: str) 
     by_file = {
         "postgres-password": generated["secrets-postgres-superuser"],
         "replication-password": generated["secrets-postgres-replication"],
+        "rewind-password": generated["secrets-postgres-rewind"],
+        "patroni-api-password": generated["secrets-patroni-api"],
         "app-db-password": generated["secrets-postgres-app"],
         "redis-password": generated["secrets-redis"],
         "secret-key": generated["secrets-secret-key"],
@@ -652,8 +672,7 @@ def test_prod_exports_exactly_these_outputs() -> None:
         "url": "http://localhost:80",
         "endpoints": {
             "nginx": "http://localhost:80",
-            "postgresPrimary": "postgres-primary:5432",
-            "postgresReplicas": ["postgres-replica-1:5432", "postgres-replica-2:5432"],
+            "postgresNodes": ["postgres-primary:5432", "postgres-replica-1:5432", "postgres-replica-2:5432"],
             "redisSentinels": "10.211.1.30:26379,10.211.1.31:26379,10.211.1.32:26379",
             "redisMasterName": "transvidio",
             "mpiMaster": "mpi-master",
@@ -661,13 +680,17 @@ def test_prod_exports_exactly_these_outputs() -> None:
         },
         "counts": {"backends": 3, "postgresReplicas": 2, "redisReplicas": 2, "sentinels": 3, "mpiWorkers": 2},
         "backendEnvironment": render.backend_environment(parse("prod", stack_config("prod"))),
+        "postgresWhoIsPrimary": "docker exec transvidio-prod-postgres-primary patronictl "
+        "--config-file /var/lib/postgresql/run/patroni.yml list",
     }
     generated = {r.name: plain(r.outputs["result"]) for r in ev.of_type("random:index/randomPassword:RandomPassword")}
     app = generated["secrets-postgres-app"]
+    nodes = "postgres-primary:5432,postgres-replica-1:5432,postgres-replica-2:5432"
     secret_exports = {name: plain(value) for name, (value, secret) in ev.exports.items() if secret}
     assert secret_exports == {
-        "postgresPrimaryDsn": f"postgresql://transvidio:{app}@postgres-primary:5432/transvidio",
-        "postgresReplicaDsns": [f"postgresql://transvidio:{app}@postgres-replica-{i}:5432/transvidio" for i in (1, 2)],
+        "postgresPrimaryDsn": f"postgresql://transvidio:{app}@{nodes}/transvidio?target_session_attrs=read-write",
+        "postgresStandbyDsn": f"postgresql://transvidio:{app}@{nodes}/transvidio"
+        "?target_session_attrs=prefer-standby&load_balance_hosts=random",
         "postgresSuperuserPassword": generated["secrets-postgres-superuser"],
         "redisPassword": generated["secrets-redis"],
         "secretKey": generated["secrets-secret-key"],
@@ -677,29 +700,16 @@ def test_prod_exports_exactly_these_outputs() -> None:
 def test_each_data_tier_container_gets_exactly_the_environment_its_entrypoint_reads() -> None:
     ev = evaluated("prod")
     envs = {name.removeprefix("transvidio-prod-"): env_of(c) for name, c in ev.containers.items()}
-    assert envs["postgres-primary"] == {
-        "PG_ROLE": "primary",
-        "PG_NODE": "postgres-primary",
-        "PGBACKREST_CONFIG": "/etc/transvidio/postgres/pgbackrest.conf",
-        "PGBACKREST_STANZA": "transvidio",
-        "BACKUP_FULL_INTERVAL_MINUTES": "1440",
-        "BACKUP_INCREMENTAL_INTERVAL_MINUTES": "60",
-        "RESTORE_TARGET": "",
-    }
-    assert envs["postgres-replica-2"] == {
-        "PG_ROLE": "replica",
-        "PG_NODE": "postgres-replica-2",
-        "PG_SLOT": "postgres_replica_2",
-        "PRIMARY_HOST": "postgres-primary",
-        "REPLICATION_USER": "replicator",
-    }
-    assert envs["postgres-slots"] == {
-        "PG_ROLE": "slots",
-        "PG_NODE": "postgres-slots",
-        "PG_STALE_SLOTS": ",".join(f"postgres_replica_{i}" for i in range(3, 9)),
-        "PRIMARY_HOST": "postgres-primary",
-        "REPLICATION_USER": "replicator",
-    }
+    for node in ("postgres-primary", "postgres-replica-2"):
+        assert envs[node] == {
+            "PG_ROLE": "node",
+            "PG_NODE": node,
+            "PGBACKREST_CONFIG": "/etc/transvidio/postgres/pgbackrest.conf",
+            "PGBACKREST_STANZA": "transvidio",
+            "BACKUP_FULL_INTERVAL_MINUTES": "1440",
+            "BACKUP_INCREMENTAL_INTERVAL_MINUTES": "60",
+        }
+    assert envs["etcd-3"] == {"PG_ROLE": "etcd", "PG_NODE": "etcd-3"}
     sentinels = "10.211.1.30:26379,10.211.1.31:26379,10.211.1.32:26379"
     assert envs["redis-1"] == {
         "REDIS_MASTER_NAME": "transvidio",
@@ -720,7 +730,7 @@ def test_each_data_tier_container_gets_exactly_the_environment_its_entrypoint_re
     assert envs["mpi-master"]["POSTGRES_PASSWORD_FILE"] == f"{render.SECRETS_DIR}/app-db-password"
     assert envs["nginx"] == render.nginx_environment()
     memory = {name: c.inputs["memory"] for name, c in ev.containers.items()}
-    assert memory["transvidio-prod-postgres-slots"] == 64 and memory["transvidio-prod-postgres-primary"] == 1024
+    assert memory["transvidio-prod-etcd-1"] == 128 and memory["transvidio-prod-postgres-primary"] == 1024
 
 
 def test_uploads_tls_ports_capabilities_and_healthchecks_per_role() -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 import subprocess
 import sys
-from typing import Any
+from typing import Any, cast
 
 import pytest
+import yaml
 
 from components import render
 from components.settings import Settings, SettingsError, parse
@@ -161,44 +163,171 @@ def test_mpi_is_tcp_only_pinned_to_the_data_subnet_unbound_and_strict_about_host
 def test_pg_hba_is_exactly_these_rules_in_this_order() -> None:
     s = settings()
     rows = [line.split() for line in render.pg_hba_conf(s).splitlines() if line and not line.startswith("#")]
-    # First match wins: local peer for the superuser, SCRAM from the data subnet for the two
-    # roles, and nothing else from anywhere.
+    # First match wins: local peer for the superuser, the replication role's password on the
+    # socket (Patroni asks its own node for its timeline), SCRAM from the data subnet for the three
+    # roles (pg_rewind's only to the postgres database), and nothing else from anywhere.
     assert rows == [
         ["local", "all", "postgres", "peer"],
+        ["local", "replication", "replicator", "scram-sha-256"],
         ["host", "replication", "replicator", "10.211.1.0/24", "scram-sha-256"],
+        ["host", "postgres", "rewinder", "10.211.1.0/24", "scram-sha-256"],
         ["host", "transvidio", "transvidio", "10.211.1.0/24", "scram-sha-256"],
         ["host", "all", "all", "0.0.0.0/0", "reject"],
     ]
 
 
-def test_postgresql_conf_replication_settings_and_replica_slot() -> None:
-    s = settings()
-    topo = Topology(s)
-    primary = render.postgresql_conf(s, topo.postgres_primary)
-    for line in (
-        "wal_level = replica",
-        "shared_buffers = '512MB'",
-        "work_mem = '32MB'",
-        "maintenance_work_mem = '128MB'",
-        "max_slot_wal_keep_size = '1GB'",
-        "password_encryption = 'scram-sha-256'",
-    ):
-        assert line in primary.splitlines()
-    assert "primary_conninfo" not in primary
-    replica = render.postgresql_conf(s, topo.postgres_replicas[1])
-    assert "primary_slot_name = 'postgres_replica_2'" in replica
-    assert "host=postgres-primary" in replica and "user=replicator" in replica
+# What Patroni passes on postgres' command line (patroni/postgresql/config.py, CMDLINE_OPTIONS):
+# a value for one of these in postgresql.conf would be overridden without a word.
+PATRONI_OWNED = {
+    "listen_addresses", "port", "cluster_name", "wal_level", "hot_standby", "max_connections",
+    "max_wal_senders", "wal_keep_segments", "wal_keep_size", "max_prepared_transactions",
+    "max_locks_per_transaction", "track_commit_timestamp", "max_replication_slots",
+    "max_worker_processes", "wal_log_hints",
+}  # fmt: skip
+
+
+def test_postgresql_conf_holds_the_sizes_and_nothing_patroni_owns() -> None:
+    values = conf_values(render.postgresql_conf(settings()))
+    assert {k: values[k] for k in ("shared_buffers", "work_mem", "maintenance_work_mem", "max_slot_wal_keep_size")} == {
+        "shared_buffers": "'512MB'",
+        "work_mem": "'32MB'",
+        "maintenance_work_mem": "'128MB'",
+        "max_slot_wal_keep_size": "'1GB'",
+    }
+    assert values["password_encryption"] == "'scram-sha-256'"
+    assert values["hot_standby_feedback"] == "on"
+    assert not set(values) & PATRONI_OWNED
+    assert not set(values) & {"primary_conninfo", "primary_slot_name", "hba_file", "unix_socket_directories"}
 
 
 def test_every_node_archives_its_wal_to_the_backup_repository_within_the_archive_timeout() -> None:
-    s = settings(postgres={"archiveTimeoutSeconds": 30})
-    for node in (Topology(s).postgres_primary, Topology(s).postgres_replicas[0]):
-        values = conf_values(render.postgresql_conf(s, node))
-        assert values["archive_mode"] == "on"
-        assert values["archive_command"] == (
-            "'pgbackrest --config=/etc/transvidio/postgres/pgbackrest.conf --stanza=transvidio archive-push %p'"
-        )
-        assert values["archive_timeout"] == "'30s'"
+    values = conf_values(render.postgresql_conf(settings(postgres={"archiveTimeoutSeconds": 30})))
+    assert values["archive_mode"] == "on"
+    assert values["archive_command"] == (
+        "'pgbackrest --config=/etc/transvidio/postgres/pgbackrest.conf --stanza=transvidio archive-push %p'"
+    )
+    assert values["archive_timeout"] == "'30s'"
+
+
+def patroni(s: Any, node: Any) -> dict[str, Any]:
+    return cast(dict[str, Any], yaml.safe_load(render.patroni_yml(s, node)))
+
+
+def test_patroni_config_of_a_node_names_it_and_its_fixed_addresses_and_every_etcd_member() -> None:
+    s = settings()
+    replica = Topology(s).postgres_replicas[1]
+    config = patroni(s, replica)
+    assert (config["scope"], config["namespace"], config["name"]) == (
+        "transvidio-prod",
+        "/transvidio/",
+        "postgres-replica-2",
+    )
+    assert config["restapi"] == {
+        "listen": "0.0.0.0:8008",
+        "connect_address": "10.211.1.12:8008",
+        "authentication": {"username": "patroni"},
+    }
+    assert config["etcd3"] == {
+        "hosts": ["10.211.1.60:2379", "10.211.1.61:2379", "10.211.1.62:2379"],
+        "protocol": "http",
+    }
+    pg = config["postgresql"]
+    assert (pg["listen"], pg["connect_address"]) == ("0.0.0.0:5432", "10.211.1.12:5432")
+    assert pg["parameters"] == {
+        "hba_file": "/etc/transvidio/postgres/pg_hba.conf",
+        "unix_socket_directories": "/var/lib/postgresql/run",
+    }
+    assert pg["authentication"] == {
+        "superuser": {"username": "postgres"},
+        "replication": {"username": "replicator"},
+        "rewind": {"username": "rewinder"},
+    }
+    assert pg["custom_conf"] == "/etc/transvidio/postgres/postgresql.conf"
+    assert pg["callbacks"] == {"on_start": render.PATRONI_CALLBACK, "on_role_change": render.PATRONI_CALLBACK}
+
+
+def test_nodes_differ_only_in_name_and_address_and_scaling_changes_no_node_config() -> None:
+    def normalised(s: Any, node: Any) -> str:
+        return render.patroni_yml(s, node).replace(node.hostname, "NODE").replace(str(node.data_ip), "ADDRESS")
+
+    s = settings()
+    assert len({normalised(s, node) for node in Topology(s).postgres_nodes}) == 1
+    primaries = {
+        render.patroni_yml(c, Topology(c).postgres_primary)
+        for c in (settings(postgres={"replicas": n}) for n in range(9))
+    }
+    assert len(primaries) == 1  # scaling replicas never replaces (restarts) the primary
+    assert len({render.postgresql_conf(settings(postgres={"replicas": n})) for n in range(9)}) == 1
+
+
+@pytest.mark.parametrize("ttl", [20, 21, 30, 45, 300])
+def test_patroni_timings_keep_its_rule_and_the_cluster_parameters_are_sized_for_every_replica(ttl: int) -> None:
+    dcs = render.patroni_dcs(settings(postgres={"failoverTtlSeconds": ttl}))
+    assert dcs["ttl"] == ttl
+    assert dcs["loop_wait"] >= 1 and dcs["retry_timeout"] >= 3
+    assert dcs["loop_wait"] + 2 * dcs["retry_timeout"] <= ttl  # else Patroni adjusts them itself
+    assert dcs["postgresql"]["use_pg_rewind"] is True and dcs["postgresql"]["use_slots"] is True
+    assert dcs["postgresql"]["parameters"] == {
+        "hot_standby": "on",
+        "max_connections": 200,
+        "max_replication_slots": 10,  # 8 replicas, plus room for a re-clone while an old slot lingers
+        "max_wal_senders": 12,
+        "wal_keep_size": "256MB",
+        "wal_level": "replica",
+        "wal_log_hints": "on",
+    }
+    assert set(dcs["postgresql"]["parameters"]) <= PATRONI_OWNED
+
+
+def test_synchronous_means_a_synchronous_standby_and_off_means_asynchronous() -> None:
+    on = render.patroni_dcs(settings(postgres={"synchronous": True}))
+    off = render.patroni_dcs(settings(postgres={"synchronous": False}))
+    assert (on["synchronous_mode"], on["synchronous_node_count"]) == (True, 1)
+    assert off["synchronous_mode"] is False
+    # The file a new primary applies is the same settings.
+    assert json.loads(render.patroni_dcs_json(settings(postgres={"synchronous": True}))) == on
+
+
+@pytest.mark.parametrize(
+    ("target", "method", "recovery_time"),
+    [
+        ("", "fresh", None),
+        ("latest", "restore", None),
+        ("2026-11-29 10:00:00+00", "restore", "2026-11-29 10:00:00+00"),
+    ],
+)
+def test_the_bootstrap_initialises_or_restores_to_the_configured_target(
+    target: str, method: str, recovery_time: str | None
+) -> None:
+    s = settings(postgres={"restoreTarget": target})
+    bootstrap = patroni(s, Topology(s).postgres_primary)["bootstrap"]
+    assert bootstrap["method"] == method
+    assert bootstrap["fresh"] == {"command": f"{render.PATRONI_BOOTSTRAP} fresh", "no_params": True}
+    quoted = "'2026-11-29 10:00:00+00'" if recovery_time else "latest"
+    assert bootstrap["restore"]["command"] == f"{render.PATRONI_BOOTSTRAP} restore {quoted}"
+    recovery = bootstrap["restore"]["recovery_conf"]
+    assert recovery.get("recovery_target_time") == recovery_time
+    assert recovery["recovery_target_action"] == "promote"
+    assert recovery["restore_command"] == f'{render.PGBACKREST} archive-get %f "%p"'
+    assert bootstrap["dcs"] == render.patroni_dcs(s)
+    assert bootstrap["post_bootstrap"] == f"{render.PATRONI_CALLBACK} post_bootstrap"
+
+
+def test_etcd_members_know_each_other_by_fixed_address() -> None:
+    s = settings()
+    members = Topology(s).etcd_nodes
+    config = yaml.safe_load(render.etcd_yml(s, members[1]))
+    assert config["name"] == "etcd-2"
+    assert config["initial-cluster"] == (
+        "etcd-1=http://10.211.1.60:2380,etcd-2=http://10.211.1.61:2380,etcd-3=http://10.211.1.62:2380"
+    )
+    assert config["listen-client-urls"] == "http://10.211.1.61:2379,http://127.0.0.1:2379"
+    assert (config["advertise-client-urls"], config["initial-advertise-peer-urls"]) == (
+        "http://10.211.1.61:2379",
+        "http://10.211.1.61:2380",
+    )
+    assert (config["data-dir"], config["initial-cluster-state"]) == ("/var/lib/etcd", "new")
+    assert config["initial-cluster-token"] == "transvidio-prod"
 
 
 def test_pgbackrest_keeps_the_configured_full_backups_of_the_local_cluster() -> None:
@@ -249,11 +378,14 @@ def test_render_command_writes_every_file_of_a_stack(tmp_path: pathlib.Path) -> 
     )
     written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
     assert written == set(render.rendered_files(settings()))
-    assert "redis/sentinel-3.conf" in written and "postgres/postgres-replica-2.conf" in written
+    assert "redis/sentinel-3.conf" in written and "postgres/postgres-replica-2.patroni.yml" in written
+    assert "postgres/etcd-3.etcd.yml" in written
     assert result.stdout.count("\n") == len(written)
     env = (tmp_path / "backend/environment").read_text()
     assert f"POSTGRES_PASSWORD_FILE={render.SECRETS_DIR}/app-db-password" in env
-    assert "POSTGRES_SLAVE_HOSTS=postgres-replica-1,postgres-replica-2" in env
+    # Every node in both: any node may be primary.
+    nodes = "postgres-primary,postgres-replica-1,postgres-replica-2"
+    assert f"POSTGRES_MASTER_HOST={nodes}\n" in env and f"POSTGRES_SLAVE_HOSTS={nodes}\n" in env
 
 
 def test_render_command_reports_a_bad_setting(tmp_path: pathlib.Path) -> None:
@@ -286,35 +418,6 @@ def conf_values(text: str) -> dict[str, str]:
     return {key: value for key, value in pairs}
 
 
-def test_the_primary_config_does_not_change_with_the_replica_count() -> None:
-    confs = {
-        render.postgresql_conf(s, Topology(s).postgres_primary)
-        for s in (settings(postgres={"replicas": count}) for count in range(0, 9))
-    }
-    assert len(confs) == 1  # scaling replicas never replaces (restarts) the primary
-    values = conf_values(confs.pop())
-    # Sized once for the most replicas a stack may have, plus room for re-bootstraps.
-    assert (values["max_replication_slots"], values["max_wal_senders"]) == ("10", "12")
-    assert values["listen_addresses"] == "'*'" and values["port"] == "5432"
-    # The healthchecks and the entrypoint connect through this socket directory and hba file.
-    assert values["unix_socket_directories"] == "'/var/lib/postgresql/run'"
-    assert values["hba_file"] == f"'{render.POSTGRES_CONF_DIR}/pg_hba.conf'"
-    assert (values["hot_standby"], values["hot_standby_feedback"]) == ("on", "on")
-
-
-def test_a_replica_config_is_the_primary_s_plus_its_standby_settings() -> None:
-    s = settings()
-    topo = Topology(s)
-    primary = conf_values(render.postgresql_conf(s, topo.postgres_primary))
-    replica = conf_values(render.postgresql_conf(s, topo.postgres_replicas[0]))
-    assert {k: v for k, v in replica.items() if k in primary} == primary
-    assert set(replica) - set(primary) == {"primary_conninfo", "primary_slot_name"}
-    assert replica["primary_conninfo"] == (
-        "'host=postgres-primary port=5432 user=replicator application_name=postgres_replica_1 "
-        "passfile=/var/lib/postgresql/run/pgpass'"
-    )
-
-
 def test_the_paths_the_stack_uploads_to_are_the_ones_the_images_read() -> None:
     def image(*files: str) -> str:
         return "".join((PROJECT_DIR / "images" / f).read_text() for f in files)
@@ -337,8 +440,7 @@ def test_the_paths_the_stack_uploads_to_are_the_ones_the_images_read() -> None:
 def test_postgres_sizes_are_written_in_the_largest_unit_that_divides_them() -> None:
     values = conf_values(
         render.postgresql_conf(
-            settings(postgres={"sharedBuffers": "2GB", "workMem": "1536k", "maintenanceWorkMem": "1536MB"}),
-            Topology(settings()).postgres_primary,
+            settings(postgres={"sharedBuffers": "2GB", "workMem": "1536k", "maintenanceWorkMem": "1536MB"})
         )
     )
     assert (values["shared_buffers"], values["work_mem"], values["maintenance_work_mem"]) == (

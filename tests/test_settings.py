@@ -130,7 +130,7 @@ ERRORS = [
     (
         "dev",
         {"postgress": {"replicas": 1}},
-        "transvidio:postgress is not a setting; allowed keys: appDbPassword, backend, images, mpi, network, nginx, postgres, postgresPassword, redis, redisPassword, replicationPassword, secretKey, tlsCertificate, tlsKey",
+        "transvidio:postgress is not a setting; allowed keys: appDbPassword, backend, images, mpi, network, nginx, patroniApiPassword, postgres, postgresPassword, redis, redisPassword, replicationPassword, rewindPassword, secretKey, tlsCertificate, tlsKey",
     ),
     (
         "dev",
@@ -339,7 +339,9 @@ def test_https_port_is_accepted_with_a_certificate_and_key() -> None:
 
 
 def readme_cell(value: Any) -> str:
-    """How the README's configuration table writes a value."""
+    """How the README's configuration table writes a value (booleans as YAML spells them)."""
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
     return "`''`" if value == "" else f"`{value}`"
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
+import uuid
 from typing import Any, cast
 
 import docker
@@ -19,6 +21,7 @@ import docker.errors
 import psycopg
 import redis
 import redis.sentinel
+from transvidio_jobs import worker
 
 from components.topology import POSTGRES_DB, POSTGRES_REPLICATION_USER, REDIS_MASTER_NAME, SENTINEL_PORT, Node
 from tests.e2e.apply import wait_healthy
@@ -98,18 +101,19 @@ def app_password(deployment: Deployment) -> str:
 
 
 def pg(deployment: Deployment, hostname: str, **kwargs: Any) -> psycopg.Connection[Any]:
-    """The application role's connection to a node, as a backend would make it."""
+    """The application role's connection to a node (or to a list of addresses), as a backend makes it."""
     dsn = str(deployment.export("postgresPrimaryDsn"))
     user = dsn.split("://", 1)[1].split(":", 1)[0]
+    options: dict[str, Any] = {"connect_timeout": 3, **kwargs}
+    host = data_ip(deployment, hostname) if "," not in hostname else hostname
     return psycopg.connect(
-        host=data_ip(deployment, hostname),
+        host=host,
         port=5432,
         dbname=POSTGRES_DB,
         user=user,
         password=app_password(deployment),
-        connect_timeout=3,
         autocommit=True,
-        **kwargs,
+        **options,
     )
 
 
@@ -119,8 +123,57 @@ def replication_password(deployment: Deployment) -> str:
     return str(next(v for k, v in uploads.items() if k.endswith("/replication-password")))
 
 
+def pg_writer(deployment: Deployment, **kwargs: Any) -> psycopg.Connection[Any]:
+    """A connection to whichever node is primary, found as the app finds it (libpq's host
+    list with target_session_attrs=read-write), over the nodes' fixed addresses."""
+    nodes = deployment.topology.postgres_nodes
+    return pg(deployment, ",".join(str(n.data_ip) for n in nodes), target_session_attrs="read-write", **kwargs)
+
+
+def pg_role(deployment: Deployment, hostname: str) -> str:
+    """primary or replica, as the node itself answers; down when it does not."""
+    try:
+        with pg(deployment, hostname, connect_timeout=2) as conn:
+            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    except psycopg.Error as error:
+        return f"down ({type(error).__name__})"
+    return "replica" if row and row[0] else "primary"
+
+
+def pg_roles(deployment: Deployment) -> dict[str, str]:
+    return {n.hostname: pg_role(deployment, n.hostname) for n in deployment.topology.postgres_nodes}
+
+
+def pg_primary(deployment: Deployment, timeout: float = 90, other_than: str | None = None) -> str:
+    """Until exactly one node is primary (and it is not `other_than`); returns its hostname."""
+    deadline = time.monotonic() + timeout
+    roles: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        roles = pg_roles(deployment)
+        primaries = [host for host, role in roles.items() if role == "primary"]
+        if len(primaries) == 1 and primaries[0] != other_than:
+            return primaries[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no single primary{' other than ' + other_than if other_than else ''} in {timeout}s: {roles}")
+
+
+def pg_replicas(deployment: Deployment) -> list[str]:
+    primary = pg_primary(deployment)
+    return [n.hostname for n in deployment.topology.postgres_nodes if n.hostname != primary]
+
+
+def wait_more_writes(acknowledged: list[str], more: int, timeout: float = 60) -> None:
+    """Until a writer thread has `more` acknowledged writes than now: writes resumed."""
+    target = len(acknowledged) + more
+    deadline = time.monotonic() + timeout
+    while len(acknowledged) < target:
+        assert time.monotonic() < deadline, f"writes did not resume within {timeout}s"
+        time.sleep(0.1)
+
+
 def streaming_replicas(deployment: Deployment) -> dict[str, str]:
-    with pg(deployment, "postgres-primary") as conn:
+    """application_name (Patroni's member name: the hostname) -> state, as the primary sees them."""
+    with pg_writer(deployment) as conn:
         rows = conn.execute("SELECT application_name, state FROM pg_stat_replication").fetchall()
     return {str(name): str(state) for name, state in rows}
 
@@ -240,7 +293,7 @@ SUPERUSER_PSQL = ["psql", "--host=/var/lib/postgresql/run", "--dbname=postgres",
 
 def pg_backups(deployment: Deployment) -> list[dict[str, Any]]:
     """The repository's backups, oldest first, as `pgbackrest info` reports them."""
-    code, output = deployment.exec("postgres-primary", ["pgbackrest", "info", "--output=json"])
+    code, output = deployment.exec(pg_primary(deployment), ["pgbackrest", "info", "--output=json"])
     assert code == 0, output
     return list(json.loads(output)[0].get("backup", []))
 
@@ -248,13 +301,14 @@ def pg_backups(deployment: Deployment) -> list[dict[str, Any]]:
 def archive_everything(deployment: Deployment, timeout: float = 60) -> None:
     """Waits until the WAL holding every write so far is in the repository."""
     # As the operator would, through the local socket: pg_switch_wal needs the superuser.
-    code, output = deployment.exec("postgres-primary", [*SUPERUSER_PSQL, "SELECT pg_walfile_name(pg_switch_wal())"])
+    primary = pg_primary(deployment)
+    code, output = deployment.exec(primary, [*SUPERUSER_PSQL, "SELECT pg_walfile_name(pg_switch_wal())"])
     assert code == 0, output
     segment = output.strip()
     deadline = time.monotonic() + timeout
     while True:
         code, output = deployment.exec(
-            "postgres-primary", [*SUPERUSER_PSQL, "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver"]
+            primary, [*SUPERUSER_PSQL, "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver"]
         )
         if code == 0 and output.strip() >= segment:
             return
@@ -263,8 +317,9 @@ def archive_everything(deployment: Deployment, timeout: float = 60) -> None:
 
 
 def wipe_postgres(deployment: Deployment) -> None:
-    """Every PostgreSQL node and data volume gone, as with a lost disk; the backup volume kept."""
-    nodes = [deployment.topology.postgres_primary, *deployment.topology.postgres_replicas]
+    """Every PostgreSQL node and etcd member gone with its volume, as with a lost disk; the
+    backup volume kept."""
+    nodes = [*deployment.topology.postgres_nodes, *deployment.topology.etcd_nodes]
     for lost in nodes:
         deployment.client.containers.get(lost.container_name).remove(force=True)
     for lost in nodes:
@@ -276,3 +331,107 @@ def restore_postgres(deployment: Deployment, target: str) -> None:
     deployment.apply({"postgres": {"restoreTarget": target}}, refresh=True)
     deployment.wait_all_healthy()
     wait_streaming(deployment, len(deployment.topology.postgres_replicas))
+
+
+# --- PostgreSQL failovers --------------------------------------------------------------
+
+
+def pg_local_role(deployment: Deployment, hostname: str) -> str:
+    """A node's role as its own superuser sees it through the local socket: works for a node
+    cut off the network too."""
+    try:
+        code, output = deployment.exec(hostname, [*SUPERUSER_PSQL, "SELECT pg_is_in_recovery()"])
+    except docker.errors.APIError as error:
+        return f"down ({error.status_code})"
+    if code != 0:
+        return "down"
+    return {"t": "replica", "f": "primary"}.get(output.strip(), f"unknown ({output.strip()})")
+
+
+class PrimaryWatch(threading.Thread):
+    """Polls every PostgreSQL node's own view of its role (over the network, or through the
+    engine when it does not answer there); `most_primaries` is the most nodes that called
+    themselves primary in one round."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        super().__init__(daemon=True)
+        self.deployment = deployment
+        self.stopped = threading.Event()
+        self.most_primaries = 0
+        self.rounds = 0
+        self.seen: list[dict[str, str]] = []
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            roles = pg_roles(self.deployment)
+            for hostname, role in roles.items():
+                if role.startswith("down"):  # cut off, or gone: ask it through the engine
+                    roles[hostname] = pg_local_role(self.deployment, hostname)
+            self.most_primaries = max(self.most_primaries, list(roles.values()).count("primary"))
+            if not self.seen or self.seen[-1] != roles:
+                self.seen.append(roles)
+            self.rounds += 1
+            self.stopped.wait(0.25)
+
+    def __enter__(self) -> PrimaryWatch:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.join()
+
+
+class Writer(threading.Thread):
+    """Inserts rows through the app's connection logic (every node listed, the primary
+    chosen by libpq), one connection kept as a pool would; records what was acknowledged."""
+
+    def __init__(self, deployment: Deployment, table: str = "ha_rows") -> None:
+        super().__init__(daemon=True)
+        self.deployment, self.table = deployment, table
+        self.stopped = threading.Event()
+        self.acknowledged: list[str] = []
+        self.acknowledged_at: list[float] = []
+        self.acknowledged_by: list[str] = []
+        self.failed_at: list[float] = []
+        with pg_writer(deployment) as conn:
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (id bigserial PRIMARY KEY, marker text UNIQUE)")
+
+    def run(self) -> None:
+        conn: psycopg.Connection[Any] | None = None
+        while not self.stopped.is_set():
+            marker = str(uuid.uuid4())
+            try:
+                if conn is None or conn.closed:
+                    conn = pg_writer(self.deployment, connect_timeout=2, **worker.CONNECTION_TIMEOUTS)
+                conn.execute(f"INSERT INTO {self.table} (marker) VALUES (%s)", (marker,))
+                self.acknowledged.append(marker)
+                self.acknowledged_at.append(time.monotonic())
+                self.acknowledged_by.append(str(conn.info.host))
+            except psycopg.Error:
+                self.failed_at.append(time.monotonic())
+                if conn is not None:
+                    conn.close()
+                conn = None
+                time.sleep(0.1)
+        if conn is not None:
+            conn.close()
+
+    def first_write_after(self, moment: float, on: str | None = None) -> float:
+        """Seconds from `moment` to the first write acknowledged after it (by node `on`)."""
+        address = data_ip(self.deployment, on) if on else None
+        acknowledged = zip(self.acknowledged_at, self.acknowledged_by, strict=True)
+        return next(t for t, host in acknowledged if t > moment and address in (None, host)) - moment
+
+    def missing_on(self, hostname: str) -> set[str]:
+        with pg(self.deployment, hostname) as conn:
+            rows = conn.execute(f"SELECT marker FROM {self.table} WHERE marker = ANY(%s)", (self.acknowledged,))
+            return set(self.acknowledged) - {str(m) for (m,) in rows}
+
+    def __enter__(self) -> Writer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.join()

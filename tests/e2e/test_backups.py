@@ -1,7 +1,7 @@
 """PostgreSQL backups and restores on the dev stack, made for real.
 
-The primary archives every WAL segment and takes scheduled pgBackRest backups into the
-backup volume; these tests wipe every PostgreSQL data volume (the backup volume stays,
+Whichever node is primary archives every WAL segment and takes scheduled pgBackRest backups
+into the backup volume; these tests wipe every PostgreSQL and etcd volume (the backup volume stays,
 as it would after losing the database host's disks) and restore through the program:
 `postgres.restoreTarget` set, `pulumi up --refresh`. Here a full backup is due every two minutes and an
 incremental one every minute, one full backup kept, so the schedule and the retention
@@ -47,13 +47,13 @@ def wait_for(condition: Any, timeout: float, what: str) -> Any:
 
 
 def add_batch(dev: Deployment, batch: int) -> None:
-    with chaos.pg(dev, "postgres-primary") as conn:
+    with chaos.pg_writer(dev) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS restore_check (batch int NOT NULL, n int NOT NULL)")
         conn.execute("INSERT INTO restore_check SELECT %s, n FROM generate_series(1, %s) AS n", (batch, ROWS_PER_BATCH))
 
 
 def batches(dev: Deployment) -> dict[int, int]:
-    with chaos.pg(dev, "postgres-primary") as conn:
+    with chaos.pg_writer(dev) as conn:
         rows = conn.execute("SELECT batch, count(*) FROM restore_check GROUP BY batch ORDER BY batch").fetchall()
     return {batch: count for batch, count in rows}
 
@@ -111,7 +111,7 @@ def test_a_wiped_stack_is_restored_to_the_latest_write_and_to_a_point_in_time(de
     wait_for(lambda: chaos.pg_backups(dev), 90, "a backup in the repository")
     add_batch(dev, 1)
     time.sleep(1)
-    with chaos.pg(dev, "postgres-primary") as conn:
+    with chaos.pg_writer(dev) as conn:
         row = conn.execute("SELECT clock_timestamp()").fetchone()
     assert row is not None
     between = row[0]

@@ -41,39 +41,60 @@ def wait_row(conn: psycopg.Connection, marker: str, timeout: float = 30) -> floa
 
 
 def ensure_table(prod: Deployment) -> None:
-    with chaos.pg(prod, "postgres-primary") as conn:
+    with chaos.pg_writer(prod) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS e2e_rows (id bigserial PRIMARY KEY, marker text UNIQUE)")
 
 
-# --- PostgreSQL -----------------------------------------------------------------------
+# --- PostgreSQL (failovers: test_postgres_ha.py) -------------------------------------------
 
 
-def test_both_replicas_stream_each_through_its_own_slot(prod: Deployment) -> None:
-    replicas = [r.slot_name for r in prod.topology.postgres_replicas]
-    assert chaos.wait_streaming(prod, len(replicas)) == dict.fromkeys(replicas, "streaming")
-    with chaos.pg(prod, "postgres-primary") as conn:
+def test_every_replica_streams_through_its_own_slot(prod: Deployment) -> None:
+    primary = chaos.pg_primary(prod)
+    replicas = [n for n in prod.topology.postgres_nodes if n.hostname != primary]
+    assert chaos.wait_streaming(prod, len(replicas)) == {r.hostname: "streaming" for r in replicas}
+    with chaos.pg(prod, primary) as conn:
         slots = dict(conn.execute("SELECT slot_name, active FROM pg_replication_slots").fetchall())
         keep = conn.execute("SHOW max_slot_wal_keep_size").fetchone()
-    assert slots == dict.fromkeys(replicas, True)
+    assert slots == {r.slot_name: True for r in replicas}  # Patroni keeps one per member
     assert keep == ("1GB",)
 
 
-def test_a_write_on_the_primary_reaches_both_replicas_which_refuse_writes(prod: Deployment) -> None:
+def test_a_write_on_the_primary_reaches_every_replica_which_refuse_writes(prod: Deployment) -> None:
     ensure_table(prod)
     marker = str(uuid.uuid4())
-    with chaos.pg(prod, "postgres-primary") as primary:
+    with chaos.pg_writer(prod) as primary:
         primary.execute("INSERT INTO e2e_rows (marker) VALUES (%s)", (marker,))
     delays = []
-    for replica in prod.topology.postgres_replicas:
-        with chaos.pg(prod, replica.hostname) as conn:
+    for replica in chaos.pg_replicas(prod):
+        with chaos.pg(prod, replica) as conn:
             delays.append(wait_row(conn, marker))
             with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
                 conn.execute("INSERT INTO e2e_rows (marker) VALUES ('refused')")
     report.LINES.append("prod: write-to-visible on replicas: " + ", ".join(f"{d * 1000:.0f} ms" for d in delays))
 
 
+def test_synchronous_commit_waits_for_a_synchronous_standby(prod: Deployment) -> None:
+    # prod sets postgres.synchronous: Patroni names one standby synchronous, the other is a
+    # candidate to replace it.
+    primary = chaos.pg_primary(prod)
+    replicas = set(chaos.pg_replicas(prod))
+    deadline = time.monotonic() + 60
+    while True:
+        with chaos.pg(prod, primary) as conn:
+            row = conn.execute("SHOW synchronous_standby_names").fetchone()
+            states = dict(conn.execute("SELECT application_name, sync_state FROM pg_stat_replication").fetchall())
+        names = str(row[0]) if row else ""
+        synchronous = {name for name, state in states.items() if state == "sync"}
+        if len(synchronous) == 1 and set(states) == replicas:
+            break
+        assert time.monotonic() < deadline, (names, states)
+        time.sleep(1)
+    assert names.strip('"') == synchronous.pop()
+    assert sorted(states.values()) == ["async", "sync"]
+
+
 def test_the_replication_role_connects_only_for_replication_and_only_with_its_password(prod: Deployment) -> None:
-    address = chaos.data_ip(prod, "postgres-primary")
+    address = chaos.data_ip(prod, chaos.pg_primary(prod))
     password = chaos.replication_password(prod)
     user = chaos.replication_user()
     # A plain SQL session of the replication role is refused, even with the right password.
@@ -107,26 +128,25 @@ def put_file(prod: Deployment, hostname: str, path: str, content: str, uid: int)
 def test_a_wrong_replication_password_fails_the_replica_loudly_and_leaves_the_primary_alone(
     prod: Deployment,
 ) -> None:
-    replica = prod.topology.postgres_replicas[-1].hostname
+    primary = chaos.pg_primary(prod)
+    replica, *others = chaos.pg_replicas(prod)
     secret = "/etc/transvidio/secrets/replication-password"
     real = chaos.replication_password(prod)
     container = prod.client.containers.get(prod.name(replica))
-    primary_started = chaos.started_at(prod, "postgres-primary")
-    container.stop(timeout=10)
+    primary_started = chaos.started_at(prod, primary)
+    container.stop(timeout=30)
     since = time.time()
     put_file(prod, replica, secret, "not-the-password", uid=10001)
     container.start()
     chaos.wait_logged(prod, replica, since, 'password authentication failed for user "replicator"')
     # The primary was neither restarted nor made unhealthy; the replica does not stream.
-    assert chaos.started_at(prod, "postgres-primary") == primary_started
-    assert run_healthcheck(prod.client, prod.name("postgres-primary")) == "healthy"
-    assert chaos.streaming_replicas(prod).get(prod.topology.postgres_replicas[-1].slot_name) is None
-    others = [r.slot_name for r in prod.topology.postgres_replicas[:-1]]
-    assert {k: v for k, v in chaos.streaming_replicas(prod).items() if k in others} == dict.fromkeys(
-        others, "streaming"
-    )
+    assert chaos.started_at(prod, primary) == primary_started
+    assert run_healthcheck(prod.client, prod.name(primary)) == "healthy"
+    streaming = chaos.streaming_replicas(prod)
+    assert replica not in streaming
+    assert {k: v for k, v in streaming.items() if k in others} == dict.fromkeys(others, "streaming")
     # Put the real password back: the replica streams again from its own data.
-    container.stop(timeout=10)
+    container.stop(timeout=30)
     put_file(prod, replica, secret, real, uid=10001)
     container.start()
     chaos.wait_streaming(prod, len(prod.topology.postgres_replicas))
@@ -134,49 +154,46 @@ def test_a_wrong_replication_password_fails_the_replica_loudly_and_leaves_the_pr
 
 def test_a_killed_replica_restarts_resumes_from_its_volume_and_catches_up(prod: Deployment) -> None:
     ensure_table(prod)
-    replica = prod.topology.postgres_replicas[0].hostname
+    replica = chaos.pg_replicas(prod)[0]
     since = time.time()
     before = chaos.kill9(prod, replica)
     written = []
-    with chaos.pg(prod, "postgres-primary") as primary:
+    with chaos.pg_writer(prod) as primary:
         for _ in range(50):  # while it is down: its slot keeps this WAL
             marker = str(uuid.uuid4())
             primary.execute("INSERT INTO e2e_rows (marker) VALUES (%s)", (marker,))
             written.append(marker)
     chaos.wait_restarted(prod, replica, before)
     log = chaos.logs(prod, replica, since)
-    assert "resuming streaming" in log and "base backup" not in log
+    assert "bootstrap from leader" not in log  # no new clone: it resumed from its own data
     with chaos.pg(prod, replica) as conn:
         wait_row(conn, written[-1])
         count = conn.execute("SELECT count(*) FROM e2e_rows WHERE marker = ANY(%s)", (written,)).fetchone()
     assert count == (len(written),)
 
 
-def test_a_replica_rebuilt_from_nothing_bootstraps_again_with_its_slot(prod: Deployment) -> None:
-    replica = prod.topology.postgres_replicas[-1]
+def test_a_replica_rebuilt_from_nothing_clones_the_primary_again_through_its_slot(prod: Deployment) -> None:
+    primary = chaos.pg_primary(prod)
+    replica = next(n for n in prod.topology.postgres_nodes if n.hostname != primary)
     container = prod.client.containers.get(prod.name(replica.hostname))
     container.remove(force=True)
     prod.client.volumes.get(f"transvidio-{STACK}-{replica.hostname}-data").remove(force=True)
-    with chaos.pg(prod, "postgres-primary") as conn:  # the old slot is still there, inactive
-        assert conn.execute(
-            "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (replica.slot_name,)
-        ).fetchone() == (False,)
     since = time.time()
     plan = prod.apply(refresh=True)  # `pulumi up --refresh`: the missing container is seen, and made again
     assert plan.names("create") == {replica.hostname} and plan.counts()["replace"] == 0
     wait_healthy(prod.client, prod.name(replica.hostname), timeout=120)
-    log = chaos.logs(prod, replica.hostname, since)
-    assert "taking a base backup" in log and "already exists" not in log
+    assert "bootstrap from leader" in chaos.logs(prod, replica.hostname, since)
     chaos.wait_streaming(prod, len(prod.topology.postgres_replicas))
-    with chaos.pg(prod, "postgres-primary") as conn:
+    with chaos.pg(prod, primary) as conn:
         row = conn.execute(
             "SELECT active, wal_status FROM pg_replication_slots WHERE slot_name = %s", (replica.slot_name,)
         ).fetchone()
     assert row == (True, "reserved")
 
 
-def test_a_killed_primary_restarts_with_its_data_and_loses_no_acknowledged_write(prod: Deployment) -> None:
+def test_a_killed_primary_restarted_by_the_engine_loses_no_acknowledged_write(prod: Deployment) -> None:
     ensure_table(prod)
+    primary = chaos.pg_primary(prod)
     acknowledged: list[str] = []
     stop = threading.Event()
 
@@ -184,7 +201,7 @@ def test_a_killed_primary_restarts_with_its_data_and_loses_no_acknowledged_write
         while not stop.is_set():
             marker = str(uuid.uuid4())
             try:
-                with chaos.pg(prod, "postgres-primary") as conn:
+                with chaos.pg_writer(prod) as conn:
                     conn.execute("INSERT INTO e2e_rows (marker) VALUES (%s)", (marker,))
                 acknowledged.append(marker)
             except psycopg.Error:
@@ -192,13 +209,16 @@ def test_a_killed_primary_restarts_with_its_data_and_loses_no_acknowledged_write
 
     thread = threading.Thread(target=writer)
     thread.start()
-    time.sleep(2)
-    before = chaos.kill9(prod, "postgres-primary")
-    chaos.wait_restarted(prod, "postgres-primary", before, timeout=120)
-    time.sleep(2)
-    stop.set()
-    thread.join()
-    with chaos.pg(prod, "postgres-primary") as conn:
+    try:
+        time.sleep(2)
+        before = chaos.kill9(prod, primary)
+        chaos.wait_restarted(prod, primary, before, timeout=120)
+        chaos.pg_primary(prod)  # whichever node holds the lock now
+        chaos.wait_more_writes(acknowledged, 10)
+    finally:
+        stop.set()
+        thread.join()
+    with chaos.pg_writer(prod) as conn:
         present = {m for (m,) in conn.execute("SELECT marker FROM e2e_rows WHERE marker = ANY(%s)", (acknowledged,))}
     assert len(acknowledged) > 10
     assert present == set(acknowledged)

@@ -16,6 +16,7 @@ import pytest
 import redis
 from transvidio_jobs import processing
 
+from components.secrets import GENERATED
 from components.topology import REDIS_MASTER_NAME
 from tests.e2e import report, traffic
 from tests.e2e.chaos import wait_streaming
@@ -57,7 +58,7 @@ def test_postgres_replica_streams_from_the_primary(dev: Deployment) -> None:
             "SELECT application_name, state FROM pg_stat_replication ORDER BY application_name"
         ).fetchall()
         slots = primary.execute("SELECT slot_name, active FROM pg_replication_slots").fetchall()
-    assert rows == [("postgres_replica_1", "streaming")]
+    assert rows == [("postgres-replica-1", "streaming")]  # Patroni's member name
     assert slots == [("postgres_replica_1", True)]
     deadline = time.monotonic() + 30
     with psycopg.connect(dsn_on_host(dev, 5433), autocommit=True) as replica:
@@ -153,11 +154,15 @@ def test_nginx_serves_liveness_to_all_and_readiness_to_the_cluster_only(dev: Dep
     assert report["status"] == "ok"
     assert set(report["dependencies"]) == {
         "postgres-primary",
-        "postgres-replica:postgres-replica-1",
+        "postgres:postgres-primary",
+        "postgres:postgres-replica-1",
         "redis",
         "mpi-master",
     }
     assert all(dep["ok"] for dep in report["dependencies"].values())
+    # It names the node that is primary now, and each node's role.
+    assert report["dependencies"]["postgres-primary"]["node"] == "postgres-primary"
+    assert report["dependencies"]["postgres:postgres-replica-1"]["role"] == "replica"
 
 
 def test_nginx_status_is_for_the_cluster_only(dev: Deployment) -> None:
@@ -258,7 +263,7 @@ def test_no_secret_is_in_any_container_environment(dev: Deployment) -> None:
     secrets = [
         str(plain(r.outputs["result"])) for r in dev.evaluation.of_type("random:index/randomPassword:RandomPassword")
     ]
-    assert len(secrets) == 5
+    assert len(secrets) == len(GENERATED)
     containers = dev.client.containers.list(all=True, filters={"label": "io.transvidio.stack=dev"})
     assert len(containers) == len(dev.container_names)
     for container in containers:

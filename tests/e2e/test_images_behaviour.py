@@ -18,6 +18,7 @@ import pytest
 import redis
 from transvidio_jobs import queue, worker
 
+from components import render
 from tests.e2e import chaos
 from tests.e2e.conftest import Deployment, deployed
 
@@ -32,12 +33,12 @@ def dev() -> Iterator[Deployment]:
 
 def connect(dev: Deployment) -> psycopg.Connection[Any]:
     """The application role's connection to the primary, in the tests' own schema."""
-    return chaos.pg(dev, "postgres-primary", options=f"-c search_path={SCHEMA}")
+    return chaos.pg_writer(dev, options=f"-c search_path={SCHEMA}")
 
 
 @pytest.fixture
 def conn(dev: Deployment) -> Iterator[psycopg.Connection[Any]]:
-    with chaos.pg(dev, "postgres-primary") as admin:
+    with chaos.pg_writer(dev) as admin:
         admin.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
         admin.execute(f"CREATE SCHEMA {SCHEMA}")
     with connect(dev) as connection:
@@ -190,35 +191,43 @@ def test_a_failed_attempt_waits_a_growing_backoff_and_the_last_one_fails_the_job
 # --- PostgreSQL healthchecks --------------------------------------------------------------
 
 
-def healthcheck(dev: Deployment, hostname: str, role: str | None = None) -> int:
-    env = [f"PG_ROLE={role}"] if role else []
-    result = dev.client.containers.get(dev.name(hostname)).exec_run(
-        ["/usr/local/bin/healthcheck.sh"], environment=env or None
-    )
-    return int(result.exit_code)
+def healthcheck(dev: Deployment, hostname: str) -> int:
+    return int(dev.client.containers.get(dev.name(hostname)).exec_run(["/usr/local/bin/healthcheck.sh"]).exit_code)
+
+
+def patronictl(dev: Deployment, hostname: str, *args: str) -> str:
+    code, output = dev.exec(hostname, ["patronictl", "--config-file", render.PATRONI_RUN_CONF, *args])
+    assert code == 0, output
+    return output
 
 
 def test_postgres_healthchecks_mean_what_they_say(dev: Deployment) -> None:
+    primary = chaos.pg_primary(dev)
+    replica = next(n.hostname for n in dev.topology.postgres_nodes if n.hostname != primary)
     chaos.wait_streaming(dev, 1)
-    assert healthcheck(dev, "postgres-primary") == 0 and healthcheck(dev, "postgres-replica-1") == 0
-    # Each node fails the other role's check: the primary is not in recovery, the replica is.
-    assert healthcheck(dev, "postgres-primary", "replica") != 0
-    assert healthcheck(dev, "postgres-replica-1", "primary") != 0
-    # A replica that does not stream is unhealthy, though it still answers queries.
-    primary = dev.client.containers.get(dev.name("postgres-primary"))
-    primary.stop(timeout=30)
+    assert healthcheck(dev, primary) == 0 and healthcheck(dev, replica) == 0
+    for member in dev.topology.etcd_nodes:
+        assert healthcheck(dev, member.hostname) == 0
+    # A replica that does not stream is unhealthy, though it still answers queries. Patroni's
+    # maintenance mode keeps it from being promoted while its primary is stopped.
+    patronictl(dev, replica, "pause", "--wait")
+    stopped = dev.client.containers.get(dev.name(primary))
+    stopped.stop(timeout=30)
     try:
         deadline = time.monotonic() + 60
-        while healthcheck(dev, "postgres-replica-1") == 0:
+        while healthcheck(dev, replica) == 0:
             assert time.monotonic() < deadline, "the replica stayed healthy without its primary"
             time.sleep(0.5)
-        code, answer = dev.exec("postgres-replica-1", ["pg_isready", "-h", "/var/lib/postgresql/run"])
+        code, answer = dev.exec(replica, ["pg_isready", "-h", "/var/lib/postgresql/run"])
         assert code == 0, answer
+        assert chaos.pg_local_role(dev, replica) == "replica"
     finally:
-        primary.start()
+        stopped.start()
+        # In maintenance mode Patroni does not start a stopped PostgreSQL: resume first.
+        patronictl(dev, replica, "resume", "--wait")
     chaos.wait_streaming(dev, 1)
     deadline = time.monotonic() + 60
-    while healthcheck(dev, "postgres-replica-1") != 0:
+    while healthcheck(dev, replica) != 0:
         assert time.monotonic() < deadline, "the replica did not become healthy again"
         time.sleep(0.5)
 

@@ -153,11 +153,11 @@ def test_killing_the_job_runner_mid_job_retries_it_and_completes_it_once(prod: D
 
 def test_jobs_complete_while_a_replica_and_the_redis_master_are_down(prod: Deployment, video: bytes) -> None:
     upload_id = upload(prod, video[:65536])
-    replica = prod.topology.postgres_replicas[0].hostname
-    prod.client.containers.get(prod.name(replica)).stop(timeout=5)
+    replica = chaos.pg_replicas(prod)[0]
+    prod.client.containers.get(prod.name(replica)).stop(timeout=30)
     try:
         status, health = readiness(prod)
-        assert status == 503 and f"postgres-replica:{replica}" in health["down"]
+        assert status == 503 and f"postgres:{replica}" in health["down"]
         job = wait_done(prod, submit(prod, upload_id, 20, "it")["id"])
         assert job["status"] == "succeeded"
     finally:

@@ -3,8 +3,12 @@
 For each stack, the program is evaluated and every container's uploads (the exact files,
 paths, modes and owners it registers) are put into a throwaway container of that
 container's image; the server then reads them the way it does in the stack:
-- PostgreSQL starts on each node's postgresql.conf and pg_hba.conf, and reports every line
-  of both as applied without error (pg_file_settings, pg_hba_file_rules);
+- PostgreSQL starts on each node's postgresql.conf and pg_hba.conf with the parameters its
+  Patroni config passes on the command line, and reports every line of both files as
+  applied without error (pg_file_settings, pg_hba_file_rules) and every parameter as taken
+  from the command line;
+- Patroni accepts each node's config (`patroni --validate-config`, passwords added as the
+  entrypoint adds them);
 - each Redis node starts on its redis.conf and reports every directive's value;
 - each Sentinel starts on its sentinel.conf and reports the monitored master and options;
 - nginx starts through its entrypoint on nginx.conf, and `nginx -t` accepts it;
@@ -26,6 +30,7 @@ from typing import Any
 
 import docker
 import pytest
+import yaml
 
 from components import render
 from components.container import LABEL_PREFIX
@@ -170,36 +175,84 @@ def until_redis_answers(port: str | int) -> str:
 PG_REPORT = """
 export PATH=/usr/lib/postgresql/$(ls /usr/lib/postgresql)/bin:$PATH
 initdb -D /tmp/data -U postgres --auth=trust >/dev/null
-postgres -D /tmp/data -c config_file="$CONF" >/tmp/postgres.log 2>&1 &
+eval "postgres -D /tmp/data -c config_file=$CONF $OPTIONS" >/tmp/postgres.log 2>&1 &
 for _ in $(seq 100); do pg_isready -q -h "$SOCKETS" && break; sleep 0.1; done || { cat /tmp/postgres.log; exit 1; }
 psql -h "$SOCKETS" -U postgres -Atq -c "SELECT json_build_object(
   'settings', (SELECT json_agg(json_build_object('line', sourceline, 'name', name, 'setting', setting,
                'applied', applied, 'error', error) ORDER BY sourceline) FROM pg_file_settings
                WHERE sourcefile = '$CONF'),
+  'sources', (SELECT json_object_agg(name, source) FROM pg_settings WHERE name = ANY(string_to_array('$NAMES', ','))),
   'hba', (SELECT json_agg(json_build_object('line', line_number, 'error', error) ORDER BY line_number)
           FROM pg_hba_file_rules))"
 """
 
 
-def test_postgresql_applies_every_line_of_each_nodes_config_and_pg_hba(
+def test_postgresql_applies_every_line_of_its_config_and_pg_hba_and_every_patroni_parameter(
     client: docker.DockerClient, stack: tuple[Evaluation, dict[str, str]]
 ) -> None:
     evaluation, images = stack
     nodes = containers_of(evaluation, "postgres-primary", "postgres-replica")
     assert nodes
     for node in nodes:
-        conf, rendered = node_conf(node, render.POSTGRES_CONF_DIR, "=")
-        sockets = dict((name, value) for _, name, value in rendered)["unix_socket_directories"].strip("'")
-        output = run_check(client, images, node, f"CONF={shlex.quote(conf)} SOCKETS={sockets}\n" + PG_REPORT)
-        report = json.loads(output.strip().splitlines()[-1])
+        uploads = uploads_of(node)
+        conf = f"{render.POSTGRES_CONF_DIR}/postgresql.conf"
+        rendered = directives(uploads[conf]["content"], "=")
+        patroni = yaml.safe_load(
+            uploads[f"{render.POSTGRES_CONF_DIR}/{node.inputs['hostname']}.patroni.yml"]["content"]
+        )
+        # What Patroni passes on the command line: its node-local and its cluster-wide parameters.
+        parameters = {**patroni["postgresql"]["parameters"], **patroni["bootstrap"]["dcs"]["postgresql"]["parameters"]}
+        options = " ".join(f"-c {name}={shlex.quote(str(value))}" for name, value in sorted(parameters.items()))
+        script = (
+            f"CONF={shlex.quote(conf)} SOCKETS={parameters['unix_socket_directories']} "
+            f"OPTIONS={shlex.quote(options)} NAMES={','.join(sorted(parameters))}\n" + PG_REPORT
+        )
+        report = json.loads(run_check(client, images, node, script).strip().splitlines()[-1])
         expected = [
             {"line": line, "name": name, "setting": value.strip("'"), "applied": True, "error": None}
             for line, name, value in rendered
         ]
         assert report["settings"] == expected, node.inputs["name"]
-        hba = uploads_of(node)[f"{render.POSTGRES_CONF_DIR}/pg_hba.conf"]["content"]
+        # PostgreSQL reports the hba_file given at start as an override, the others as given.
+        expected_sources = {name: "override" if name == "hba_file" else "command line" for name in parameters}
+        assert report["sources"] == expected_sources, node.inputs["name"]
+        hba = uploads[f"{render.POSTGRES_CONF_DIR}/pg_hba.conf"]["content"]
         hba_lines = [line for line, _, _ in directives(hba, " ")]
         assert report["hba"] == [{"line": line, "error": None} for line in hba_lines], node.inputs["name"]
+
+
+PATRONI_VALIDATE = """
+# The validator insists on reaching etcd: one runs here, on loopback, in place of the stack's.
+etcd --data-dir /tmp/etcd --listen-client-urls http://127.0.0.1:2379 \\
+    --advertise-client-urls http://127.0.0.1:2379 --listen-peer-urls http://127.0.0.1:2380 >/tmp/etcd.log 2>&1 &
+for _ in $(seq 100); do
+    etcdctl --endpoints=http://127.0.0.1:2379 endpoint health >/dev/null 2>&1 && break
+    sleep 0.1
+done
+python3 - "$CONFIG" <<'PY'
+import sys
+import yaml
+config = yaml.safe_load(open(sys.argv[1]))
+config["etcd3"]["hosts"] = ["127.0.0.1:2379"]
+config["postgresql"]["bin_dir"] = "/usr/lib/postgresql/" + __import__("os").listdir("/usr/lib/postgresql")[0] + "/bin"
+for user in config["postgresql"]["authentication"].values():
+    user["password"] = "a-password-of-the-stack"
+config["restapi"]["authentication"]["password"] = "a-password-of-the-stack"
+yaml.safe_dump(config, open("/tmp/patroni.yml", "w"))
+PY
+patroni --validate-config /tmp/patroni.yml
+echo validated
+"""
+
+
+def test_patroni_accepts_each_nodes_config(
+    client: docker.DockerClient, stack: tuple[Evaluation, dict[str, str]]
+) -> None:
+    evaluation, images = stack
+    for node in containers_of(evaluation, "postgres-primary", "postgres-replica"):
+        config = f"{render.POSTGRES_CONF_DIR}/{node.inputs['hostname']}.patroni.yml"
+        output = run_check(client, images, node, f"CONFIG={config}\n" + PATRONI_VALIDATE)
+        assert output.strip().splitlines()[-1] == "validated", output
 
 
 # --- Redis and Sentinel --------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """Database routing: writes to the primary, reads round-robin over healthy replicas.
 
-A replica is skipped while it is down (for a few seconds after a failed connection) or
-lagging (not streaming, or replay lag above REPLICA_MAX_LAG_SECONDS as the primary sees
-it); reads fall back to the primary. A read that finds nothing on a replica is retried
-on the primary, so a client always reads its own job right after creating it.
+Any node may be primary (Patroni fails over): writes connect through libpq's host list
+with target_session_attrs=read-write, which finds whichever node is primary now. Reads go
+to the nodes the primary lists as streaming standbys; a node is skipped while it is down
+(for a few seconds after a failed connection) or lagging (not streaming, or replay lag
+above REPLICA_MAX_LAG_SECONDS), and reads fall back to the primary. A read that finds
+nothing on a replica is retried on the primary, so a client always reads its own job
+right after creating it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from transvidio_jobs import worker
 
 from app.config import Config
 
@@ -40,21 +44,23 @@ class DependencyDownError(Exception):
 class Database:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.primary = self._pool(config.postgres_master_host)
+        self.primary = self._pool(config.postgres_master_host, target_session_attrs="read-write")
         self.replicas = {host: self._pool(host) for host in config.postgres_slave_hosts}
         self._order = itertools.cycle(list(self.replicas) or [""])
         self.down_until: dict[str, float] = {}
         self.lagging: set[str] = set()
 
-    def _pool(self, host: str) -> AsyncConnectionPool:
+    def _pool(self, host: str, target_session_attrs: str = "any") -> AsyncConnectionPool:
         c = self.config
         conninfo = make_conninfo(
             host=host,
+            target_session_attrs=target_session_attrs,
             port=str(c.postgres_port),
             dbname=c.postgres_db,
             user=c.postgres_user,
             password=c.postgres_password,
             connect_timeout=str(max(1, int(c.dependency_timeout))),
+            **worker.CONNECTION_TIMEOUTS,
         )
         return AsyncConnectionPool(
             conninfo,
@@ -117,7 +123,8 @@ class Database:
 
     async def watch_replicas(self) -> None:
         """Every 2 s, asks the primary which replicas stream and how far behind they are."""
-        names = {host.replace("-", "_"): host for host in self.replicas}
+        # Patroni's standbys connect with their member name (the hostname) as application_name.
+        names = {host: host for host in self.replicas} | {host.replace("-", "_"): host for host in self.replicas}
         while True:
             try:
                 async with self.primary.connection() as conn:

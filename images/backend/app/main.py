@@ -77,7 +77,8 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "backend": HOST})
 
 
-async def _postgres(host: str, replica: bool) -> dict[str, Any]:
+async def _postgres(host: str, writable: bool = False) -> dict[str, Any]:
+    """One node's role as it says; `writable`: whichever node of `host` (a list) is primary."""
     started = time.monotonic()
     async with await psycopg.AsyncConnection.connect(
         host=host,
@@ -86,15 +87,21 @@ async def _postgres(host: str, replica: bool) -> dict[str, Any]:
         user=config.postgres_user,
         password=config.postgres_password,
         connect_timeout=max(1, int(config.dependency_timeout)),
+        target_session_attrs="read-write" if writable else "any",
         autocommit=True,
     ) as conn:
         cursor = await conn.execute("SELECT pg_is_in_recovery()")
         row = await cursor.fetchone()
+        node = conn.info.host
     assert row is not None
-    status: dict[str, Any] = {"ok": row[0] == replica, "in_recovery": row[0]}
-    if replica:
+    in_recovery = bool(row[0])
+    status: dict[str, Any] = {"ok": not in_recovery, "role": "replica" if in_recovery else "primary"}
+    if writable:
+        status["node"] = node
+    elif in_recovery:
+        # A replica serves reads only while it streams and keeps up.
         status["lagging"] = host in request_state().db.lagging
-        status["ok"] = status["ok"] and not status["lagging"]
+        status["ok"] = not status["lagging"]
     status["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
     return status
 
@@ -123,8 +130,8 @@ async def _check(name: str, probe: Any) -> tuple[str, dict[str, Any]]:
 
 async def api_health(request: Request) -> JSONResponse:
     """Readiness: every dependency with its own status; 503 when any is down."""
-    probes = [_check("postgres-primary", _postgres(config.postgres_master_host, replica=False))]
-    probes += [_check(f"postgres-replica:{h}", _postgres(h, replica=True)) for h in config.postgres_slave_hosts]
+    probes = [_check("postgres-primary", _postgres(config.postgres_master_host, writable=True))]
+    probes += [_check(f"postgres:{h}", _postgres(h)) for h in config.postgres_slave_hosts]
     probes += [_check("redis", _redis()), _check("mpi-master", _mpi())]
     results = dict(await asyncio.gather(*probes))
     down = sorted(name for name, result in results.items() if not result["ok"])

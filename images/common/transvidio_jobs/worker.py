@@ -23,6 +23,18 @@ POLL_SECONDS = float(os.environ.get("JOB_POLL_SECONDS", "0.5"))
 Execute = Callable[[dict[str, Any]], str]
 
 
+# A primary cut off the network answers nothing: without these, a query sent to it waits
+# until TCP gives up (minutes). With them the connection fails within about 8 s and the
+# next connect walks the host list to the new primary. The backends' pools use them too.
+CONNECTION_TIMEOUTS = {
+    "keepalives": "1",
+    "keepalives_idle": "5",
+    "keepalives_interval": "2",
+    "keepalives_count": "2",
+    "tcp_user_timeout": "8000",
+}
+
+
 def primary_conninfo() -> str:
     env = os.environ
     with open(env["POSTGRES_PASSWORD_FILE"]) as secret:  # a file, never an environment value
@@ -34,6 +46,9 @@ def primary_conninfo() -> str:
         user=env["POSTGRES_USER"],
         password=password,
         connect_timeout="3",
+        # POSTGRES_MASTER_HOST lists every node: connect to whichever is primary now.
+        target_session_attrs="read-write",
+        **CONNECTION_TIMEOUTS,
     )
 
 

@@ -1,0 +1,125 @@
+"""PostgreSQL fails over by itself, on the prod stack's own containers (synchronous on).
+
+Patroni holds its leader lock in etcd. Each test finds the current primary itself (an
+earlier one may have moved it) and leaves one primary and every replica streaming.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from components import render
+from tests.e2e import chaos, report
+from tests.e2e.apply import wait_healthy
+from tests.e2e.conftest import Deployment, deployed
+
+STACK = "prod"
+
+
+@pytest.fixture(scope="module")
+def prod() -> Iterator[Deployment]:
+    with deployed(STACK) as deployment:
+        yield deployment
+
+
+def settled(prod: Deployment) -> str:
+    primary = chaos.pg_primary(prod)
+    chaos.wait_streaming(prod, len(prod.topology.postgres_replicas))
+    return primary
+
+
+def wait_role(prod: Deployment, hostname: str, role: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while (seen := chaos.pg_local_role(prod, hostname)) != role:
+        assert time.monotonic() < deadline, f"{hostname} is {seen}, not {role}, after {timeout}s"
+        time.sleep(0.5)
+
+
+def wait_not_primary(prod: Deployment, hostname: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while chaos.pg_local_role(prod, hostname) == "primary":
+        assert time.monotonic() < deadline, f"{hostname} still primary after {timeout}s"
+        time.sleep(0.2)
+
+
+def test_a_lost_primary_fails_over_and_no_acknowledged_write_is_lost(prod: Deployment) -> None:
+    old = settled(prod)
+    container = prod.client.containers.get(prod.name(old))
+    with chaos.PrimaryWatch(prod) as watch, chaos.Writer(prod) as writer:
+        chaos.wait_more_writes(writer.acknowledged, 20)
+        # Lost for good (a host gone): killed, and the engine does not restart it.
+        container.update(restart_policy={"Name": "no"})
+        chaos.kill9(prod, old)
+        killed = time.monotonic()
+        new = chaos.pg_primary(prod, timeout=90, other_than=old)
+        chaos.wait_more_writes(writer.acknowledged, 20)
+    failover = writer.first_write_after(killed, on=new)
+    report.LINES.append(
+        f"prod: postgres primary lost (kill -9, not restarted) -> first acknowledged write {failover:.1f}s"
+    )
+    # Synchronous quorum commit: every write acknowledged before, during and after is there.
+    assert writer.missing_on(new) == set()
+    assert watch.most_primaries == 1, watch.seen
+    # The old primary comes back as a replica of the new one (rewound), never a second primary.
+    with chaos.PrimaryWatch(prod) as watch:
+        container.update(restart_policy={"Name": "unless-stopped"})
+        container.start()
+        wait_healthy(prod.client, prod.name(old), timeout=180)
+        wait_role(prod, old, "replica")
+        chaos.wait_streaming(prod, len(prod.topology.postgres_replicas))
+    assert watch.most_primaries == 1, watch.seen
+    assert chaos.pg_primary(prod) == new
+
+
+def test_a_primary_cut_off_the_network_stops_taking_writes_and_a_replica_takes_over(prod: Deployment) -> None:
+    old = settled(prod)
+    with chaos.PrimaryWatch(prod) as watch, chaos.Writer(prod) as writer:
+        chaos.wait_more_writes(writer.acknowledged, 20)
+        chaos.disconnect(prod, old)
+        cut = time.monotonic()
+        try:
+            # Unable to renew its lock, it demotes itself: no write is taken there any more.
+            wait_not_primary(prod, old, timeout=60)
+            demoted = time.monotonic() - cut
+            new = chaos.pg_primary(prod, timeout=90, other_than=old)
+            chaos.wait_more_writes(writer.acknowledged, 20)
+        finally:
+            chaos.reconnect(prod, old)
+        wait_role(prod, old, "replica")
+        chaos.wait_streaming(prod, len(prod.topology.postgres_replicas))
+    report.LINES.append(
+        f"prod: postgres primary cut off: stopped being primary after {demoted:.1f}s, "
+        f"first acknowledged write on {new} after {writer.first_write_after(cut, on=new):.1f}s"
+    )
+    assert watch.most_primaries == 1, watch.seen
+    assert writer.missing_on(new) == set()
+    assert chaos.pg_primary(prod) == new
+
+
+def test_a_switchover_moves_the_primary_to_the_named_replica_under_writes(prod: Deployment) -> None:
+    old = settled(prod)
+    candidate = next(n.hostname for n in prod.topology.postgres_nodes if n.hostname != old)
+    with chaos.Writer(prod) as writer:
+        chaos.wait_more_writes(writer.acknowledged, 20)
+        started = time.monotonic()
+        code, output = prod.exec(
+            old,
+            ["patronictl", "--config-file", render.PATRONI_RUN_CONF, "switchover", "--candidate", candidate, "--force"],
+        )
+        assert code == 0, output
+        assert chaos.pg_primary(prod, other_than=old) == candidate
+        switched = time.monotonic()
+        chaos.wait_more_writes(writer.acknowledged, 20)
+    failed = [t for t in writer.failed_at if t >= started]
+    report.LINES.append(
+        f"prod: postgres switchover to {candidate}: {switched - started:.1f}s, {len(failed)} failed writes, "
+        f"writes resumed {writer.first_write_after(started, on=candidate):.1f}s after the command"
+    )
+    # Writes fail only while the switch itself runs.
+    assert all(t <= switched + 1 for t in failed), [round(t - started, 1) for t in failed]
+    assert writer.missing_on(candidate) == set()
+    wait_role(prod, old, "replica")
+    chaos.wait_streaming(prod, len(prod.topology.postgres_replicas))
