@@ -123,7 +123,8 @@ def tps(output: str) -> float:
 def postgres() -> dict[str, Any]:
     with deployed("prod", health_ticker=False) as deployment:
         pgbench(deployment, "postgres-primary", "-i", "-s", "10", "-q")
-        samples: dict[str, list[float]] = {r.slot_name: [] for r in deployment.topology.postgres_replicas}
+        # Patroni's standbys report their member name (the hostname) as application_name.
+        samples: dict[str, list[float]] = {r.hostname: [] for r in deployment.topology.postgres_replicas}
         stop = threading.Event()
 
         def sample() -> None:

@@ -136,6 +136,9 @@ def patroni_dcs(settings: Settings) -> dict[str, Any]:
         # tried and left: on this host its replicas sometimes all declined the leader race.)
         "synchronous_mode": pg.synchronous,
         "synchronous_node_count": 1,
+        # Patroni 4 keeps a gone member's slot for 30 min by default: a replica the stack
+        # no longer has would pin WAL that long. Dropped once its member key expires (ttl).
+        "member_slots_ttl": 0,
         "postgresql": {
             "use_pg_rewind": True,
             "use_slots": True,

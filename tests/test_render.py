@@ -267,6 +267,7 @@ def test_patroni_timings_keep_its_rule_and_the_cluster_parameters_are_sized_for_
     assert dcs["loop_wait"] >= 1 and dcs["retry_timeout"] >= 3
     assert dcs["loop_wait"] + 2 * dcs["retry_timeout"] <= ttl  # else Patroni adjusts them itself
     assert dcs["postgresql"]["use_pg_rewind"] is True and dcs["postgresql"]["use_slots"] is True
+    assert dcs["member_slots_ttl"] == 0  # a removed replica's slot pins no WAL once it is gone
     assert dcs["postgresql"]["parameters"] == {
         "hot_standby": "on",
         "max_connections": 200,

@@ -126,7 +126,12 @@ def wait_healthy(client: docker.DockerClient, container: str, timeout: float = H
             state, healthy = {}, False
         if healthy:
             return time.monotonic() - started
-        if state.get("Status") in ("exited", "dead") or restarts > 2:
+        # After a few restarts it will not get healthy: report it once seen stopped, with the
+        # exit code of that run (a running container's inspect says 0). The engine's restart
+        # delay doubles each time, so polling faster now catches the stopped moment.
+        # (Docker reports a container waiting to be restarted as Running and Restarting.)
+        stopped = bool(state.get("Restarting")) or state.get("Status") in ("restarting", "exited", "dead")
+        if state.get("Status") in ("exited", "dead") or (restarts > 2 and stopped):
             raise ApplyError(
                 f"container {container} exited (code {state.get('ExitCode')}, {restarts} restarts) before it was "
                 "healthy; last logs:\n" + logs_tail(client, container)
@@ -135,7 +140,7 @@ def wait_healthy(client: docker.DockerClient, container: str, timeout: float = H
             raise ApplyError(
                 f"container {container} not healthy after {timeout:.0f}s; last logs:\n" + logs_tail(client, container)
             )
-        time.sleep(1)
+        time.sleep(0.2 if restarts > 2 else 1)
 
 
 def remove_container(removal: Callable[[], None]) -> None:

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 import uuid
 from typing import Any, cast
 
@@ -154,7 +155,13 @@ def pg_primary(deployment: Deployment, timeout: float = 90, other_than: str | No
         if len(primaries) == 1 and primaries[0] != other_than:
             return primaries[0]
         time.sleep(0.5)
-    raise AssertionError(f"no single primary{' other than ' + other_than if other_than else ''} in {timeout}s: {roles}")
+    patroni = {n.hostname: logs(deployment, n.hostname)[-1500:] for n in deployment.topology.postgres_nodes}
+    etcd = deployment.topology.etcd_nodes[0]
+    _, keys = deployment.exec(etcd.hostname, ["etcdctl", "get", "--prefix", "/transvidio/"])
+    raise AssertionError(
+        f"no single primary{' other than ' + other_than if other_than else ''} in {timeout}s: {roles}; "
+        f"Patroni's keys: {keys}; last logs: {patroni}"
+    )
 
 
 def pg_replicas(deployment: Deployment) -> list[str]:
@@ -334,6 +341,44 @@ def restore_postgres(deployment: Deployment, target: str) -> None:
 
 
 # --- PostgreSQL failovers --------------------------------------------------------------
+
+
+def patroni_cluster(deployment: Deployment) -> dict[str, Any]:
+    """Patroni's view of the cluster (GET /cluster on the first node that answers)."""
+    for node in deployment.topology.postgres_nodes:
+        try:
+            with urllib.request.urlopen(f"http://{node.data_ip}:8008/cluster", timeout=3) as response:
+                return cast(dict[str, Any], json.loads(response.read()))
+        except OSError:
+            continue
+    return {}
+
+
+def wait_pg_settled(deployment: Deployment, timeout: float = 120) -> str:
+    """Until one primary, every replica streaming and, with synchronous on, a synchronous
+    standby recorded by Patroni (until then no replica may be promoted); returns the primary."""
+    primary = pg_primary(deployment, timeout)
+    wait_streaming(deployment, len(deployment.topology.postgres_replicas), timeout)
+    if deployment.topology.settings.postgres.synchronous and deployment.topology.postgres_replicas:
+        deadline = time.monotonic() + timeout
+        while not any(m.get("role") == "sync_standby" for m in patroni_cluster(deployment).get("members", [])):
+            assert time.monotonic() < deadline, f"no synchronous standby in {timeout}s: {patroni_cluster(deployment)}"
+            time.sleep(0.5)
+    return primary
+
+
+def lose_for_good(deployment: Deployment, hostname: str) -> float:
+    """A host gone: the container killed and not restarted by the engine; returns when."""
+    deployment.client.containers.get(deployment.name(hostname)).update(restart_policy={"Name": "no"})
+    kill9(deployment, hostname)
+    return time.monotonic()
+
+
+def bring_back(deployment: Deployment, hostname: str) -> None:
+    """The lost host back: its restart policy as the program set it, the container started."""
+    container = deployment.client.containers.get(deployment.name(hostname))
+    container.update(restart_policy={"Name": "unless-stopped"})
+    container.start()
 
 
 def pg_local_role(deployment: Deployment, hostname: str) -> str:

@@ -25,12 +25,6 @@ def prod() -> Iterator[Deployment]:
         yield deployment
 
 
-def settled(prod: Deployment) -> str:
-    primary = chaos.pg_primary(prod)
-    chaos.wait_streaming(prod, len(prod.topology.postgres_replicas))
-    return primary
-
-
 def wait_role(prod: Deployment, hostname: str, role: str, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while (seen := chaos.pg_local_role(prod, hostname)) != role:
@@ -46,14 +40,10 @@ def wait_not_primary(prod: Deployment, hostname: str, timeout: float) -> None:
 
 
 def test_a_lost_primary_fails_over_and_no_acknowledged_write_is_lost(prod: Deployment) -> None:
-    old = settled(prod)
-    container = prod.client.containers.get(prod.name(old))
+    old = chaos.wait_pg_settled(prod)
     with chaos.PrimaryWatch(prod) as watch, chaos.Writer(prod) as writer:
         chaos.wait_more_writes(writer.acknowledged, 20)
-        # Lost for good (a host gone): killed, and the engine does not restart it.
-        container.update(restart_policy={"Name": "no"})
-        chaos.kill9(prod, old)
-        killed = time.monotonic()
+        killed = chaos.lose_for_good(prod, old)
         new = chaos.pg_primary(prod, timeout=90, other_than=old)
         chaos.wait_more_writes(writer.acknowledged, 20)
     failover = writer.first_write_after(killed, on=new)
@@ -65,8 +55,7 @@ def test_a_lost_primary_fails_over_and_no_acknowledged_write_is_lost(prod: Deplo
     assert watch.most_primaries == 1, watch.seen
     # The old primary comes back as a replica of the new one (rewound), never a second primary.
     with chaos.PrimaryWatch(prod) as watch:
-        container.update(restart_policy={"Name": "unless-stopped"})
-        container.start()
+        chaos.bring_back(prod, old)
         wait_healthy(prod.client, prod.name(old), timeout=180)
         wait_role(prod, old, "replica")
         chaos.wait_streaming(prod, len(prod.topology.postgres_replicas))
@@ -75,7 +64,7 @@ def test_a_lost_primary_fails_over_and_no_acknowledged_write_is_lost(prod: Deplo
 
 
 def test_a_primary_cut_off_the_network_stops_taking_writes_and_a_replica_takes_over(prod: Deployment) -> None:
-    old = settled(prod)
+    old = chaos.wait_pg_settled(prod)
     with chaos.PrimaryWatch(prod) as watch, chaos.Writer(prod) as writer:
         chaos.wait_more_writes(writer.acknowledged, 20)
         chaos.disconnect(prod, old)
@@ -100,7 +89,7 @@ def test_a_primary_cut_off_the_network_stops_taking_writes_and_a_replica_takes_o
 
 
 def test_a_switchover_moves_the_primary_to_the_named_replica_under_writes(prod: Deployment) -> None:
-    old = settled(prod)
+    old = chaos.wait_pg_settled(prod)
     candidate = next(n.hostname for n in prod.topology.postgres_nodes if n.hostname != old)
     with chaos.Writer(prod) as writer:
         chaos.wait_more_writes(writer.acknowledged, 20)

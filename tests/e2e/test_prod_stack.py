@@ -49,7 +49,8 @@ def test_from_the_host_only_nginx_answers(prod: Deployment) -> None:
     assert status == 200, body
     report = json.loads(body)
     assert report["status"] == "ok"
-    assert len(report["dependencies"]) == 1 + 2 + 1 + 1  # primary, 2 replicas, redis, mpi
+    # The primary through the host list, each of the 3 PostgreSQL nodes, Redis, MPI.
+    assert len(report["dependencies"]) == 1 + 3 + 1 + 1
     for port in (5432, 5433, 6379, 26379, 8000, 22):
         assert not tcp_open("127.0.0.1", port), port
 
