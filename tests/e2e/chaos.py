@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from typing import Any, cast
+from typing import Any, Self, cast
 
 import docker
 import docker.errors
@@ -393,17 +393,31 @@ def pg_local_role(deployment: Deployment, hostname: str) -> str:
     return {"t": "replica", "f": "primary"}.get(output.strip(), f"unknown ({output.strip()})")
 
 
-class PrimaryWatch(threading.Thread):
+class Background(threading.Thread):
+    """A daemon thread run for the length of a `with` block: `stopped` tells `run` to end."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.stopped = threading.Event()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.join()
+
+
+class PrimaryWatch(Background):
     """Polls every PostgreSQL node's own view of its role (over the network, or through the
     engine when it does not answer there); `most_primaries` is the most nodes that called
     themselves primary in one round."""
 
     def __init__(self, deployment: Deployment) -> None:
-        super().__init__(daemon=True)
+        super().__init__()
         self.deployment = deployment
-        self.stopped = threading.Event()
         self.most_primaries = 0
-        self.rounds = 0
         self.seen: list[dict[str, str]] = []
 
     def run(self) -> None:
@@ -415,26 +429,16 @@ class PrimaryWatch(threading.Thread):
             self.most_primaries = max(self.most_primaries, list(roles.values()).count("primary"))
             if not self.seen or self.seen[-1] != roles:
                 self.seen.append(roles)
-            self.rounds += 1
             self.stopped.wait(0.25)
 
-    def __enter__(self) -> PrimaryWatch:
-        self.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stopped.set()
-        self.join()
-
-
-class Writer(threading.Thread):
+class Writer(Background):
     """Inserts rows through the app's connection logic (every node listed, the primary
     chosen by libpq), one connection kept as a pool would; records what was acknowledged."""
 
     def __init__(self, deployment: Deployment, table: str = "ha_rows") -> None:
-        super().__init__(daemon=True)
+        super().__init__()
         self.deployment, self.table = deployment, table
-        self.stopped = threading.Event()
         self.acknowledged: list[str] = []
         self.acknowledged_at: list[float] = []
         self.acknowledged_by: list[str] = []
@@ -472,11 +476,3 @@ class Writer(threading.Thread):
         with pg(self.deployment, hostname) as conn:
             rows = conn.execute(f"SELECT marker FROM {self.table} WHERE marker = ANY(%s)", (self.acknowledged,))
             return set(self.acknowledged) - {str(m) for (m,) in rows}
-
-    def __enter__(self) -> Writer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopped.set()
-        self.join()
