@@ -1,10 +1,14 @@
-"""The job pipeline's pure parts: segmenting, the reference step, assembling results."""
+"""The job pipeline's pure parts: segmenting, the reference step, assembling results, and
+how an upload is opened (by owner and id, never through a symbolic link)."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import os
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,11 +23,38 @@ def test_segments_cover_the_upload_exactly_once() -> None:
 
 
 def test_the_reference_step_is_deterministic_and_depends_on_its_inputs() -> None:
-    first = processing.reference_step(b"segment", 3, "fr")
-    assert first == processing.reference_step(b"segment", 3, "fr")
-    assert first != processing.reference_step(b"segment", 3, "de")
-    assert first != processing.reference_step(b"segment", 4, "fr")
-    assert first != processing.reference_step(b"other", 3, "fr")
+    first = processing.reference_step([b"segment"], 3, "fr")
+    assert first == processing.reference_step([b"seg", b"ment"], 3, "fr")  # however it is chunked
+    assert first != processing.reference_step([b"segment"], 3, "de")
+    assert first != processing.reference_step([b"segment"], 4, "fr")
+    assert first != processing.reference_step([b"other"], 3, "fr")
+
+
+def test_the_reference_step_is_iterated_sha256_over_the_segment_index_and_language(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(processing, "ROUNDS", 3)
+    digest = hashlib.sha256(b"segment|3|fr").digest()
+    for _ in range(3):
+        digest = hashlib.sha256(digest).digest()
+    assert processing.reference_step([b"seg", b"ment"], 3, "fr") == {"index": 3, "digest": digest.hex()}
+
+
+UPLOAD = "0123456789abcdef" * 2
+
+
+def write_upload(uploads: pathlib.Path, data: bytes, owner: str = "alice", upload_id: str = UPLOAD) -> pathlib.Path:
+    (uploads / owner).mkdir(parents=True, exist_ok=True)
+    (uploads / owner / upload_id).write_bytes(data)
+    return uploads / owner / upload_id
+
+
+def segment(uploads: pathlib.Path, duration: int, index: int) -> bytes:
+    descriptor = processing.open_upload(str(uploads), "alice", UPLOAD)
+    try:
+        return b"".join(processing.segment_chunks(descriptor, duration, index))
+    finally:
+        os.close(descriptor)
 
 
 def test_assembling_orders_segments_whatever_the_rank_order() -> None:
@@ -35,17 +66,16 @@ def test_assembling_orders_segments_whatever_the_rank_order() -> None:
 
 def test_run_locally_writes_a_verifiable_result(tmp_path: pathlib.Path) -> None:
     uploads, outputs = tmp_path / "uploads", tmp_path / "outputs"
-    uploads.mkdir()
-    (uploads / "u1").write_bytes(bytes(range(256)) * 10)
-    job = {"id": "j1", "upload_id": "u1", "duration_seconds": 5, "target_language": "fr"}
+    write_upload(uploads, bytes(range(256)) * 10)
+    job = {"id": "j1", "owner": "alice", "upload_id": UPLOAD, "duration_seconds": 5, "target_language": "fr"}
     path = processing.run_locally(job, str(uploads), str(outputs), "backend-1")
     result = json.loads((outputs / path).read_text())
     assert path == "j1/result.json"
     assert len(result["segments"]) == 5 and result["ranks"] == 1
     assert {(segment["rank"], segment["host"]) for segment in result["segments"]} == {(0, "backend-1")}
-    for segment in result["segments"]:
-        data = processing.read_segment(str(uploads / "u1"), 5, segment["index"])
-        assert segment["digest"] == processing.reference_step(data, segment["index"], "fr")["digest"]
+    for part in result["segments"]:
+        data = (bytes(range(256)) * 10)[512 * part["index"] : 512 * (part["index"] + 1)]
+        assert part["digest"] == processing.reference_step([data], part["index"], "fr")["digest"]
 
 
 def test_a_failure_reason_is_stored_without_control_bytes() -> None:
@@ -95,19 +125,91 @@ def test_a_custom_segment_step_is_loaded_from_the_environment(monkeypatch: Any) 
 
 
 def test_a_segment_is_exactly_its_byte_range(tmp_path: pathlib.Path) -> None:
-    upload = tmp_path / "u"
-    upload.write_bytes(bytes(range(100)))
+    write_upload(tmp_path, bytes(range(100)))
     assert processing.segment_bounds(100, 3, 1) == (33, 66)
-    assert processing.read_segment(str(upload), 3, 1) == bytes(range(33, 66))
-    assert processing.read_segment(str(upload), 3, 2) == bytes(range(66, 100))
+    assert segment(tmp_path, 3, 1) == bytes(range(33, 66))
+    assert segment(tmp_path, 3, 2) == bytes(range(66, 100))
+
+
+def test_a_segment_arrives_in_chunks_of_at_most_chunk_bytes(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 500 MB upload processed as a one-second job is one 500 MB segment: never read whole.
+    monkeypatch.setattr(processing, "CHUNK_BYTES", 10)
+    write_upload(tmp_path, bytes(range(95)))
+    descriptor = processing.open_upload(str(tmp_path), "alice", UPLOAD)
+    chunks = list(processing.segment_chunks(descriptor, 1, 0))
+    os.close(descriptor)
+    assert [len(c) for c in chunks] == [10] * 9 + [5]
+    assert b"".join(chunks) == bytes(range(95))
+
+
+def test_the_step_sees_its_segment_only_as_chunks_it_pulls(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+
+    def counting_step(chunks: Iterator[bytes], index: int, language: str) -> dict[str, Any]:
+        assert not isinstance(chunks, (bytes, list))  # a stream, not the segment in memory
+        seen.extend(len(chunk) for chunk in chunks)
+        return {"index": index, "digest": "x"}
+
+    monkeypatch.setattr(processing, "CHUNK_BYTES", 8)
+    monkeypatch.setattr(processing, "load_step", lambda: counting_step)
+    write_upload(tmp_path, b"y" * 20)
+    descriptor = processing.open_upload(str(tmp_path), "alice", UPLOAD)
+    result = processing.process_segments(descriptor, 2, "fr", [1], rank=2, host="mpi-worker-1")
+    os.close(descriptor)
+    assert seen == [8, 2]
+    assert result == [{"index": 1, "digest": "x", "rank": 2, "host": "mpi-worker-1"}]
 
 
 def test_a_job_whose_upload_is_gone_fails_naming_it(tmp_path: pathlib.Path) -> None:
-    job = {"id": "j1", "upload_id": "u404", "duration_seconds": 5, "target_language": "fr"}
+    (tmp_path / "alice").mkdir()
+    job = {"id": "j1", "owner": "alice", "upload_id": "f" * 32, "duration_seconds": 5, "target_language": "fr"}
     with pytest.raises(FileNotFoundError) as raised:
         processing.run_locally(job, str(tmp_path), str(tmp_path / "outputs"), "backend-1")
-    assert str(raised.value) == "upload u404 is missing"
+    assert str(raised.value) == f"upload {'f' * 32} is missing"
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("owner", "upload_id"),
+    [("../alice", UPLOAD), ("alice", "../" + UPLOAD[3:]), ("alice", UPLOAD + "\n"), ("Alice", UPLOAD), ("", UPLOAD)],
+)
+def test_an_upload_reference_that_is_not_an_owner_and_an_id_is_refused(
+    tmp_path: pathlib.Path, owner: str, upload_id: str
+) -> None:
+    write_upload(tmp_path, b"data")
+    with pytest.raises(ValueError) as raised:
+        processing.open_upload(str(tmp_path), owner, upload_id)
+    assert str(raised.value) == f"refused upload reference {owner!r}/{upload_id!r}"
+
+
+def test_an_upload_or_owner_directory_that_is_a_symbolic_link_is_never_followed(tmp_path: pathlib.Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"the runner must not read this")
+    uploads = tmp_path / "uploads"
+    (uploads / "alice").mkdir(parents=True)
+    (uploads / "alice" / UPLOAD).symlink_to(secret)
+    with pytest.raises(OSError) as raised:
+        processing.open_upload(str(uploads), "alice", UPLOAD)
+    assert raised.value.errno == 40  # ELOOP: O_NOFOLLOW on the upload
+    (uploads / "mallory").symlink_to(uploads / "alice")
+    write_upload(tmp_path / "real", b"x", owner="bob")
+    (uploads / "bob").symlink_to(tmp_path / "real" / "bob")
+    with pytest.raises(OSError) as raised:
+        processing.open_upload(str(uploads), "bob", UPLOAD)
+    assert raised.value.errno in (20, 40)  # ENOTDIR or ELOOP: O_NOFOLLOW on the owner's directory
+
+
+def test_an_upload_that_is_not_a_regular_file_is_refused(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "alice" / UPLOAD).mkdir(parents=True)
+    with pytest.raises(ValueError, match="is not a regular file"):
+        processing.open_upload(str(tmp_path), "alice", UPLOAD)
+    os.mkfifo(tmp_path / "alice" / ("e" * 32))
+    with pytest.raises(ValueError, match="is not a regular file"):
+        processing.open_upload(str(tmp_path), "alice", "e" * 32)
 
 
 def test_an_mpirun_that_printed_nothing_is_an_error_saying_so() -> None:

@@ -4,11 +4,15 @@ A job's upload is cut into one segment per second of video; each segment is proc
 independently (in the backend for short jobs, by MPI ranks for long ones) and the
 results are assembled in segment order. The translation models are the application's:
 plug them in with TRANSVIDIO_SEGMENT_STEP=module:function, a function with the same
-signature as `reference_step`.
+signature as `reference_step`. A step gets its segment as chunks of at most CHUNK_BYTES,
+so a 500 MB upload processed as a one-second job never sits in memory whole.
 
 The reference step does real, deterministic CPU work per segment (iterated SHA-256 over
 the segment's bytes and the target language), so parallel speed-up is real and every
 result can be checked by recomputing it.
+
+Uploads are opened only by owner and id, each checked against its pattern, without
+following a symbolic link at either level: a path from the database is never trusted.
 """
 
 from __future__ import annotations
@@ -17,16 +21,26 @@ import hashlib
 import importlib
 import json
 import os
-from collections.abc import Callable
+import re
+import stat
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-SegmentStep = Callable[[bytes, int, str], dict[str, Any]]
+SegmentStep = Callable[[Iterable[bytes], int, str], dict[str, Any]]
 
 ROUNDS = int(os.environ.get("TRANSVIDIO_SEGMENT_ROUNDS", "400000"))
+CHUNK_BYTES = 1024 * 1024
+# An upload's owner is an API token's name; its id is what POST /api/uploads returned.
+OWNER_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
+UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 
-def reference_step(segment: bytes, index: int, target_language: str) -> dict[str, Any]:
-    digest = hashlib.sha256(segment + f"|{index}|{target_language}".encode()).digest()
+def reference_step(chunks: Iterable[bytes], index: int, target_language: str) -> dict[str, Any]:
+    hasher = hashlib.sha256()
+    for chunk in chunks:
+        hasher.update(chunk)
+    hasher.update(f"|{index}|{target_language}".encode())
+    digest = hasher.digest()
     for _ in range(ROUNDS):
         digest = hashlib.sha256(digest).digest()
     return {"index": index, "digest": digest.hex()}
@@ -46,12 +60,46 @@ def segment_bounds(size: int, duration_seconds: int, index: int) -> tuple[int, i
     return size * index // duration_seconds, size * (index + 1) // duration_seconds
 
 
-def read_segment(path: str, duration_seconds: int, index: int) -> bytes:
-    size = os.path.getsize(path)
-    start, end = segment_bounds(size, duration_seconds, index)
-    with open(path, "rb") as upload:
-        upload.seek(start)
-        return upload.read(end - start)
+def open_upload(uploads_dir: str, owner: str, upload_id: str) -> int:
+    """A read-only descriptor of `uploads_dir/owner/upload_id`: both names checked whole,
+    neither followed if it is a symbolic link, and the upload a regular file."""
+    if not OWNER_RE.fullmatch(owner) or not UPLOAD_ID_RE.fullmatch(upload_id):
+        raise ValueError(f"refused upload reference {owner!r}/{upload_id!r}")
+    directory = os.open(os.path.join(uploads_dir, owner), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        try:
+            # O_NONBLOCK: a FIFO planted in its place must not hang the reader.
+            descriptor = os.open(upload_id, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=directory)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"upload {upload_id} is missing") from None
+    finally:
+        os.close(directory)
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise ValueError(f"upload {upload_id} is not a regular file")
+    return descriptor
+
+
+def segment_chunks(descriptor: int, duration_seconds: int, index: int) -> Iterator[bytes]:
+    """Segment `index` of an open upload, in chunks of at most CHUNK_BYTES."""
+    start, end = segment_bounds(os.fstat(descriptor).st_size, duration_seconds, index)
+    while start < end:
+        chunk = os.pread(descriptor, min(CHUNK_BYTES, end - start), start)
+        if not chunk:
+            return
+        start += len(chunk)
+        yield chunk
+
+
+def process_segments(
+    descriptor: int, duration_seconds: int, language: str, indices: Iterable[int], rank: int, host: str
+) -> list[dict[str, Any]]:
+    """The step over each of `indices`, each result tagged with who computed it."""
+    step = load_step()
+    return [
+        {**step(segment_chunks(descriptor, duration_seconds, index), index, language), "rank": rank, "host": host}
+        for index in indices
+    ]
 
 
 def assemble(job_id: str, target_language: str, segments: list[dict[str, Any]]) -> dict[str, Any]:
@@ -75,15 +123,12 @@ def write_result(outputs_dir: str, job_id: str, result: dict[str, Any]) -> str:
 
 def run_locally(job: dict[str, Any], uploads_dir: str, outputs_dir: str, host: str) -> str:
     """A short job, every segment in this process; returns the result path."""
-    upload = os.path.join(uploads_dir, job["upload_id"])
-    if not os.path.isfile(upload):
-        raise FileNotFoundError(f"upload {job['upload_id']} is missing")
-    step = load_step()
-    duration, language = int(job["duration_seconds"]), str(job["target_language"])
-    segments = [
-        {**step(read_segment(upload, duration, index), index, language), "rank": 0, "host": host}
-        for index in range(duration)
-    ]
+    descriptor = open_upload(uploads_dir, str(job["owner"]), str(job["upload_id"]))
+    try:
+        duration, language = int(job["duration_seconds"]), str(job["target_language"])
+        segments = process_segments(descriptor, duration, language, range(duration), rank=0, host=host)
+    finally:
+        os.close(descriptor)
     result = assemble(str(job["id"]), language, segments)
     result["ranks"] = 1
     return write_result(outputs_dir, str(job["id"]), result)

@@ -2,7 +2,8 @@
 
 A claim is a lease: the runner extends it while it works; a job whose lease expires
 (its runner died) is claimed again, up to `max_attempts`. Completion is conditional on
-still holding the claim, so a job completes exactly once.
+still holding the claim, so a job completes exactly once. Every job belongs to the API
+token (its `owner`) that created it.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS jobs_claimable ON jobs (runner, status, created_at);
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS owner text NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS jobs_active_by_owner ON jobs (owner) WHERE status IN ('queued', 'running');
 """
 
 COLUMNS = (
-    "id, upload_id, duration_seconds, target_language, runner, status, attempts, max_attempts, "
+    "id, owner, upload_id, duration_seconds, target_language, runner, status, attempts, max_attempts, "
     "claimed_by, completions, result_path, error, created_at, updated_at"
 )
 SCHEMA_LOCK = 7317001  # advisory lock: backends starting together create the schema once
@@ -44,6 +47,21 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
         conn.execute(SCHEMA)
+
+
+class TooManyJobsError(Exception):
+    """The owner already has its limit of jobs queued or running."""
+
+
+# Taken with the owner's name inside the insert's transaction: two requests of one owner
+# count and insert one after the other, so the limit is never overshot.
+OWNER_LOCK_SQL = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
+OWNER_LOCK_SPACE = 7317002
+ACTIVE_JOBS_SQL = "SELECT count(*) FROM jobs WHERE owner = %s AND status IN ('queued', 'running')"
+INSERT_SQL = (
+    "INSERT INTO jobs (id, owner, upload_id, duration_seconds, target_language, runner) "
+    f"VALUES (%s, %s, %s, %s, %s, %s) RETURNING {COLUMNS}"
+)
 
 
 def claim(conn: psycopg.Connection[Any], runner: str, worker: str, lease_seconds: int) -> dict[str, Any] | None:

@@ -31,9 +31,10 @@ def slots(hostfile: str) -> int:
 
 def execute(job: dict[str, Any]) -> str:
     hostfile = os.environ["MPI_HOSTFILE"]
-    upload = os.path.join(os.environ["UPLOADS_DIR"], job["upload_id"])
-    if not os.path.isfile(upload):
-        raise FileNotFoundError(f"upload {job['upload_id']} is missing")
+    uploads_dir = os.environ["UPLOADS_DIR"]
+    owner, upload_id = str(job["owner"]), str(job["upload_id"])
+    # Checked here as every rank checks it: a bad reference fails the job before mpirun starts.
+    os.close(processing.open_upload(uploads_dir, owner, upload_id))
     ranks = int(os.environ.get("MPI_RANKS") or slots(hostfile))
     command = [
         "mpirun",
@@ -53,7 +54,9 @@ def execute(job: dict[str, Any]) -> str:
         "-m",
         "transvidio_jobs.mpi_job",
         str(job["id"]),
-        upload,
+        uploads_dir,
+        owner,
+        upload_id,
         str(job["duration_seconds"]),
         job["target_language"],
         os.environ["OUTPUTS_DIR"],
