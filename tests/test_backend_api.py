@@ -2,20 +2,27 @@
 and its cache's degradation (cache.py), driven through the ASGI app itself.
 
 PostgreSQL is a fake here (the queue's SQL is proven against the real server in
-tests/e2e/test_images_behaviour.py); what is under test is what the handlers promise: bad
-input is a 4xx with a reason, uploads are streamed and bounded, a job's runner follows its
-duration, finished jobs are cached, a missing dependency is a 503 naming it.
+tests/e2e/test_images_behaviour.py); what is under test is what the handlers promise: no
+valid token is a 401, a token sees only what it made, bad input is a 4xx with a reason,
+uploads are streamed and bounded in size, time and disk, a job's runner follows its
+duration, a token's active jobs are capped, finished jobs are cached, results are served
+by nginx through an internal redirect, with the token or a signed link, retention removes
+what is old, a missing dependency is a 503 naming it and nothing more.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import pathlib
 import tempfile
+import time
 import types
 import uuid
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Iterable, Iterator, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,7 +35,14 @@ from tests.aio import run
 
 # The secrets as the stack delivers them: files, their paths in <NAME>_FILE.
 SECRETS_DIR = pathlib.Path(tempfile.mkdtemp(prefix="transvidio-secrets-"))
-SECRETS = {"POSTGRES_PASSWORD": "app-password", "REDIS_PASSWORD": "redis-password", "SECRET_KEY": "secret-key"}
+TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
+SECRETS = {
+    "POSTGRES_PASSWORD": "app-password",
+    "REDIS_PASSWORD": "redis-password",
+    "SECRET_KEY": "secret-key",
+    # As render.api_tokens_file writes it: names and hashes, no token.
+    "API_TOKENS": "".join(f"{name} {hashlib.sha256(t.encode()).hexdigest()}\n" for name, t in TOKENS.items()),
+}
 for _name, _value in SECRETS.items():
     (SECRETS_DIR / _name.lower()).write_text(_value + "\n")
 ENV = {
@@ -38,6 +52,7 @@ ENV = {
     "POSTGRES_USER": "transvidio_app",
     "REDIS_SENTINELS": "sentinel-0:26379, sentinel-1:26380",
     "REDIS_MASTER_NAME": "transvidio",
+    "REDIS_USER": "app",
     "MPI_MASTER_HOST": "mpi-master",
     "OUTPUTS_DIR": "/srv/transvidio/outputs",
     **{f"{name}_FILE": str(SECRETS_DIR / name.lower()) for name in SECRETS},
@@ -47,26 +62,32 @@ for _key, _value in ENV.items():  # main.py reads its env contract on import, as
 
 from app import cache as cache_module  # noqa: E402
 from app import main  # noqa: E402
-from app.config import REQUIRED, Config  # noqa: E402
+from app.config import REQUIRED, Config, Limits  # noqa: E402
 from app.db import DependencyDownError  # noqa: E402
+from transvidio_jobs import queue  # noqa: E402
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+ALICE = {"authorization": f"Bearer {TOKENS['alice']}"}
+BOB = {"authorization": f"Bearer {TOKENS['bob']}"}
 
 
 # --- fakes --------------------------------------------------------------------------------
 
 
 class FakeCursor:
+    """The statements main.py sends, answered from one table of jobs."""
+
     def __init__(self, jobs: dict[str, dict[str, Any]], statements: list[tuple[str, Any]]) -> None:
         self.jobs, self.statements = jobs, statements
         self.row: dict[str, Any] | None = None
 
     async def execute(self, sql: str, params: tuple[Any, ...]) -> None:
         self.statements.append((sql, params))
-        if sql.startswith("INSERT INTO jobs"):
-            job_id, upload_id, duration, language, runner = params
+        if sql == queue.INSERT_SQL:
+            job_id, owner, upload_id, duration, language, runner = params
             self.row = self.jobs[job_id] = {
                 "id": uuid.UUID(job_id),
+                "owner": owner,
                 "upload_id": upload_id,
                 "duration_seconds": duration,
                 "target_language": language,
@@ -79,6 +100,11 @@ class FakeCursor:
                 "created_at": NOW,
                 "updated_at": NOW,
             }
+        elif sql == queue.ACTIVE_JOBS_SQL:
+            active = [j for j in self.jobs.values() if j["owner"] == params[0] and j["status"] in ("queued", "running")]
+            self.row = {"count": len(active)}
+        elif sql == queue.OWNER_LOCK_SQL:
+            self.row = None
         else:
             self.row = self.jobs.get(params[0])
 
@@ -92,6 +118,12 @@ class FakeConnection:
 
     def cursor(self, row_factory: Any = None) -> FakeCursor:
         return FakeCursor(self.jobs, self.statements)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        self.statements.append(("BEGIN", ()))
+        yield
+        self.statements.append(("COMMIT", ()))
 
 
 class FakeDatabase:
@@ -129,16 +161,37 @@ class FakeState:
     def __init__(self) -> None:
         self.db = FakeDatabase()
         self.cache = FakeCache()
+        self.health_lock = __import__("asyncio").Lock()
+        self.health: tuple[int, dict[str, Any]] = (503, {})
+        self.health_at = -main.HEALTH_CACHE_SECONDS
+
+
+LIMITS = Limits(
+    max_upload_bytes=1000,
+    max_json_bytes=200,
+    max_job_seconds=36000,
+    max_active_jobs_per_token=3,
+    min_free_disk_bytes=0,
+    upload_retention_hours=2,
+    output_retention_hours=5,
+)
+
+
+def configure(monkeypatch: pytest.MonkeyPatch, uploads: pathlib.Path, outputs: pathlib.Path, **limits: int) -> None:
+    config = Config.from_env({**ENV, "UPLOADS_DIR": str(uploads), "OUTPUTS_DIR": str(outputs)})
+    monkeypatch.setattr(main, "config", dataclasses.replace(config, limits=dataclasses.replace(LIMITS, **limits)))
 
 
 @pytest.fixture
-def state(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> Iterator[FakeState]:
+def outputs(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("outputs")
+
+
+@pytest.fixture
+def state(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, outputs: pathlib.Path) -> Iterator[FakeState]:
     fake = FakeState()
-    config = Config.from_env({**ENV, "UPLOADS_DIR": str(tmp_path)})
-    monkeypatch.setattr(main, "config", config)
+    configure(monkeypatch, tmp_path, outputs)
     monkeypatch.setattr(main, "_state", fake)
-    monkeypatch.setattr(main, "MAX_UPLOAD_BYTES", 1000)
-    monkeypatch.setattr(main, "MAX_JSON_BYTES", 200)
     yield fake
 
 
@@ -153,8 +206,15 @@ class Response:
         return json.loads(self.body)
 
 
-def call(method: str, path: str, body: Iterable[bytes] = (), headers: dict[str, str] | None = None) -> Response:
-    """One request through the whole app (routing, middleware, exception handlers)."""
+def call(
+    method: str,
+    path: str,
+    body: Iterable[bytes] = (),
+    headers: dict[str, str] | None = None,
+    token: dict[str, str] | None = None,
+) -> Response:
+    """One request through the whole app (routing, middleware, exception handlers), as
+    alice unless another `token` (or {} for none) is given."""
     chunks = list(body)
     messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
     messages = messages or [{"type": "http.request", "body": b"", "more_body": False}]
@@ -166,6 +226,8 @@ def call(method: str, path: str, body: Iterable[bytes] = (), headers: dict[str, 
     async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
+    path, _, query = path.partition("?")
+    all_headers = {**(ALICE if token is None else token), **(headers or {})}
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -174,9 +236,9 @@ def call(method: str, path: str, body: Iterable[bytes] = (), headers: dict[str, 
         "scheme": "http",
         "path": path,
         "raw_path": path.encode(),
-        "query_string": b"",
+        "query_string": query.encode(),
         "root_path": "",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+        "headers": [(k.lower().encode(), v.encode()) for k, v in all_headers.items()],
         "client": ("192.0.2.1", 40000),
         "server": ("backend", 8000),
     }
@@ -186,39 +248,92 @@ def call(method: str, path: str, body: Iterable[bytes] = (), headers: dict[str, 
     return Response(start["status"], response_headers, b"".join(m.get("body", b"") for m in sent[1:]))
 
 
-def upload(data: bytes, tmp_path: pathlib.Path) -> str:
-    response = call("POST", "/api/uploads", [data])
+def upload(data: bytes, token: dict[str, str] | None = None) -> str:
+    response = call("POST", "/api/uploads", [data], token=token)
     assert response.status == 201, response.body
     return str(response.json()["upload_id"])
 
 
-def post_job(body: Any) -> Response:
-    return call("POST", "/api/jobs", [json.dumps(body).encode()])
+def post_job(body: Any, token: dict[str, str] | None = None) -> Response:
+    return call("POST", "/api/jobs", [json.dumps(body).encode()], token=token)
+
+
+def new_job(duration: int = 5, token: dict[str, str] | None = None) -> str:
+    upload_id = upload(b"video", token)
+    response = post_job({"upload_id": upload_id, "duration_seconds": duration, "target_language": "fr"}, token)
+    assert response.status == 201, response.body
+    return str(response.json()["id"])
 
 
 # --- liveness and the served-by header ------------------------------------------------------------
 
 
 def test_liveness_names_the_backend_and_every_response_carries_x_served_by(state: FakeState) -> None:
-    response = call("GET", "/health")
+    response = call("GET", "/health", token={})
     assert (response.status, response.json()) == (200, {"status": "ok", "backend": main.HOST})
     assert response.headers["x-served-by"] == main.HOST
     assert response.headers["content-type"] == "application/json"  # the app's own headers kept
     assert call("GET", "/api/jobs/not-a-uuid").headers["x-served-by"] == main.HOST
 
 
+# --- authentication -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/health"),
+        ("POST", "/api/uploads"),
+        ("POST", "/api/jobs"),
+        ("GET", f"/api/jobs/{uuid.UUID(int=1)}"),
+        ("GET", f"/api/jobs/{uuid.UUID(int=1)}/result"),
+    ],
+)
+def test_every_api_route_without_a_token_is_a_401_with_a_bearer_challenge(
+    state: FakeState, tmp_path: pathlib.Path, method: str, path: str
+) -> None:
+    response = call(method, path, [b"x"], token={})
+    assert (response.status, response.json()) == (
+        401,
+        {"error": "a bearer token is required: Authorization: Bearer <token>"},
+    )
+    assert response.headers["www-authenticate"] == 'Bearer realm="transvidio"'
+    for wrong in ({"authorization": "Bearer not-a-token"}, {"authorization": TOKENS["alice"]}):
+        response = call(method, path, [b"x"], token=wrong)
+        assert response.status == 401, wrong
+    assert call(method, path, [b"x"], token={"authorization": "Bearer not-a-token"}).json() == {
+        "error": "the bearer token is not valid"
+    }
+    assert (
+        call(method, path, token={"authorization": "Bearer x"}).headers["www-authenticate"]
+        == 'Bearer realm="transvidio", error="invalid_token"'
+    )
+    assert list(tmp_path.iterdir()) == [] and state.db.statements == []
+
+
+def test_the_scheme_is_case_insensitive_and_each_configured_token_is_its_own_owner(state: FakeState) -> None:
+    assert call("POST", "/api/uploads", [b"v"], token={"authorization": f"bearer {TOKENS['bob']}"}).status == 201
+    assert main.config.token_digests == {
+        hashlib.sha256(token.encode()).hexdigest(): name for name, token in TOKENS.items()
+    }
+
+
 # --- uploads ----------------------------------------------------------------------------------------
 
 
-def test_an_upload_is_streamed_to_the_uploads_volume_under_a_fresh_id(state: FakeState, tmp_path: pathlib.Path) -> None:
+def test_an_upload_is_streamed_to_its_owners_directory_under_a_fresh_id(
+    state: FakeState, tmp_path: pathlib.Path
+) -> None:
     response = call("POST", "/api/uploads", [b"abc", b"def", b"g"])
     assert response.status == 201
     upload_id = response.json()["upload_id"]
     assert response.json() == {"upload_id": upload_id, "size": 7}
     assert len(upload_id) == 32 and int(upload_id, 16) >= 0
-    assert (tmp_path / upload_id).read_bytes() == b"abcdefg"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [upload_id]  # no .part left
-    assert upload(b"x", tmp_path) != upload_id
+    assert (tmp_path / "alice" / upload_id).read_bytes() == b"abcdefg"
+    assert sorted(p.name for p in (tmp_path / "alice").iterdir()) == [upload_id]  # no .part left
+    assert upload(b"x") != upload_id
+    bobs = upload(b"y", BOB)
+    assert (tmp_path / "bob" / bobs).read_bytes() == b"y"
 
 
 def test_an_upload_declared_over_the_limit_is_refused_before_reading_it(
@@ -227,7 +342,7 @@ def test_an_upload_declared_over_the_limit_is_refused_before_reading_it(
     response = call("POST", "/api/uploads", [b"x" * 10], headers={"content-length": "1001"})
     assert response.status == 413
     assert response.json() == {"error": "upload of 1001 bytes exceeds the limit of 1000 bytes"}
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.rglob("*")) == []
 
 
 def test_an_upload_exactly_at_the_limit_is_accepted(state: FakeState, tmp_path: pathlib.Path) -> None:
@@ -241,7 +356,7 @@ def test_an_upload_that_grows_past_the_limit_is_refused_and_its_partial_file_rem
     response = call("POST", "/api/uploads", [b"x" * 600, b"x" * 401])  # chunked: no length declared
     assert response.status == 413
     assert response.json() == {"error": "upload exceeds the limit of 1000 bytes"}
-    assert list(tmp_path.iterdir()) == []
+    assert list((tmp_path / "alice").iterdir()) == []
 
 
 def test_a_malformed_content_length_and_an_empty_upload_are_400s(state: FakeState, tmp_path: pathlib.Path) -> None:
@@ -249,7 +364,7 @@ def test_a_malformed_content_length_and_an_empty_upload_are_400s(state: FakeStat
     assert (response.status, response.json()) == (400, {"error": "Content-Length must be a number"})
     response = call("POST", "/api/uploads", [b""])
     assert (response.status, response.json()) == (400, {"error": "empty upload"})
-    assert list(tmp_path.iterdir()) == []
+    assert list((tmp_path / "alice").iterdir()) == []
 
 
 def test_an_upload_interrupted_by_an_error_leaves_no_partial_file(
@@ -262,7 +377,74 @@ def test_an_upload_interrupted_by_an_error_leaves_no_partial_file(
     monkeypatch.setattr(Request, "stream", broken_stream)
     with pytest.raises(ConnectionResetError):
         call("POST", "/api/uploads", [b"ignored"])
-    assert list(tmp_path.iterdir()) == []
+    assert list((tmp_path / "alice").iterdir()) == []
+
+
+class Clock:
+    """The `time` main.py sees (the event loop keeps the real one): monotonic readings each
+    `step` seconds after the last, and the wall clock as given."""
+
+    def __init__(self, step: float = 0.0, wall: float | None = None) -> None:
+        self.now, self.step, self.wall = 1000.0, step, wall
+
+    def monotonic(self) -> float:
+        self.now += self.step
+        return self.now
+
+    def time(self) -> float:
+        return time.time() if self.wall is None else self.wall
+
+
+def test_a_body_that_trickles_is_cut_off_with_a_408_after_the_grace_period(
+    state: FakeState, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each chunk arrives 3 s after the last: 1 byte each is far below 1 KB a second.
+    monkeypatch.setattr(main, "time", Clock(3.0))
+    response = call("POST", "/api/uploads", [b"x"] * 10)
+    assert response.status == 408
+    assert response.json() == {"error": "upload too slow: 4 bytes in 12 s (at least 1024 bytes a second after 10 s)"}
+    assert list((tmp_path / "alice").iterdir()) == []
+    upload_id = upload(b"video")
+    body = json.dumps({"upload_id": upload_id, "duration_seconds": 5, "target_language": "fr"}).encode()
+    response = call("POST", "/api/jobs", [bytes([b]) for b in body])
+    assert response.status == 408 and response.json()["error"].startswith("body too slow: 4 bytes in 12 s")
+
+
+def test_a_fast_enough_body_is_never_cut_off_however_long_it_takes(
+    state: FakeState, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(monkeypatch, tmp_path, tmp_path, max_upload_bytes=10**6)
+    monkeypatch.setattr(main, "time", Clock(3.0))  # 4 KB every 3 s, for a minute
+    response = call("POST", "/api/uploads", [b"x" * 4096] * 20)
+    assert (response.status, response.json()["size"]) == (201, 20 * 4096)
+
+
+def test_an_upload_that_would_leave_too_little_disk_free_is_a_507(
+    state: FakeState, tmp_path: pathlib.Path, outputs: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(monkeypatch, tmp_path, outputs, min_free_disk_bytes=5000)
+    free = {"bytes": 5100}
+    monkeypatch.setattr(main, "free_disk_bytes", lambda path: free["bytes"])
+    response = call("POST", "/api/uploads", [b"x" * 200], headers={"content-length": "200"})
+    assert (response.status, response.json()) == (
+        507,
+        {"error": "not enough free space for this upload: 5100 bytes free, 5000 must stay free (minFreeDisk)"},
+    )
+    assert call("POST", "/api/uploads", [b"x" * 100], headers={"content-length": "100"}).status == 201
+    free["bytes"] = 4999  # a chunked upload, with no length to check first
+    assert call("POST", "/api/uploads", [b"x"]).status == 507
+
+
+def test_a_chunked_upload_is_stopped_when_the_disk_fills_while_it_streams(
+    state: FakeState, tmp_path: pathlib.Path, outputs: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(monkeypatch, tmp_path, outputs, max_upload_bytes=10**8, min_free_disk_bytes=1)
+    monkeypatch.setattr(main, "FREE_DISK_CHECK_BYTES", 1000)
+    readings = iter([10**9, 10**9, 0])  # before the upload, after 1000 bytes, after 2000
+    monkeypatch.setattr(main, "free_disk_bytes", lambda path: next(readings))
+    response = call("POST", "/api/uploads", [b"x" * 500] * 6)
+    assert response.status == 507
+    assert list((tmp_path / "alice").iterdir()) == []
 
 
 # --- jobs ---------------------------------------------------------------------------------------------
@@ -286,10 +468,8 @@ def test_a_job_body_of_the_wrong_shape_is_a_422_with_the_reason(state: FakeState
 
 
 @pytest.mark.parametrize("duration", [0, 36001, True, 2.5, "10", None])
-def test_a_duration_out_of_range_or_not_a_whole_number_is_a_422(
-    state: FakeState, tmp_path: pathlib.Path, duration: Any
-) -> None:
-    upload_id = upload(b"video", tmp_path)
+def test_a_duration_out_of_range_or_not_a_whole_number_is_a_422(state: FakeState, duration: Any) -> None:
+    upload_id = upload(b"video")
     response = post_job({"upload_id": upload_id, "duration_seconds": duration, "target_language": "fr"})
     assert (response.status, response.json()) == (
         422,
@@ -297,11 +477,19 @@ def test_a_duration_out_of_range_or_not_a_whole_number_is_a_422(
     )
 
 
-@pytest.mark.parametrize("language", ["", "f", "french", "FR", "pt-", "pt-B", "pt-BRAZILIAN", "fr\n", 7])
-def test_a_target_language_that_is_not_a_language_tag_is_a_422(
-    state: FakeState, tmp_path: pathlib.Path, language: Any
+def test_the_longest_job_is_the_stacks_setting(
+    state: FakeState, tmp_path: pathlib.Path, outputs: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    upload_id = upload(b"video", tmp_path)
+    configure(monkeypatch, tmp_path, outputs, max_job_seconds=90)
+    upload_id = upload(b"video")
+    response = post_job({"upload_id": upload_id, "duration_seconds": 91, "target_language": "fr"})
+    assert response.json() == {"error": "duration_seconds must be a whole number from 1 to 90"}
+    assert post_job({"upload_id": upload_id, "duration_seconds": 90, "target_language": "fr"}).status == 201
+
+
+@pytest.mark.parametrize("language", ["", "f", "french", "FR", "pt-", "pt-B", "pt-BRAZILIAN", "fr\n", 7])
+def test_a_target_language_that_is_not_a_language_tag_is_a_422(state: FakeState, language: Any) -> None:
+    upload_id = upload(b"video")
     response = post_job({"upload_id": upload_id, "duration_seconds": 5, "target_language": language})
     assert (response.status, response.json()) == (
         422,
@@ -309,14 +497,18 @@ def test_a_target_language_that_is_not_a_language_tag_is_a_422(
     )
 
 
-def test_a_job_for_an_upload_that_does_not_exist_is_a_422_naming_it(state: FakeState) -> None:
+def test_a_job_for_an_upload_that_does_not_exist_or_is_another_tokens_is_a_422_naming_it(state: FakeState) -> None:
     missing = "f" * 32
     response = post_job({"upload_id": missing, "duration_seconds": 5, "target_language": "fr"})
     assert (response.status, response.json()) == (422, {"error": f"upload {missing} does not exist"})
+    bobs = upload(b"bob's video", BOB)
+    response = post_job({"upload_id": bobs, "duration_seconds": 5, "target_language": "fr"})
+    assert (response.status, response.json()) == (422, {"error": f"upload {bobs} does not exist"})
+    assert post_job({"upload_id": bobs, "duration_seconds": 5, "target_language": "fr"}, BOB).status == 201
 
 
-def test_a_job_body_over_the_json_limit_is_a_413_without_being_held(state: FakeState, tmp_path: pathlib.Path) -> None:
-    upload_id = upload(b"video", tmp_path)
+def test_a_job_body_over_the_json_limit_is_a_413_without_being_held(state: FakeState) -> None:
+    upload_id = upload(b"video")
     padded = json.dumps({"upload_id": upload_id, "duration_seconds": 5, "target_language": "fr", "pad": "x" * 200})
     response = call("POST", "/api/jobs", [padded.encode()], headers={"content-length": str(len(padded))})
     assert (response.status, response.json()) == (
@@ -340,17 +532,27 @@ def test_malformed_json_is_a_400(state: FakeState) -> None:
 
 @pytest.mark.parametrize(("duration", "runner"), [(1, "backend"), (60, "backend"), (61, "mpi"), (36000, "mpi")])
 def test_jobs_longer_than_60_seconds_go_to_the_mpi_cluster_and_the_rest_to_a_backend(
-    state: FakeState, tmp_path: pathlib.Path, duration: int, runner: str
+    state: FakeState, duration: int, runner: str
 ) -> None:
-    upload_id = upload(b"video", tmp_path)
+    upload_id = upload(b"video")
     response = post_job({"upload_id": upload_id, "duration_seconds": duration, "target_language": "pt-BR"})
     assert response.status == 201
     document = response.json()
-    [(sql, params)] = state.db.statements
-    assert sql.startswith("INSERT INTO jobs (id, upload_id, duration_seconds, target_language, runner) VALUES")
-    assert params[1:] == (upload_id, duration, "pt-BR", runner)
+    # Counted and inserted in one transaction, under the owner's lock.
+    assert [sql for sql, _ in state.db.statements] == [
+        "BEGIN",
+        queue.OWNER_LOCK_SQL,
+        queue.ACTIVE_JOBS_SQL,
+        queue.INSERT_SQL,
+        "COMMIT",
+    ]
+    assert state.db.statements[1][1] == (queue.OWNER_LOCK_SPACE, "alice")
+    assert state.db.statements[2][1] == ("alice",)
+    params = state.db.statements[3][1]
+    assert params[1:] == ("alice", upload_id, duration, "pt-BR", runner)
     assert document == {
         "id": params[0],
+        "owner": "alice",
         "status": "queued",
         "runner": runner,
         "upload_id": upload_id,
@@ -364,30 +566,58 @@ def test_jobs_longer_than_60_seconds_go_to_the_mpi_cluster_and_the_rest_to_a_bac
     }
 
 
-def test_a_job_is_read_back_and_cached_only_once_it_is_finished(state: FakeState, tmp_path: pathlib.Path) -> None:
-    upload_id = upload(b"video", tmp_path)
-    job_id = post_job({"upload_id": upload_id, "duration_seconds": 5, "target_language": "fr"}).json()["id"]
+def test_a_token_with_its_limit_of_active_jobs_gets_a_429_and_others_are_not_affected(state: FakeState) -> None:
+    first = [new_job() for _ in range(3)]
+    upload_id = upload(b"video")
+    response = post_job({"upload_id": upload_id, "duration_seconds": 5, "target_language": "fr"})
+    assert (response.status, response.json()) == (
+        429,
+        {"error": "token alice already has 3 jobs queued or running (maxActiveJobsPerToken)"},
+    )
+    assert len(state.db.jobs) == 3
+    new_job(token=BOB)  # another token's count is its own
+    state.db.jobs[first[0]]["status"] = "succeeded"  # a finished job no longer counts
+    assert post_job({"upload_id": upload_id, "duration_seconds": 5, "target_language": "fr"}).status == 201
+
+
+def test_a_job_is_read_back_and_cached_only_once_it_is_finished(state: FakeState) -> None:
+    job_id = new_job()
     response = call("GET", f"/api/jobs/{job_id}")
     assert (response.status, response.json()["status"]) == (200, "queued")
-    assert "result_url" not in response.json()
+    assert "result_url" not in response.json() and "result_path" not in response.json()
     assert state.cache.documents == {}  # a running job changes: never cached
 
     state.db.jobs[job_id].update(status="succeeded", result_path=f"{job_id}/result.json", completions=1)
     finished = call("GET", f"/api/jobs/{job_id}").json()
-    assert finished["result_url"] == f"/outputs/{job_id}/result.json"
-    assert state.cache.documents == {job_id: finished}
+    assert finished["result_url"].startswith(f"/api/jobs/{job_id}/result?expires=")
+    assert "result_path" not in finished
+    assert state.cache.documents[job_id]["result_path"] == f"{job_id}/result.json"
+    assert "result_url" not in state.cache.documents[job_id]  # a signed link is made per answer
 
     state.db.down = "must not be asked"  # a cached document is served without PostgreSQL
-    assert call("GET", f"/api/jobs/{job_id}").json() == finished
-    assert call("GET", f"/api/jobs/{job_id.upper()}").json() == finished  # the id is normalised
+    again = call("GET", f"/api/jobs/{job_id}").json()
+    assert {k: v for k, v in again.items() if k != "result_url"} == {
+        k: v for k, v in finished.items() if k != "result_url"
+    }
+    assert call("GET", f"/api/jobs/{job_id.upper()}").status == 200  # the id is normalised
 
 
-def test_a_failed_job_is_cached_too(state: FakeState, tmp_path: pathlib.Path) -> None:
-    upload_id = upload(b"video", tmp_path)
-    job_id = post_job({"upload_id": upload_id, "duration_seconds": 5, "target_language": "fr"}).json()["id"]
+def test_a_failed_job_is_cached_too(state: FakeState) -> None:
+    job_id = new_job()
     state.db.jobs[job_id].update(status="failed", error="boom")
     assert call("GET", f"/api/jobs/{job_id}").json()["error"] == "boom"
     assert list(state.cache.documents) == [job_id]
+
+
+def test_another_tokens_job_is_a_404_from_the_database_and_from_the_cache(state: FakeState) -> None:
+    job_id = new_job()
+    response = call("GET", f"/api/jobs/{job_id}", token=BOB)
+    assert (response.status, response.json()) == (404, {"error": f"no job {job_id}"})
+    state.db.jobs[job_id].update(status="failed", error="boom")
+    assert call("GET", f"/api/jobs/{job_id}").status == 200  # alice's read caches it
+    assert job_id in state.cache.documents
+    assert call("GET", f"/api/jobs/{job_id}", token=BOB).status == 404
+    assert call("GET", f"/api/jobs/{job_id}/result", token=BOB).status == 404
 
 
 def test_an_unknown_or_malformed_job_id_is_a_404_naming_it(state: FakeState) -> None:
@@ -399,12 +629,128 @@ def test_an_unknown_or_malformed_job_id_is_a_404_naming_it(state: FakeState) -> 
     assert [params for _, params in state.db.statements] == [(unknown,)]  # the malformed id never reached SQL
 
 
-def test_a_database_that_is_down_is_a_503_naming_it(state: FakeState, tmp_path: pathlib.Path) -> None:
-    upload_id = upload(b"video", tmp_path)
-    state.db.down = "connection refused"
+def test_a_database_that_is_down_is_a_503_naming_it_and_nothing_of_the_error(
+    state: FakeState, caplog: pytest.LogCaptureFixture
+) -> None:
+    upload_id = upload(b"video")
+    state.db.down = 'connection to server at "10.211.1.10", port 5432 failed'
     response = post_job({"upload_id": upload_id, "duration_seconds": 5, "target_language": "fr"})
-    assert (response.status, response.json()) == (503, {"error": "postgres-primary unavailable: connection refused"})
+    assert (response.status, response.json()) == (503, {"error": "postgres-primary unavailable"})
     assert call("GET", f"/api/jobs/{uuid.UUID(int=1)}").status == 503
+    assert "10.211.1.10" in caplog.text  # the detail is for the log
+
+
+# --- results ----------------------------------------------------------------------------------------
+
+
+def finished_job(state: FakeState, outputs: pathlib.Path) -> str:
+    job_id = new_job()
+    (outputs / job_id).mkdir()
+    (outputs / job_id / "result.json").write_text("{}")
+    state.db.jobs[job_id].update(status="succeeded", result_path=f"{job_id}/result.json", completions=1)
+    return job_id
+
+
+def test_a_result_is_sent_by_nginx_from_its_internal_location_to_the_token_that_owns_it(
+    state: FakeState, outputs: pathlib.Path
+) -> None:
+    job_id = finished_job(state, outputs)
+    response = call("GET", f"/api/jobs/{job_id}/result")
+    assert response.status == 200
+    assert response.headers["x-accel-redirect"] == f"/_outputs/{job_id}/result.json"
+    assert response.headers["content-type"] == "application/json"
+    assert response.body == b""
+    assert call("GET", f"/api/jobs/{job_id}/result", token={}).status == 401
+
+
+def test_a_signed_link_serves_the_result_without_the_token_until_it_expires(
+    state: FakeState, outputs: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = finished_job(state, outputs)
+    link = call("GET", f"/api/jobs/{job_id}").json()["result_url"]
+    expires = int(link.split("expires=")[1].split("&")[0])
+    assert abs(expires - (time.time() + main.RESULT_LINK_SECONDS)) < 5
+    response = call("GET", link, token={})
+    assert (response.status, response.headers["x-accel-redirect"]) == (200, f"/_outputs/{job_id}/result.json")
+    refused = {"error": "the result link is not valid or has expired: ask GET /api/jobs/{id} for a new one"}
+    tampered = [
+        link.replace("signature=", "signature=0"),
+        link.replace(f"expires={expires}", f"expires={expires + 1}"),
+        link.replace(job_id, str(uuid.UUID(int=9))),
+        f"/api/jobs/{job_id}/result?expires={expires}",
+        f"/api/jobs/{job_id}/result?signature=abc",
+    ]
+    for bad in tampered:
+        response = call("GET", bad, token={})
+        assert (response.status, response.json()) == (403, refused), bad
+    monkeypatch.setattr(main, "time", Clock(wall=expires + 1))
+    assert call("GET", link, token={}).status == 403
+    # Signed with the stack's secret key: a different key signs differently.
+    assert main.link_signature(job_id, expires) == hmac_sha256("secret-key", f"result:{job_id}:{expires}")
+
+
+def hmac_sha256(key: str, message: str) -> str:
+    import hmac
+
+    return hmac.new(key.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def test_a_result_not_there_yet_is_a_404_and_one_past_retention_a_410(state: FakeState, outputs: pathlib.Path) -> None:
+    job_id = new_job()
+    response = call("GET", f"/api/jobs/{job_id}/result")
+    assert (response.status, response.json()) == (404, {"error": f"job {job_id} has no result (status queued)"})
+    done = finished_job(state, outputs)
+    (outputs / done / "result.json").unlink()
+    response = call("GET", f"/api/jobs/{done}/result")
+    assert (response.status, response.json()) == (
+        410,
+        {"error": f"the result of job {done} has expired (outputRetentionHours)"},
+    )
+
+
+# --- retention ----------------------------------------------------------------------------------
+
+
+def test_the_sweep_removes_uploads_partial_uploads_and_results_past_their_retention(
+    state: FakeState, tmp_path: pathlib.Path, outputs: pathlib.Path
+) -> None:
+    now = time.time()
+    hour = 3600
+
+    def aged(path: pathlib.Path, hours: float, directory: bool = False) -> pathlib.Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if directory:
+            path.mkdir()
+            (path / "result.json").write_text("{}")
+        else:
+            path.write_bytes(b"x")
+        os.utime(path, (now - hours * hour, now - hours * hour))
+        return path
+
+    old_upload = aged(tmp_path / "alice" / ("a" * 32), 2.1)  # retention: 2 hours
+    kept_upload = aged(tmp_path / "bob" / ("b" * 32), 1.9)
+    dead_partial = aged(tmp_path / "alice" / ("c" * 32 + ".part"), 1.1)  # a partial one: 1 hour
+    live_partial = aged(tmp_path / "alice" / ("d" * 32 + ".part"), 0.5)
+    old_result = aged(outputs / str(uuid.UUID(int=1)), 5.1, directory=True)  # results: 5 hours
+    kept_result = aged(outputs / str(uuid.UUID(int=2)), 4.9, directory=True)
+    removed = main.sweep(str(tmp_path), str(outputs), now)
+    assert sorted(removed) == sorted(str(p) for p in (old_upload, dead_partial, old_result))
+    assert [p.exists() for p in (kept_upload, live_partial, kept_result)] == [True, True, True]
+    assert main.sweep(str(tmp_path), str(outputs), now) == []
+
+
+def test_the_sweep_never_follows_a_symbolic_link_out_of_the_volume(
+    state: FakeState, tmp_path: pathlib.Path, outputs: pathlib.Path
+) -> None:
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    elsewhere.mkdir()
+    precious = elsewhere / "precious"
+    precious.write_text("keep")
+    os.utime(precious, (1, 1))
+    (tmp_path / "mallory").symlink_to(elsewhere)
+    (outputs / str(uuid.UUID(int=3))).symlink_to(elsewhere)
+    main.sweep(str(tmp_path), str(outputs), time.time())
+    assert precious.read_text() == "keep"
 
 
 # --- readiness ------------------------------------------------------------------------------------
@@ -445,10 +791,7 @@ def test_readiness_is_503_listing_exactly_the_dependencies_that_are_down(
         ("postgres-replica-1", False),
         ("postgres-replica-2", False),
     ]
-    assert body["dependencies"]["postgres:postgres-replica-2"] == {
-        "ok": False,
-        "error": "OSError: no route to host",
-    }
+    assert body["dependencies"]["postgres:postgres-replica-2"] == {"ok": False, "error": "OSError"}
     assert sorted(body["dependencies"]) == [
         "mpi-master",
         "postgres-primary",
@@ -600,15 +943,38 @@ def test_a_probe_that_hangs_is_reported_down_after_the_dependency_timeout(
         return {"ok": True}
 
     name, result = run(main._check("mpi-master", hang()))
-    assert (name, result) == ("mpi-master", {"ok": False, "error": "TimeoutError: "})
+    assert (name, result) == ("mpi-master", {"ok": False, "error": "TimeoutError"})
 
 
-def test_a_probe_error_is_cut_to_300_characters(state: FakeState) -> None:
+def test_a_probes_error_text_goes_to_the_log_and_only_its_kind_to_the_caller(
+    state: FakeState, caplog: pytest.LogCaptureFixture
+) -> None:
     async def verbose() -> dict[str, Any]:
-        raise RuntimeError("x" * 1000)
+        raise RuntimeError("connection to 10.211.1.20:6379 refused")
 
     _, result = run(main._check("redis", verbose()))
-    assert result == {"ok": False, "error": ("RuntimeError: " + "x" * 1000)[:300]}
+    assert result == {"ok": False, "error": "RuntimeError"}
+    assert "readiness: redis is down: RuntimeError: connection to 10.211.1.20:6379 refused" in caplog.text
+
+
+def test_readiness_calls_within_a_second_share_one_round_of_probes(
+    state: FakeState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rounds: list[float] = []
+
+    async def counted() -> tuple[int, dict[str, Any]]:
+        rounds.append(clock.monotonic())
+        return 200, {"status": "ok", "round": len(rounds)}
+
+    clock = Clock()
+    monkeypatch.setattr(main, "time", clock)
+    monkeypatch.setattr(main, "readiness", counted)
+    assert [call("GET", "/api/health").json()["round"] for _ in range(20)] == [1] * 20
+    clock.now += main.HEALTH_CACHE_SECONDS - 0.01
+    assert call("GET", "/api/health").json()["round"] == 1
+    clock.now += 0.02
+    assert call("GET", "/api/health").json()["round"] == 2
+    assert len(rounds) == 2
 
 
 # --- the env contract -------------------------------------------------------------------------------
@@ -625,13 +991,34 @@ def test_the_env_contract_is_parsed_with_its_defaults() -> None:
         postgres_password="app-password",
         redis_sentinels=(("sentinel-0", 26379), ("sentinel-1", 26380)),
         redis_master_name="transvidio",
+        redis_user="app",
         redis_password="redis-password",
         mpi_master_host="mpi-master",
         secret_key="secret-key",
         uploads_dir="/srv/transvidio/uploads",
         outputs_dir="/srv/transvidio/outputs",
+        outputs_internal_prefix="/_outputs/",
         dependency_timeout=2.0,
+        token_digests={hashlib.sha256(token.encode()).hexdigest(): name for name, token in TOKENS.items()},
+        limits=Limits(),
     )
+    assert Limits() == Limits(500 * 1024 * 1024, 64 * 1024, 36000, 20, 1024**3, 168, 168)
+    limited = Config.from_env(
+        {
+            **ENV,
+            "MAX_UPLOAD_BYTES": "1",
+            "MAX_JSON_BYTES": "2",
+            "MAX_JOB_SECONDS": "3",
+            "MAX_ACTIVE_JOBS_PER_TOKEN": "4",
+            "MIN_FREE_DISK_BYTES": "5",
+            "UPLOAD_RETENTION_HOURS": "6",
+            "OUTPUT_RETENTION_HOURS": "7",
+        }
+    )
+    assert limited.limits == Limits(1, 2, 3, 4, 5, 6, 7)
+    with pytest.raises(SystemExit) as stopped:
+        Config.from_env({**ENV, "MAX_JOB_SECONDS": "10s"})
+    assert str(stopped.value) == "backend: MAX_JOB_SECONDS='10s' must be a whole number"
     overridden = Config.from_env(
         {**ENV, "POSTGRES_SLAVE_HOSTS": "", "POSTGRES_PORT": "6543", "DEPENDENCY_TIMEOUT_SECONDS": "0.5"}
     )
@@ -648,6 +1035,16 @@ def test_a_missing_or_empty_variable_stops_the_backend_naming_every_one() -> Non
         "backend: missing environment variables: POSTGRES_DB, REDIS_PASSWORD_FILE, SECRET_KEY_FILE"
     )
     assert set(REQUIRED) <= set(ENV)
+
+
+@pytest.mark.parametrize(
+    "line", ["alice", "Alice " + "0" * 64, "alice " + "0" * 63, "alice " + "g" * 64, "alice  " + "0" * 64]
+)
+def test_a_token_file_line_that_is_not_a_name_and_a_digest_stops_the_backend(tmp_path: pathlib.Path, line: str) -> None:
+    (tmp_path / "tokens").write_text(f"bob {'1' * 64}\n{line}\n")
+    with pytest.raises(SystemExit) as stopped:
+        Config.from_env({**ENV, "API_TOKENS_FILE": str(tmp_path / "tokens")})
+    assert str(stopped.value) == f"backend: API_TOKENS_FILE={tmp_path / 'tokens'} line 2 is not '<name> <sha256 hex>'"
 
 
 def test_secrets_are_read_from_their_files_never_from_the_environment(tmp_path: pathlib.Path) -> None:
@@ -706,13 +1103,17 @@ def test_a_redis_that_is_down_makes_the_cache_a_miss_not_an_error(caplog: pytest
     ]
 
 
-def test_the_cache_asks_the_configured_sentinels_with_the_redis_password() -> None:
+def test_the_cache_asks_the_configured_sentinels_as_the_app_user() -> None:
     cache = cache_module.Cache(Config.from_env(ENV))
     sentinels = [
         (c.connection_pool.connection_kwargs["host"], c.connection_pool.connection_kwargs["port"])
         for c in cache.sentinel.sentinels
     ]
     assert sentinels == [("sentinel-0", 26379), ("sentinel-1", 26380)]
-    assert {c.connection_pool.connection_kwargs["password"] for c in cache.sentinel.sentinels} == {"redis-password"}
+    assert {
+        (c.connection_pool.connection_kwargs["username"], c.connection_pool.connection_kwargs["password"])
+        for c in cache.sentinel.sentinels
+    } == {("app", "redis-password")}
     assert cache.master.connection_pool.service_name == "transvidio"  # type: ignore[attr-defined]
-    assert cache.master.connection_pool.connection_kwargs["password"] == "redis-password"
+    master = cache.master.connection_pool.connection_kwargs
+    assert (master["username"], master["password"]) == ("app", "redis-password")

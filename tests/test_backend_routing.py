@@ -69,12 +69,15 @@ def make_database(
         postgres_password="pw",
         redis_sentinels=(("s", 26379),),
         redis_master_name="transvidio",
+        redis_user="app",
         redis_password="pw",
         mpi_master_host="mpi-master",
         secret_key="k",
         uploads_dir="/u",
         outputs_dir="/o",
+        outputs_internal_prefix="/_outputs/",
         dependency_timeout=1.0,
+        token_digests={},
     )
     database = db.Database(config)
     primary = FakePool("postgres-primary", rows)

@@ -23,7 +23,13 @@ class Cache:
     def __init__(self, config: Config) -> None:
         self.sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(config.redis_sentinels),
-            sentinel_kwargs={"password": config.redis_password, "socket_timeout": config.dependency_timeout},
+            # The app's own user on the Sentinels (discovery only) and on the data nodes (its keys only).
+            sentinel_kwargs={
+                "username": config.redis_user,
+                "password": config.redis_password,
+                "socket_timeout": config.dependency_timeout,
+            },
+            username=config.redis_user,
             password=config.redis_password,
             socket_timeout=config.dependency_timeout,
             socket_connect_timeout=config.dependency_timeout,

@@ -34,11 +34,12 @@ MAX_LAG_SECONDS = float(os.environ.get("REPLICA_MAX_LAG_SECONDS", "5"))
 
 
 class DependencyDownError(Exception):
-    """A dependency the request needs is unavailable; the API answers 503 naming it."""
+    """A dependency the request needs is unavailable; the API answers 503 naming it (the
+    reason, which may hold addresses and driver messages, goes to the log)."""
 
     def __init__(self, name: str, reason: str) -> None:
         super().__init__(f"{name} unavailable: {reason}")
-        self.name = name
+        self.name, self.reason = name, reason
 
 
 class Database:
