@@ -20,24 +20,43 @@ from components.container import (
     service_container,
 )
 from components.settings import Settings
-from components.topology import REDIS_MASTER_NAME, REDIS_PORT, SENTINEL_PORT, Node, Topology
+from components.topology import (
+    REDIS_ADMIN_USER,
+    REDIS_APP_USER,
+    REDIS_MASTER_NAME,
+    REDIS_PORT,
+    REDIS_REPLICATION_USER,
+    REDIS_SENTINEL_USER,
+    SENTINEL_PORT,
+    Node,
+    Topology,
+)
 
 COMPONENT = "redis"
+# The one password each kind of container holds in the clear; every other user it knows
+# of, it knows only by its password's hash (in its ACL file).
+NODE_PASSWORD_FILE = f"{render.SECRETS_DIR}/redis-replication-password"
+SENTINEL_PASSWORD_FILE = f"{render.SECRETS_DIR}/redis-sentinel-password"
 
 
 @dataclass(frozen=True)
 class RedisSentinelGroupArgs:
     settings: Settings
     networks: Networks
-    password: pulumi.Input[str]
+    app_password: pulumi.Input[str]
+    replication_password: pulumi.Input[str]
+    sentinel_password: pulumi.Input[str]
+    admin_password: pulumi.Input[str]
 
 
 class RedisSentinelGroup(pulumi.ComponentResource):
     """Deploys Redis data nodes (node 0 the initial master) and S Sentinels.
 
-    Every node has requirepass and masterauth (roles swap after a failover),
-    appendonly and min-replicas-to-write; at each start a node asks the Sentinels who
-    the master is and follows it. Sentinels keep their self-rewritten config on a
+    Access is by ACL user on every node and Sentinel, the default user off: the app
+    (its own keys, a few commands), replication, the Sentinels, and admin for operators,
+    each with its own password (render.REDIS_NODE_ACL, render.SENTINEL_ACL). Every node
+    has appendonly and min-replicas-to-write; at each start a node asks the Sentinels
+    who the master is and follows it. Sentinels keep their self-rewritten config on a
     volume, seeded from the rendered template only when absent.
     """
 
@@ -49,20 +68,42 @@ class RedisSentinelGroup(pulumi.ComponentResource):
         self._args = args
         self.image = role_image(f"{name}-image", COMPONENT, s, self)
         self.sentinel_addresses = render.sentinel_addresses(s)
+        passwords = pulumi.Output.all(
+            **{
+                REDIS_APP_USER: args.app_password,
+                REDIS_REPLICATION_USER: args.replication_password,
+                REDIS_SENTINEL_USER: args.sentinel_password,
+                REDIS_ADMIN_USER: args.admin_password,
+            }
+        )
+        uid = SERVICE_UIDS[COMPONENT]
+        node_secrets = [
+            secret_file(
+                render.REDIS_ACL_FILE, passwords.apply(lambda p: render.redis_acl(render.REDIS_NODE_ACL, p)), uid
+            ),
+            secret_file(NODE_PASSWORD_FILE, args.replication_password, uid),
+        ]
+        sentinel_secrets = [
+            secret_file(
+                render.SENTINEL_ACL_FILE, passwords.apply(lambda p: render.redis_acl(render.SENTINEL_ACL, p)), uid
+            ),
+            secret_file(SENTINEL_PASSWORD_FILE, args.sentinel_password, uid),
+        ]
         initial_master = topo.redis_nodes[0]
-        common_env = [
+        node_env = [
             f"REDIS_MASTER_NAME={REDIS_MASTER_NAME}",
             f"REDIS_SENTINELS={self.sentinel_addresses}",
             f"INITIAL_MASTER={initial_master.data_ip}",
             f"DOWN_AFTER_MS={s.redis.down_after_ms}",
             f"FAILOVER_TIMEOUT_MS={s.redis.failover_timeout_ms}",
+            f"REDIS_USER={REDIS_REPLICATION_USER}",
+            f"REDIS_PASSWORD_FILE={NODE_PASSWORD_FILE}",
         ]
         self.master = self._node(
             initial_master,
             render.redis_conf(s, initial_master),
-            [*common_env, f"REDIS_NODE={initial_master.hostname}", f"REDIS_ANNOUNCE_IP={initial_master.data_ip}"],
-            REDIS_PORT,
-            s.redis.memory_mb,
+            [*node_env, f"REDIS_NODE={initial_master.hostname}", f"REDIS_ANNOUNCE_IP={initial_master.data_ip}"],
+            node_secrets,
             wait=True,
             depends_on=[],
         )
@@ -70,9 +111,8 @@ class RedisSentinelGroup(pulumi.ComponentResource):
             self._node(
                 node,
                 render.redis_conf(s, node),
-                [*common_env, f"REDIS_NODE={node.hostname}", f"REDIS_ANNOUNCE_IP={node.data_ip}"],
-                REDIS_PORT,
-                s.redis.memory_mb,
+                [*node_env, f"REDIS_NODE={node.hostname}", f"REDIS_ANNOUNCE_IP={node.data_ip}"],
+                node_secrets,
                 wait=False,
                 depends_on=[self.master],
             )
@@ -82,12 +122,20 @@ class RedisSentinelGroup(pulumi.ComponentResource):
             self._node(
                 node,
                 render.sentinel_conf(s, node),
-                [f"REDIS_MASTER_NAME={REDIS_MASTER_NAME}", f"SENTINEL_NODE={node.hostname}"],
-                SENTINEL_PORT,
-                s.redis.sentinel_memory_mb,
+                [
+                    f"REDIS_MASTER_NAME={REDIS_MASTER_NAME}",
+                    f"SENTINEL_NODE={node.hostname}",
+                    f"REDIS_USER={REDIS_SENTINEL_USER}",
+                    f"REDIS_PASSWORD_FILE={SENTINEL_PASSWORD_FILE}",
+                    f"SENTINEL_ACL_FILE={render.SENTINEL_ACL_FILE}",
+                ],
+                sentinel_secrets,
                 wait=False,
-                depends_on=[self.master],
-                entrypoint="/usr/local/bin/redis-sentinel.sh",
+                # Not after the master: a node with data waits for a Sentinel before it
+                # starts, so when every container of the group is replaced at once (a
+                # rotated password, a new image) the Sentinels must not wait for it.
+                depends_on=[],
+                sentinel=True,
             )
             for node in topo.sentinels
         ]
@@ -104,11 +152,10 @@ class RedisSentinelGroup(pulumi.ComponentResource):
         node: Node,
         conf: str,
         envs: list[str],
-        port: int,
-        memory_mb: int,
+        secrets: list[docker.ContainerUploadArgs],
         wait: bool,
         depends_on: list[pulumi.Resource],
-        entrypoint: str | None = None,
+        sentinel: bool = False,
     ) -> docker.Container:
         s = self._args.settings
         volume = data_volume(self._name, f"{node.hostname}-data", s, COMPONENT, self)
@@ -117,15 +164,13 @@ class RedisSentinelGroup(pulumi.ComponentResource):
             component=COMPONENT,
             image=self.image.repo_digest,
             healthcheck=["/usr/local/bin/healthcheck.sh"],
-            memory_mb=memory_mb,
-            container_port=port,
+            memory_mb=s.redis.sentinel_memory_mb if sentinel else s.redis.memory_mb,
+            millicpus=s.redis.sentinel_millicpus if sentinel else s.redis.millicpus,
+            container_port=SENTINEL_PORT if sentinel else REDIS_PORT,
             envs=envs,
-            entrypoint=[entrypoint] if entrypoint else (),
+            entrypoint=["/usr/local/bin/redis-sentinel.sh"] if sentinel else (),
             volumes=[VolumeMount(volume.name, "/data")],
-            uploads=[
-                config_file(f"{render.REDIS_CONF_DIR}/{node.hostname}.conf", conf),
-                secret_file(f"{render.SECRETS_DIR}/redis-password", self._args.password, SERVICE_UIDS[COMPONENT]),
-            ],
+            uploads=[config_file(f"{render.REDIS_CONF_DIR}/{node.hostname}.conf", conf), *secrets],
             wait=wait,
             depends_on=depends_on,
             stop_grace_seconds=30,  # an AOF rewrite or RDB save in flight finishes

@@ -11,6 +11,8 @@ RUN_CONF=/var/lib/redis/run/redis.conf
 : "${REDIS_ANNOUNCE_IP:?REDIS_ANNOUNCE_IP is the fixed address of this node}"
 : "${INITIAL_MASTER:?INITIAL_MASTER is the address of the node that is master on first start}"
 : "${REDIS_SENTINELS:?REDIS_SENTINELS lists host:port of every Sentinel}"
+: "${REDIS_USER:?REDIS_USER names the user this node replicates and asks the Sentinels as}"
+: "${REDIS_PASSWORD_FILE:?REDIS_PASSWORD_FILE holds the password of that user}"
 : "${REDIS_MASTER_NAME:=transvidio}"
 : "${DOWN_AFTER_MS:=30000}"
 : "${FAILOVER_TIMEOUT_MS:=180000}"
@@ -20,7 +22,7 @@ FAILOVER_WAIT_SECONDS=$((2 * FAILOVER_TIMEOUT_MS / 1000 + 5))
 
 log() { printf '%s redis-node[%s]: %s\n' "$(date -u +%FT%TZ)" "$REDIS_NODE" "$*" >&2; }
 
-REDISCLI_AUTH=$(cat /etc/transvidio/secrets/redis-password)
+REDISCLI_AUTH=$(cat "$REDIS_PASSWORD_FILE")
 export REDISCLI_AUTH
 
 # Sends `SENTINEL <args>` to each Sentinel in turn and prints the first answer that the
@@ -30,7 +32,7 @@ sentinel_query() {
     shift
     IFS=',' read -r -a entries <<<"$REDIS_SENTINELS"
     for entry in "${entries[@]}"; do
-        answer=$(timeout 2 redis-cli -h "${entry%:*}" -p "${entry##*:}" --no-auth-warning \
+        answer=$(timeout 2 redis-cli -h "${entry%:*}" -p "${entry##*:}" --user "$REDIS_USER" --no-auth-warning \
             SENTINEL "$@" 2>/dev/null | head -n 1) || continue
         if "$accept" "$answer"; then
             printf '%s\n' "$answer"
@@ -76,6 +78,23 @@ request_failover() {
     log "a Sentinel started the failover: $answer"
 }
 
+# How many replicas the first Sentinel that answers knows as up (its flags just "slave":
+# not down, not disconnected); "unknown" when no Sentinel answers with a replica list.
+replicas_up() {
+    local entry answer
+    IFS=',' read -r -a entries <<<"$REDIS_SENTINELS"
+    for entry in "${entries[@]}"; do
+        answer=$(timeout 2 redis-cli -h "${entry%:*}" -p "${entry##*:}" --user "$REDIS_USER" --no-auth-warning \
+            SENTINEL replicas "$REDIS_MASTER_NAME" 2>/dev/null) || continue
+        # A list of field/value lines, or nothing at all; anything else is an error reply.
+        if [ -z "$answer" ] || [ "${answer%%$'\n'*}" = name ]; then
+            awk 'previous == "flags" && $0 == "slave" {up++} {previous = $0} END {print up + 0}' <<<"$answer"
+            return 0
+        fi
+    done
+    echo unknown
+}
+
 if [ "$master" = "$REDIS_ANNOUNCE_IP" ] && has_data; then
     # We were the master and went down (a crash, a kill, a replacement). Our data may lack
     # the last writes (appendfsync everysec) while a replica holds everything acknowledged
@@ -83,8 +102,17 @@ if [ "$master" = "$REDIS_ANNOUNCE_IP" ] && has_data; then
     # down-after-milliseconds), then follow it. Only if nobody can take over do we resume
     # as master.
     log "the Sentinels still name me master after a restart: asking for a failover"
-    request_failover || log "no Sentinel started a failover; waiting for one to detect us down"
     deadline=$((SECONDS + DOWN_AFTER_MS / 1000 + FAILOVER_WAIT_SECONDS))
+    if ! request_failover; then
+        # With no replica up (every data node replaced at once, by a config change, say),
+        # nobody can take over: waiting would only keep the group without a master.
+        if [ "$(replicas_up)" = 0 ]; then
+            log "no failover, and the Sentinels know no replica that is up: nobody can take over"
+            deadline=$SECONDS
+        else
+            log "no Sentinel started a failover; waiting for one to detect us down"
+        fi
+    fi
     while [ "$SECONDS" -lt "$deadline" ]; do
         if answer=$(ask_sentinels) && [ "$answer" != "$REDIS_ANNOUNCE_IP" ]; then
             master=$answer
@@ -99,8 +127,9 @@ fi
 password=$REDISCLI_AUTH
 umask 077
 {
+    # The rendered config names the ACL file and masteruser; only the password is added.
     cat "$CONF_DIR/$REDIS_NODE.conf"
-    printf 'requirepass "%s"\nmasterauth "%s"\n' "$password" "$password"
+    printf 'masterauth "%s"\n' "$password"
     if [ "$master" != "$REDIS_ANNOUNCE_IP" ]; then
         printf 'replicaof %s 6379\n' "$master"
     fi

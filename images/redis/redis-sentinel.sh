@@ -7,12 +7,14 @@ set -euo pipefail
 
 : "${SENTINEL_NODE:?SENTINEL_NODE names this Sentinel (its hostname)}"
 : "${REDIS_MASTER_NAME:=transvidio}"
+: "${REDIS_PASSWORD_FILE:?REDIS_PASSWORD_FILE holds the password of the sentinel user}"
+: "${SENTINEL_ACL_FILE:?SENTINEL_ACL_FILE holds the users of the Sentinel}"
 TEMPLATE=/etc/transvidio/redis/$SENTINEL_NODE.conf
 STATE=/data/sentinel.conf
 
 log() { printf '%s sentinel[%s]: %s\n' "$(date -u +%FT%TZ)" "$SENTINEL_NODE" "$*" >&2; }
 
-password=$(cat /etc/transvidio/secrets/redis-password)
+password=$(cat "$REDIS_PASSWORD_FILE")
 umask 077
 next=$(mktemp /data/sentinel.conf.XXXXXX)
 {
@@ -29,7 +31,9 @@ next=$(mktemp /data/sentinel.conf.XXXXXX)
         log "no state: seeding from the template"
         grep -v '^#' "$TEMPLATE"
     fi
-    printf 'requirepass "%s"\n' "$password"
+    # The users (what Sentinel rewrote into its state is dropped above: these are current),
+    # and this Sentinel's own password, for the data nodes and the other Sentinels.
+    cat "$SENTINEL_ACL_FILE"
     printf 'sentinel sentinel-pass "%s"\n' "$password"
     printf 'sentinel auth-pass %s "%s"\n' "$REDIS_MASTER_NAME" "$password"
 } >"$next"
