@@ -14,9 +14,9 @@ from components.container import (
     Networks,
     VolumeMount,
     config_file,
+    credentials_store,
     data_volume,
     role_image,
-    secret_file,
     service_container,
 )
 from components.settings import Settings
@@ -24,6 +24,7 @@ from components.topology import POSTGRES_PORT, Node, Topology
 
 COMPONENT = "postgres"
 ETCD_MEMORY_MB = 128
+ETCD_MILLICPUS = 500  # Patroni's few keys: a lease renewal every loop
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,10 @@ class PostgresReplicaSet(pulumi.ComponentResource):
     WAL segment to the shared backup repository volume and takes pgBackRest's full and
     incremental backups on the configured schedule; with `restoreTarget` set, a cluster
     bootstrapped on empty volumes restores from that repository instead of initialising.
-    Every node carries every secret a primary needs: any node may become primary.
+    Every node reads every secret a primary needs (any node may become primary) from a
+    credentials store, a volume it mounts read-only: a rotated password replaces only the
+    store's writer, and the running nodes apply it (the primary sets the roles' new
+    passwords, every node reloads Patroni), so no node restarts for a rotation.
     """
 
     def __init__(self, name: str, args: PostgresReplicaSetArgs, opts: pulumi.ResourceOptions | None = None) -> None:
@@ -63,21 +67,36 @@ class PostgresReplicaSet(pulumi.ComponentResource):
         self.etcd = [self._etcd_member(name, member) for member in topo.etcd_nodes]
         # The backup repository: pgBackRest's full and incremental backups and the WAL archive.
         self.backups = data_volume(name, "postgres-backups", s, COMPONENT, self)
+        self.credentials = credentials_store(
+            name,
+            topo.postgres_credentials,
+            COMPONENT,
+            self.image.repo_digest,
+            {
+                "postgres-password": args.superuser_password,
+                "replication-password": args.replication_password,
+                "rewind-password": args.rewind_password,
+                "patroni-api-password": args.patroni_api_password,
+                "app-db-password": args.app_password,
+            },
+            uid,
+            s,
+            args.networks,
+            self,
+        )
         self._uploads = [
             config_file(f"{render.POSTGRES_CONF_DIR}/postgresql.conf", render.postgresql_conf(s)),
             config_file(f"{render.POSTGRES_CONF_DIR}/pg_hba.conf", render.pg_hba_conf(s)),
+            config_file(f"{render.POSTGRES_CONF_DIR}/pg_ident.conf", render.pg_ident_conf()),
             config_file(render.PGBACKREST_CONF, render.pgbackrest_conf(s)),
             config_file(f"{render.POSTGRES_CONF_DIR}/primary-setup.sql", render.primary_setup_sql()),
             config_file(render.DCS_CONF, render.patroni_dcs_json(s)),
-            secret_file(f"{render.SECRETS_DIR}/postgres-password", args.superuser_password, uid),
-            secret_file(f"{render.SECRETS_DIR}/replication-password", args.replication_password, uid),
-            secret_file(f"{render.SECRETS_DIR}/rewind-password", args.rewind_password, uid),
-            secret_file(f"{render.SECRETS_DIR}/patroni-api-password", args.patroni_api_password, uid),
-            secret_file(f"{render.SECRETS_DIR}/app-db-password", args.app_password, uid),
         ]
-        self.primary = self._node(name, topo.postgres_primary, wait=True, depends_on=list(self.etcd))
+        before_nodes: list[pulumi.Resource] = [*self.etcd, self.credentials.writer]
+        self.primary = self._node(name, topo.postgres_primary, wait=True, depends_on=before_nodes)
         self.replicas = [
-            self._node(name, replica, wait=False, depends_on=[self.primary]) for replica in topo.postgres_replicas
+            self._node(name, replica, wait=False, depends_on=[self.primary, self.credentials.writer])
+            for replica in topo.postgres_replicas
         ]
         self.nodes = [self.primary, *self.replicas]
         self.node_hosts = [n.hostname for n in topo.postgres_nodes]
@@ -95,6 +114,7 @@ class PostgresReplicaSet(pulumi.ComponentResource):
                 image=self.image.repo_digest,
                 healthcheck=["/usr/local/bin/healthcheck.sh"],
                 memory_mb=ETCD_MEMORY_MB,
+                millicpus=ETCD_MILLICPUS,
                 envs=["PG_ROLE=etcd", f"PG_NODE={member.hostname}"],
                 volumes=[VolumeMount(volume.name, render.ETCD_DATA_DIR)],
                 uploads=[
@@ -118,6 +138,7 @@ class PostgresReplicaSet(pulumi.ComponentResource):
             image=self.image.repo_digest,
             healthcheck=["/usr/local/bin/healthcheck.sh"],
             memory_mb=pg.memory_mb,
+            millicpus=pg.millicpus,
             container_port=POSTGRES_PORT,
             envs=[
                 "PG_ROLE=node",
@@ -130,6 +151,7 @@ class PostgresReplicaSet(pulumi.ComponentResource):
             volumes=[
                 VolumeMount(volume.name, render.POSTGRES_DATA_DIR),
                 VolumeMount(self.backups.name, render.PGBACKREST_REPO_DIR),
+                self.credentials.mount(render.SECRETS_DIR),
             ],
             uploads=[
                 config_file(f"{render.POSTGRES_CONF_DIR}/{node.hostname}.patroni.yml", render.patroni_yml(s, node)),

@@ -19,6 +19,11 @@ NGINX_HTTP_PORT = 8080  # inside the container: nginx runs unprivileged
 NGINX_HTTPS_PORT = 8443
 SSH_PORT = 22
 REDIS_MASTER_NAME = "transvidio"
+# Redis ACL users: the application, replication between data nodes, the Sentinels.
+REDIS_APP_USER = "app"
+REDIS_REPLICATION_USER = "replica"
+REDIS_SENTINEL_USER = "sentinel"
+REDIS_ADMIN_USER = "admin"
 POSTGRES_DB = "transvidio"
 POSTGRES_APP_USER = "transvidio"
 POSTGRES_REPLICATION_USER = "replicator"
@@ -93,6 +98,12 @@ class Topology:
         return [self.postgres_primary, *self.postgres_replicas]
 
     @property
+    def postgres_credentials(self) -> Node:
+        """Writes the PostgreSQL tier's secrets into the volume the nodes read them from: a
+        rotated password reaches the running nodes without replacing them. No network."""
+        return self._node("postgres-credentials", "postgres-credentials", "postgres", 0, False, data=False)
+
+    @property
     def etcd_nodes(self) -> list[Node]:
         """The consensus store that holds Patroni's leader lock."""
         return [
@@ -143,6 +154,7 @@ class Topology:
         """Every container of the stack."""
         return [
             *self.postgres_nodes,
+            self.postgres_credentials,
             *self.etcd_nodes,
             *self.redis_nodes,
             *self.sentinels,

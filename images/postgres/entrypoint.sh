@@ -8,7 +8,9 @@
 # Beside Patroni runs the backup schedule: whichever node is primary archives every WAL
 # segment (archive_command) and takes pgBackRest's full and incremental backups.
 # Config comes from the stack's uploads in /etc/transvidio/postgres, secrets from files
-# in /etc/transvidio/secrets. Every step is safe to repeat on a restart.
+# in /etc/transvidio/secrets: the tier's credentials store, which its writer replaces when
+# a password is rotated; this node then applies the new ones without restarting. Every
+# step is safe to repeat on a restart.
 set -euo pipefail
 
 CONF_DIR=/etc/transvidio/postgres
@@ -70,6 +72,38 @@ is_primary() {
     [ "$(psql --no-psqlrc --username=postgres --dbname=postgres -Atqc 'SELECT NOT pg_is_in_recovery()' 2>/dev/null)" = t ]
 }
 
+watch_credentials() {
+    # A rotated password arrives as new files in the store, with a new .generation. The
+    # primary gives the roles their new passwords at once; every node then rewrites
+    # Patroni's config and reloads it (a replica a few seconds later, so that the primary
+    # has applied them before the replica's next connection uses them).
+    set +e
+    local seen current
+    seen=$(cat "$SECRETS_DIR/.generation" 2>/dev/null)
+    while true; do
+        sleep "${CREDENTIALS_CHECK_SECONDS:-2}"
+        current=$(cat "$SECRETS_DIR/.generation" 2>/dev/null)
+        if [ -z "$current" ] || [ "$current" = "$seen" ]; then
+            continue
+        fi
+        if is_primary; then
+            /usr/local/bin/patroni-callback.sh rotate primary || continue
+        else
+            sleep "${CREDENTIALS_FOLLOW_SECONDS:-4}"
+        fi
+        if write_patroni_config && kill -HUP "$patroni"; then
+            # While its WAL receiver streams, Patroni keeps the old password in its pgpass
+            # (it compares the live connection, which hides the password); the next
+            # reconnect would fail once. This line serves any host until Patroni writes
+            # its own again.
+            (umask 077 && printf '*:*:*:replicator:%s\n' "$(cat "$SECRETS_DIR/replication-password")" \
+                >"$RUN_DIR/patroni-pgpass")
+            seen=$current
+            log "credentials of generation $current applied; Patroni reloaded"
+        fi
+    done
+}
+
 backup_schedule() {
     # Runs beside Patroni, never stops it: a failed step is logged and tried again. Only
     # the primary backs up; after a failover the new primary takes over the schedule.
@@ -124,13 +158,15 @@ patroni=$!
 trap 'kill -TERM "$patroni" 2>/dev/null' INT TERM
 backup_schedule &
 scheduler=$!
+watch_credentials &
+watcher=$!
 set +e
 while true; do
     wait "$patroni"
     status=$?
     kill -0 "$patroni" 2>/dev/null || break # else a trapped signal ended the wait
 done
-kill "$scheduler" 2>/dev/null
+kill "$scheduler" "$watcher" 2>/dev/null
 log "Patroni exited with status $status"
 if [ -s "$RUN_DIR/bootstrap-refused" ]; then
     log "bootstrap refused: $(tail -n +2 "$RUN_DIR/bootstrap-refused")"

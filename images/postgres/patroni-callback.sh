@@ -2,7 +2,8 @@
 # Patroni's hooks. A node that starts as, or becomes, primary (and the first primary after
 # the bootstrap) applies the stack's roles, passwords and database, then the stack's
 # cluster-wide Patroni settings, so that a rotated password or a changed setting reaches a
-# running cluster. Patroni calls `<action> <role> <scope>`, or `post_bootstrap <dsn>`.
+# running cluster. Patroni calls `<action> <role> <scope>`, or `post_bootstrap <dsn>`; the
+# entrypoint calls `rotate primary` when the credentials store has new passwords.
 set -euo pipefail
 
 CONF_DIR=/etc/transvidio/postgres
@@ -37,6 +38,7 @@ apply_dcs() {
 
 case "${1:-}" in
 post_bootstrap) apply_setup ;;
+rotate) apply_setup ;;
 on_start | on_role_change)
     if [ "${2:-}" = primary ] || [ "${2:-}" = master ]; then
         apply_setup
