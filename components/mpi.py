@@ -55,9 +55,12 @@ class MpiCluster(pulumi.ComponentResource):
 
     The stack generates the app user's SSH key and every node's host key
     (pulumi-tls, ed25519); known_hosts is rendered from those host keys, so no node
-    ever skips host key checking. The hostfile lists every node with its slots, and
-    Open MPI and PRRTE are pinned to the data subnet. The master also runs the job
-    runner, which claims long jobs from PostgreSQL and runs them with mpirun.
+    ever skips host key checking. Only the master holds the client key and launches
+    (PRRTE without tree spawn: it reaches every worker itself), and a worker accepts that
+    key only from the master's address. The hostfile lists every node with its slots, and
+    Open MPI and PRRTE are pinned to the data subnet. The master also runs the job runner,
+    which claims long jobs from PostgreSQL and runs them with mpirun; every node reads
+    the uploads (read-only), and only the master, where rank 0 assembles, writes outputs.
     """
 
     def __init__(self, name: str, args: MpiClusterArgs, opts: pulumi.ResourceOptions | None = None) -> None:
@@ -78,43 +81,48 @@ class MpiCluster(pulumi.ComponentResource):
             lambda keys: render.known_hosts(s, keys)
         )
         uid = SERVICE_UIDS[COMPONENT]
-        shared_uploads = [
-            config_file(f"{render.MPI_CONF_DIR}/hostfile", render.hostfile(s)),
+        every_node = [
             config_file(f"{HOME}/.openmpi/mca-params.conf", render.openmpi_mca_params(s)),
             config_file(f"{HOME}/.prte/mca-params.conf", render.prte_mca_params(s)),
+        ]
+        launcher = [
+            config_file(f"{render.MPI_CONF_DIR}/hostfile", render.hostfile(s)),
             config_file("/etc/ssh/ssh_known_hosts", known_hosts),
-            config_file(f"{HOME}/.ssh/authorized_keys", self.client_key.public_key_openssh),
             secret_file(f"{HOME}/.ssh/id_ed25519", self.client_key.private_key_openssh, uid),
+            secret_file(render.secret_path("POSTGRES_PASSWORD"), args.postgres_password, uid),
         ]
-        volumes = [
-            VolumeMount(self.workspace.name, render.WORKSPACE_DIR),
-            VolumeMount(args.uploads_volume, render.UPLOADS_DIR),
-            VolumeMount(args.outputs_volume, render.OUTPUTS_DIR),
+        launched = [
+            config_file(
+                f"{HOME}/.ssh/authorized_keys",
+                self.client_key.public_key_openssh.apply(lambda key: render.authorized_keys(s, key)),
+            )
         ]
-
+        uploads = VolumeMount(args.uploads_volume, render.UPLOADS_DIR, read_only=True)
+        outputs = VolumeMount(args.outputs_volume, render.OUTPUTS_DIR)
+        workspace = VolumeMount(self.workspace.name, render.WORKSPACE_DIR)
         runner_env = [f"{k}={v}" for k, v in sorted(render.mpi_runner_environment(s).items())]
-        runner_password = secret_file(render.secret_path("POSTGRES_PASSWORD"), args.postgres_password, uid)
 
         def container(node: Node) -> docker.Container:
             host_key = secret_file(
                 "/etc/ssh/ssh_host_ed25519_key", self.host_keys[node.hostname].private_key_openssh, ROOT_UID
             )
-            role_env = [f"MPI_HOSTFILE={render.MPI_CONF_DIR}/hostfile", f"MPI_ROLE={node.role}"]
-            runner = node.role == "mpi-master"  # the job runner (and its password) is the master's only
+            master = node.role == "mpi-master"  # the launcher, the job runner and rank 0
             spec = ContainerSpec(
                 node=node,
                 component=COMPONENT,
                 image=self.image.repo_digest,
                 healthcheck=["/usr/local/bin/healthcheck.sh"],
                 memory_mb=s.mpi.memory_mb,
-                envs=role_env + (runner_env if runner else []),
-                volumes=volumes,
-                uploads=[*shared_uploads, host_key, *([runner_password] if runner else [])],
+                millicpus=s.mpi.millicpus,
+                envs=[f"MPI_ROLE={node.role}"]
+                + ([f"MPI_HOSTFILE={render.MPI_CONF_DIR}/hostfile", *runner_env] if master else []),
+                volumes=[workspace, uploads, *([outputs] if master else [])],
+                uploads=[*every_node, host_key, *(launcher if master else launched)],
                 capabilities=SSHD_CAPABILITIES,
                 # MPI launches by name (hostfile, known_hosts) and the runner reaches the
                 # PostgreSQL nodes by name: pin them to the fixed addresses so neither waits
                 # on, or fails with, the engine's DNS. Workers never reach PostgreSQL.
-                extra_hosts=[*topo.mpi_nodes, *(topo.postgres_nodes if runner else [])],
+                extra_hosts=[*topo.mpi_nodes, *(topo.postgres_nodes if master else [])],
             )
             return service_container(name, spec, s, args.networks, self)
 
