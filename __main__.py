@@ -12,7 +12,9 @@ from components.secrets import ClusterSecrets, ClusterSecretsArgs
 
 settings, secret_overrides = stack_settings.load()
 
-secrets = ClusterSecrets("secrets", ClusterSecretsArgs(overrides=secret_overrides))
+secrets = ClusterSecrets(
+    "secrets", ClusterSecretsArgs(overrides=secret_overrides, api_token_names=settings.backend.api_tokens)
+)
 
 networks = ClusterNetworks("network", ClusterNetworksArgs(settings=settings)).names
 
@@ -29,7 +31,15 @@ postgres = PostgresReplicaSet(
     ),
 )
 redis = RedisSentinelGroup(
-    "redis", RedisSentinelGroupArgs(settings=settings, networks=networks, password=secrets.redis_password)
+    "redis",
+    RedisSentinelGroupArgs(
+        settings=settings,
+        networks=networks,
+        app_password=secrets.redis_password,
+        replication_password=secrets.redis_replication_password,
+        sentinel_password=secrets.redis_sentinel_password,
+        admin_password=secrets.redis_admin_password,
+    ),
 )
 backends = BackendPool(
     "backend",
@@ -39,6 +49,7 @@ backends = BackendPool(
         postgres_password=secrets.app_db_password,
         redis_password=secrets.redis_password,
         secret_key=secrets.secret_key,
+        api_tokens=secrets.api_tokens,
         depends_on=[postgres.primary, redis.master],
     ),
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pulumi
@@ -31,6 +32,7 @@ class BackendPoolArgs:
     postgres_password: pulumi.Input[str]
     redis_password: pulumi.Input[str]
     secret_key: pulumi.Input[str]
+    api_tokens: Mapping[str, pulumi.Input[str]]  # token name -> token
     depends_on: list[pulumi.Resource]
 
 
@@ -38,9 +40,11 @@ class BackendPool(pulumi.ComponentResource):
     """Deploys N backends on both networks, each with the same env contract.
 
     The image is built from images/backend, or is the user's (`images.backend`). The
-    env contract is `render.backend_environment` plus three secrets. The pool owns the
-    shared uploads and outputs volumes (the MPI nodes mount both, nginx serves
-    outputs read-only); every backend answers /health.
+    env contract is `render.backend_environment` plus four secret files: the database and
+    Redis passwords of the application's own users, the secret key that signs result
+    links, and the API tokens' hashes (never the tokens). The pool owns the shared uploads
+    and outputs volumes (the MPI nodes mount uploads read-only and the master outputs,
+    nginx serves outputs read-only); every backend answers /health.
     """
 
     members: list[Node]
@@ -56,6 +60,7 @@ class BackendPool(pulumi.ComponentResource):
         else:
             image = role_image(f"{name}-image", COMPONENT, s, self).repo_digest
         secrets = {
+            "API_TOKENS": pulumi.Output.all(**args.api_tokens).apply(render.api_tokens_file),
             "POSTGRES_PASSWORD": args.postgres_password,
             "REDIS_PASSWORD": args.redis_password,
             "SECRET_KEY": args.secret_key,
@@ -80,6 +85,7 @@ class BackendPool(pulumi.ComponentResource):
                     image=image,
                     healthcheck=["python3", "/usr/local/bin/healthcheck.py"],
                     memory_mb=s.backend.memory_mb,
+                    millicpus=s.backend.millicpus,
                     envs=envs,
                     uploads=secret_files,
                     volumes=[

@@ -9,13 +9,13 @@ names); `role_image` builds a role's image from images/<role>; `config_file` and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pulumi
 import pulumi_docker as docker
 
-from components.settings import Settings
+from components.settings import Settings, provider_cpus
 from components.topology import Node
 
 # Fixed uids the images create their service users with (passed as build args), so
@@ -54,6 +54,7 @@ class ContainerSpec:
     image: pulumi.Input[str]
     healthcheck: Sequence[str]
     memory_mb: int
+    millicpus: int
     container_port: int | None = None  # published as node.host_port when that is set
     envs: pulumi.Input[Sequence[pulumi.Input[str]]] = ()
     entrypoint: Sequence[str] = ()
@@ -100,9 +101,18 @@ def volume_mount(mount: VolumeMount) -> docker.ContainerMountArgs:
     )
 
 
+def stack_labels(settings: Settings, **extra: str) -> dict[str, str]:
+    """The io.transvidio.* labels of every resource of the stack: its project and stack, and
+    what `extra` adds (component, role), in a stable order."""
+    values = {"project": settings.project, "stack": settings.stack, **extra}
+    return {f"{LABEL_PREFIX}.{key}": values[key] for key in sorted(values)}
+
+
 def labels(settings: Settings, component: str, role: str) -> list[docker.ContainerLabelArgs]:
-    values = {"project": settings.project, "stack": settings.stack, "component": component, "role": role}
-    return [docker.ContainerLabelArgs(label=f"{LABEL_PREFIX}.{k}", value=v) for k, v in sorted(values.items())]
+    return [
+        docker.ContainerLabelArgs(label=k, value=v)
+        for k, v in stack_labels(settings, component=component, role=role).items()
+    ]
 
 
 def _networks(spec: ContainerSpec, networks: Networks) -> list[docker.ContainerNetworksAdvancedArgs]:
@@ -150,6 +160,7 @@ def service_container(
     component_name: str, spec: ContainerSpec, settings: Settings, networks: Networks, parent: pulumi.Resource
 ) -> docker.Container:
     """The container of one node, with the stack's hygiene applied."""
+    attached = _networks(spec, networks)
     return docker.Container(
         child_name(component_name, spec.node.hostname),
         name=spec.node.container_name,
@@ -158,7 +169,9 @@ def service_container(
         envs=spec.envs or None,
         entrypoints=list(spec.entrypoint) or None,
         command=list(spec.command) or None,
-        networks_advanced=_networks(spec, networks),
+        networks_advanced=attached or None,
+        # A node on neither network has no network at all (not Docker's default bridge).
+        network_mode=None if attached else "none",
         ports=_ports(spec, settings) or None,
         mounts=[volume_mount(v) for v in spec.volumes] or None,
         uploads=list(spec.uploads) or None,
@@ -178,6 +191,7 @@ def service_container(
         # sends both (Docker refuses a memory limit above the old swap limit) and the value
         # read back matches.
         memory_swap=spec.memory_mb,
+        cpus=provider_cpus(spec.millicpus),
         destroy_grace_seconds=spec.stop_grace_seconds,
         shm_size=spec.shm_size_mb,
         security_opts=["no-new-privileges:true"],
@@ -224,13 +238,80 @@ def data_volume(
     Docker's volume create returns an existing volume of the same name, so a stack
     brought up again after a destroy finds its data where it left it.
     """
-    values = {"project": settings.project, "stack": settings.stack, "component": component}
+    return _volume(component_name, volume, settings, component, parent, retain=True)
+
+
+def _volume(
+    component_name: str, volume: str, settings: Settings, component: str, parent: pulumi.Resource, retain: bool
+) -> docker.Volume:
     return docker.Volume(
         child_name(component_name, volume),
         name=f"{settings.prefix}-{volume}",
-        labels=[docker.VolumeLabelArgs(label=f"{LABEL_PREFIX}.{k}", value=v) for k, v in sorted(values.items())],
-        opts=pulumi.ResourceOptions(parent=parent, retain_on_delete=True),
+        labels=[
+            docker.VolumeLabelArgs(label=k, value=v) for k, v in stack_labels(settings, component=component).items()
+        ],
+        opts=pulumi.ResourceOptions(parent=parent, retain_on_delete=retain),
     )
+
+
+# Where a credentials writer receives its files; it copies them into the store's volume,
+# which the readers mount at SECRETS_DIR.
+CREDENTIALS_INBOX = "/etc/transvidio/credentials"
+
+
+@dataclass(frozen=True)
+class CredentialStore:
+    """A tier's secret files, kept where its nodes read them without being replaced."""
+
+    volume: docker.Volume
+    writer: docker.Container
+
+    def mount(self, path: str) -> VolumeMount:
+        return VolumeMount(self.volume.name, path, read_only=True)
+
+
+def credentials_store(
+    component_name: str,
+    node: Node,
+    component: str,
+    image: pulumi.Input[str],
+    secrets: Mapping[str, pulumi.Input[str]],
+    uid: int,
+    settings: Settings,
+    networks: Networks,
+    parent: pulumi.Resource,
+) -> CredentialStore:
+    """A volume holding `secrets` (file name -> value, each readable only by `uid`) and the
+    small container that writes them there, with no network. A changed secret replaces only the
+    writer; the readers, which mount the volume read-only, see the new file and apply it
+    live (their images' entrypoints watch the store's `.generation`)."""
+    # Not retained: secrets do not outlive the stack; the writer fills it again at every start.
+    volume = _volume(component_name, node.hostname, settings, component, parent, retain=False)
+    inbox = [secret_file(f"{CREDENTIALS_INBOX}/{name}", value, uid) for name, value in sorted(secrets.items())]
+    writer = service_container(
+        component_name,
+        ContainerSpec(
+            node=node,
+            component=component,
+            image=image,
+            healthcheck=["/usr/local/bin/credentials.sh", "check"],
+            memory_mb=CREDENTIALS_WRITER_MEMORY_MB,
+            millicpus=CREDENTIALS_WRITER_MILLICPUS,
+            entrypoint=["/usr/local/bin/credentials.sh", "serve"],
+            volumes=[VolumeMount(volume.name, CREDENTIALS_STORE_DIR)],
+            uploads=inbox,
+            wait=True,  # the readers start once their secrets are in place
+        ),
+        settings,
+        networks,
+        parent,
+    )
+    return CredentialStore(volume, writer)
+
+
+CREDENTIALS_STORE_DIR = "/srv/credentials"  # the volume, as the writer mounts it
+CREDENTIALS_WRITER_MEMORY_MB = 32
+CREDENTIALS_WRITER_MILLICPUS = 100
 
 
 def config_file(path: str, content: pulumi.Input[str]) -> docker.ContainerUploadArgs:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_docker as docker
 
-from components.container import LABEL_PREFIX, Networks
+from components.container import Networks, stack_labels
 from components.settings import Settings
 
 
@@ -37,14 +37,13 @@ class ClusterNetworks(pulumi.ComponentResource):
     def _network(
         self, resource_name: str, docker_name: str, s: Settings, subnet: str, internal: bool
     ) -> docker.Network:
-        values = {"project": s.project, "stack": s.stack}
         return docker.Network(
             resource_name,
             name=docker_name,
             driver="bridge",
             internal=internal,
             ipam_configs=[docker.NetworkIpamConfigArgs(subnet=subnet)],
-            labels=[docker.NetworkLabelArgs(label=f"{LABEL_PREFIX}.{k}", value=v) for k, v in sorted(values.items())],
+            labels=[docker.NetworkLabelArgs(label=k, value=v) for k, v in stack_labels(s).items()],
             # Fixed names: the old network must go (with the containers on it) before the new one.
             opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
         )

@@ -70,6 +70,7 @@ class NginxLB(pulumi.ComponentResource):
                 # nginx itself (stub_status answers from 127.0.0.1), not the backends behind it.
                 healthcheck=["curl", "-fsS", "-o", "/dev/null", f"http://127.0.0.1:{NGINX_HTTP_PORT}/nginx-status"],
                 memory_mb=s.nginx.memory_mb,
+                millicpus=s.nginx.millicpus,
                 container_port=NGINX_HTTP_PORT,
                 envs=[f"{k}={v}" for k, v in sorted(render.nginx_environment().items())],
                 volumes=[VolumeMount(args.outputs_volume, render.OUTPUTS_DIR, read_only=True)],

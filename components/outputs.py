@@ -73,4 +73,7 @@ def export_stack_outputs(
     )
     pulumi.export("postgresSuperuserPassword", secrets.postgres_password)
     pulumi.export("redisPassword", secrets.redis_password)
+    pulumi.export("redisAdminPassword", secrets.redis_admin_password)
+    # The API's bearer tokens by name: `pulumi stack output --show-secrets apiTokens`.
+    pulumi.export("apiTokens", pulumi.Output.secret(pulumi.Output.all(**secrets.api_tokens)))
     pulumi.export("secretKey", secrets.secret_key)

@@ -9,11 +9,12 @@ Secrets never appear here: containers read them from separately uploaded files.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import pathlib
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from components.settings import MAX_POSTGRES_REPLICAS, PROJECT, Settings, SettingsError, parse
@@ -30,8 +31,12 @@ from components.topology import (
     POSTGRES_PORT,
     POSTGRES_REPLICATION_USER,
     POSTGRES_REWIND_USER,
+    REDIS_ADMIN_USER,
+    REDIS_APP_USER,
     REDIS_MASTER_NAME,
     REDIS_PORT,
+    REDIS_REPLICATION_USER,
+    REDIS_SENTINEL_USER,
     SENTINEL_PORT,
     SSH_PORT,
     Node,
@@ -46,6 +51,7 @@ NGINX_CONF_DIR = "/etc/transvidio/nginx"
 MPI_CONF_DIR = "/etc/transvidio/mpi"
 UPLOADS_DIR = "/srv/transvidio/uploads"
 OUTPUTS_DIR = "/srv/transvidio/outputs"
+OUTPUTS_INTERNAL_PREFIX = "/_outputs/"
 WORKSPACE_DIR = "/srv/transvidio/workspace"
 POSTGRES_DATA_DIR = "/var/lib/postgresql/data"  # each node's volume
 POSTGRES_RUN_DIR = "/var/lib/postgresql/run"  # sockets, the pgpass file, locks
@@ -210,6 +216,7 @@ def patroni_yml(settings: Settings, node: Node) -> str:
             "use_unix_socket_repl": True,
             "parameters": {
                 "hba_file": f"{POSTGRES_CONF_DIR}/pg_hba.conf",
+                "ident_file": f"{POSTGRES_CONF_DIR}/pg_ident.conf",
                 "unix_socket_directories": POSTGRES_RUN_DIR,
             },
             "authentication": {
@@ -276,13 +283,22 @@ def pgbackrest_conf(settings: Settings) -> str:
     return HEADER + "\n".join(lines) + "\n"
 
 
+PG_IDENT_MAP = "local-replication"
+
+
+def pg_ident_conf() -> str:
+    """The node's own OS user may replicate locally as the replication role."""
+    return HEADER + f"{PG_IDENT_MAP} postgres {POSTGRES_REPLICATION_USER}\n"
+
+
 def pg_hba_conf(settings: Settings) -> str:
-    """Local superuser by peer, local replication (Patroni's own checks) by SCRAM; replication,
+    """Local superuser by peer, local replication (Patroni's own checks) by peer as the
+    replication role, so neither depends on a password a rotation is changing; replication,
     pg_rewind and the app from the data subnet only, by SCRAM."""
     subnet = settings.network.data_subnet
     rows = [
         ("local", "all", "postgres", "", "peer"),
-        ("local", "replication", POSTGRES_REPLICATION_USER, "", "scram-sha-256"),
+        ("local", "replication", POSTGRES_REPLICATION_USER, "", f"peer map={PG_IDENT_MAP}"),
         ("host", "replication", POSTGRES_REPLICATION_USER, str(subnet), "scram-sha-256"),
         ("host", "postgres", POSTGRES_REWIND_USER, str(subnet), "scram-sha-256"),
         ("host", POSTGRES_DB, POSTGRES_APP_USER, str(subnet), "scram-sha-256"),
@@ -334,6 +350,46 @@ GRANT CONNECT ON DATABASE {POSTGRES_DB} TO {POSTGRES_APP_USER};
 
 # --- Redis and Sentinel ---------------------------------------------------------------
 
+REDIS_ACL_FILE = f"{SECRETS_DIR}/redis-users.acl"
+SENTINEL_ACL_FILE = f"{SECRETS_DIR}/sentinel-users.acl"
+# Every user and what it may do, on the data nodes and on the Sentinels; `default` is off on
+# both. The application reaches its own keys with the few commands it sends; replication
+# only replicates; a Sentinel only monitors and reconfigures (the set Redis documents for
+# it); `admin` is the operators' (its password is in the stack outputs, in no container).
+REDIS_NODE_ACL: dict[str, str] = {
+    REDIS_APP_USER: "~job:* resetchannels -@all +get +set +del +ping +client|setinfo",
+    REDIS_REPLICATION_USER: "resetkeys resetchannels -@all +psync +sync +replconf +ping",
+    REDIS_SENTINEL_USER: (
+        "resetkeys allchannels -@all +multi +exec +slaveof +replicaof +ping +subscribe +publish +info +role "
+        "+config|rewrite +client|setname +client|kill +script|kill"
+    ),
+    REDIS_ADMIN_USER: "~* &* +@all",
+}
+SENTINEL_ACL: dict[str, str] = {
+    # Discovery only: the master's address, the Sentinels and the replicas.
+    REDIS_APP_USER: (
+        "resetchannels -@all +ping +client|setinfo +sentinel|masters +sentinel|get-master-addr-by-name "
+        "+sentinel|sentinels +sentinel|replicas +sentinel|slaves"
+    ),
+    # A data node asks who the master is and, after its own restart as master, for a
+    # failover (and which replicas could take over).
+    REDIS_REPLICATION_USER: (
+        "resetchannels -@all +ping +sentinel|get-master-addr-by-name +sentinel|failover +sentinel|replicas"
+    ),
+    REDIS_SENTINEL_USER: "allchannels +@all",  # the Sentinels among themselves
+    REDIS_ADMIN_USER: "allchannels +@all",
+}
+
+
+def redis_acl(rules: Mapping[str, str], passwords: Mapping[str, str]) -> str:
+    """An ACL file: each user with the SHA-256 of its password (never the password) and its
+    rules, and the passwordless default user off."""
+    lines = ["user default off"]
+    for user in sorted(rules):
+        digest = hashlib.sha256(passwords[user].encode()).hexdigest()
+        lines.append(f"user {user} on #{digest} {rules[user]}")
+    return "\n".join(lines) + "\n"
+
 
 def redis_conf(settings: Settings, node: Node) -> str:
     """A data node's config. Its role (master or replica) is decided at start by asking the Sentinels."""
@@ -354,12 +410,15 @@ def redis_conf(settings: Settings, node: Node) -> str:
         "replica-read-only yes",
         "replica-serve-stale-data yes",
         "repl-diskless-sync yes",
+        # Users and their rights; the entrypoint adds masterauth from its secret file.
+        f"aclfile {REDIS_ACL_FILE}",
+        f"masteruser {REDIS_REPLICATION_USER}",
     ]
     return HEADER + "\n".join(lines) + "\n"
 
 
 def sentinel_conf(settings: Settings, node: Node) -> str:
-    """The Sentinel seed; the entrypoint copies it to the volume when absent, adds auth."""
+    """The Sentinel seed; the entrypoint copies it to the volume when absent, adds users and passwords."""
     r = settings.redis
     master = Topology(settings).redis_nodes[0]
     lines = [
@@ -376,6 +435,10 @@ def sentinel_conf(settings: Settings, node: Node) -> str:
         f"sentinel down-after-milliseconds {REDIS_MASTER_NAME} {r.down_after_ms}",
         f"sentinel failover-timeout {REDIS_MASTER_NAME} {r.failover_timeout_ms}",
         f"sentinel parallel-syncs {REDIS_MASTER_NAME} 1",
+        # Users and their passwords come from the secret files at start (SENTINEL_ACL_FILE,
+        # and the Sentinel user's own password for the data nodes and the other Sentinels).
+        f"sentinel auth-user {REDIS_MASTER_NAME} {REDIS_SENTINEL_USER}",
+        f"sentinel sentinel-user {REDIS_SENTINEL_USER}",
     ]
     return HEADER + "\n".join(lines) + "\n"
 
@@ -403,6 +466,13 @@ def known_hosts(settings: Settings, host_public_keys: Sequence[str]) -> str:
     )
 
 
+def authorized_keys(settings: Settings, client_public_key: str) -> str:
+    """A worker's authorized_keys: the stack's client key, from the master's address only,
+    for commands alone (no forwarding, no terminal)."""
+    master = Topology(settings).mpi_master
+    return f'restrict,from="{master.data_ip}" {client_public_key.strip()}\n'
+
+
 def openmpi_mca_params(settings: Settings) -> str:
     """Open MPI's own parameters: TCP only, pinned to the data subnet.
 
@@ -423,6 +493,8 @@ def prte_mca_params(settings: Settings) -> str:
         # Containers share the host's cores: binding every node's first rank to "core 0"
         # would put all ranks on the same host core and serialise them.
         + "hwloc_default_binding_policy = none\n"
+        # The master starts every worker's daemon itself: only it holds the client key.
+        + "plm_ssh_no_tree_spawn = 1\n"
         + "plm_ssh_args = -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=10\n"
     )
 
@@ -433,6 +505,7 @@ def prte_mca_params(settings: Settings) -> str:
 # only its path, in <NAME>_FILE (a value in the environment shows in `docker inspect` and is
 # inherited by every child process).
 BACKEND_SECRET_FILES = {
+    "API_TOKENS": "api-tokens",
     "POSTGRES_PASSWORD": "app-db-password",
     "REDIS_PASSWORD": "redis-password",
     "SECRET_KEY": "secret-key",
@@ -444,9 +517,15 @@ def secret_path(name: str) -> str:
     return f"{SECRETS_DIR}/{BACKEND_SECRET_FILES[name]}"
 
 
+def api_tokens_file(tokens: Mapping[str, str]) -> str:
+    """The backends' token file: each token's name and SHA-256, never the token itself."""
+    return "".join(f"{name} {hashlib.sha256(tokens[name].encode()).hexdigest()}\n" for name in sorted(tokens))
+
+
 def backend_environment(settings: Settings) -> dict[str, str]:
     """The backend's env contract: names, addresses, limits and the paths of its secret files."""
     topo = Topology(settings)
+    backend = settings.backend
     postgres_hosts = ",".join(n.hostname for n in topo.postgres_nodes)
     return {
         # Every node in both: libpq connects writes to whichever is primary now
@@ -458,13 +537,21 @@ def backend_environment(settings: Settings) -> dict[str, str]:
         "POSTGRES_USER": POSTGRES_APP_USER,
         "REDIS_SENTINELS": sentinel_addresses(settings),
         "REDIS_MASTER_NAME": REDIS_MASTER_NAME,
+        "REDIS_USER": REDIS_APP_USER,
         "MPI_MASTER_HOST": topo.mpi_master.hostname,
         "MPI_SSH_PORT": str(SSH_PORT),
         "UPLOADS_DIR": UPLOADS_DIR,
         "OUTPUTS_DIR": OUTPUTS_DIR,
+        # Where nginx serves OUTPUTS_DIR from, only to a backend's X-Accel-Redirect.
+        "OUTPUTS_INTERNAL_PREFIX": OUTPUTS_INTERNAL_PREFIX,
         # The same limits as nginx's: the app holds to them when reached some other way.
         "MAX_UPLOAD_BYTES": str(settings.nginx.max_body_size_mb * 1024 * 1024),
         "MAX_JSON_BYTES": str(API_MAX_BODY_KB * 1024),
+        "MAX_JOB_SECONDS": str(backend.max_job_seconds),
+        "MAX_ACTIVE_JOBS_PER_TOKEN": str(backend.max_active_jobs_per_token),
+        "MIN_FREE_DISK_BYTES": str(backend.min_free_disk),
+        "UPLOAD_RETENTION_HOURS": str(backend.upload_retention_hours),
+        "OUTPUT_RETENTION_HOURS": str(backend.output_retention_hours),
         **{f"{name}_FILE": secret_path(name) for name in sorted(BACKEND_SECRET_FILES)},
     }
 
@@ -528,6 +615,33 @@ API_MAX_BODY_KB = 64
 HSTS = """
         add_header Strict-Transport-Security "max-age=31536000" always;"""
 
+# What nginx itself answers, as the API answers: a JSON reason, nothing about the server.
+NGINX_ERRORS: dict[int, str] = {
+    400: "bad request",
+    403: "forbidden",
+    404: "not found",
+    405: "method not allowed",
+    408: "the request was not sent in time",
+    413: "request body too large",
+    429: "too many requests or connections from this address: slow down",
+    500: "internal error",
+    502: "no backend could answer",
+    504: "the backend did not answer in time",
+}
+
+
+def _error_pages() -> str:
+    pages = []
+    for status, reason in sorted(NGINX_ERRORS.items()):
+        pages.append(
+            f"""error_page {status} @error_{status};
+        location @error_{status} {{
+            default_type application/json;
+            return {status} '{json.dumps({"error": reason})}\\n';
+        }}"""
+        )
+    return "\n\n        ".join(pages)
+
 
 def _cluster_only(settings: Settings) -> str:
     """Allow the cluster's own networks; the bridge gateway is how the host (and anything
@@ -540,14 +654,19 @@ def _cluster_only(settings: Settings) -> str:
 
 
 def nginx_conf(settings: Settings) -> str:
-    """The load balancer: /api/ to every backend, /outputs/ from the shared volume.
+    """The load balancer: /api/ to every backend, results from the shared volume.
 
     The upstream's servers are not in this file: the entrypoint writes them to
     NGINX_UPSTREAMS_FILE from the backends alias and reloads nginx when they change, so
-    scaling the pool changes neither this file nor the nginx container. With TLS, the
-    HTTP port only redirects to HTTPS (and answers the container's own healthcheck).
+    scaling the pool changes neither this file nor the nginx container. Results are not
+    served to clients directly: a backend checks the token or signed link and answers with
+    X-Accel-Redirect into the internal location. Each client address has a request rate
+    (excess delayed up to a burst, then 429) and a connection cap. With TLS, the HTTP port
+    only redirects to HTTPS (and answers the container's own healthcheck).
     """
     ngx = settings.nginx
+    burst = f" burst={ngx.request_burst}" if ngx.request_burst else ""
+    rate_limited = f"limit_req zone=per_client{burst};"
     local = f"""location = /health {{
             access_log off;
             default_type text/plain;
@@ -557,24 +676,28 @@ def nginx_conf(settings: Settings) -> str:
         location = /nginx-status {{
             stub_status;
             {_cluster_only(settings)}
-        }}"""
+        }}
+
+        {_error_pages()}"""
     service = f"""client_max_body_size {API_MAX_BODY_KB}k;
-        # These time the gaps between reads, not whole transfers: a slow 500 MB upload is fine.
-        client_body_timeout 120s;
-        send_timeout 120s;
         add_header X-Content-Type-Options nosniff always;
         add_header X-Frame-Options DENY always;
         add_header Referrer-Policy no-referrer always;{HSTS if settings.tls_enabled else ""}
+        limit_conn per_client_connections {ngx.connections_per_client};
 
         {local}
 
-        location /outputs/ {{
-            alias {OUTPUTS_DIR}/;
-            autoindex off;
-            limit_except GET HEAD {{ deny all; }}
+        location / {{
+            return 404;
         }}
 
-        # Readiness names every dependency and its address: for the cluster, not for clients.
+        location {OUTPUTS_INTERNAL_PREFIX} {{
+            internal;
+            alias {OUTPUTS_DIR}/;
+            autoindex off;
+        }}
+
+        # Readiness names every dependency: for the cluster (and a token), not for clients.
         location = /api/health {{
             {_cluster_only(settings)}
             {_PROXY_TO_BACKENDS}
@@ -582,10 +705,12 @@ def nginx_conf(settings: Settings) -> str:
 
         location = /api/uploads {{
             client_max_body_size {ngx.max_body_size_mb}m;
+            {rate_limited}
             {_PROXY_TO_BACKENDS}
         }}
 
         location /api/ {{
+            {rate_limited}
             {_PROXY_TO_BACKENDS}
         }}"""
     if settings.tls_enabled:
@@ -639,6 +764,20 @@ http {{
     uwsgi_temp_path /var/cache/nginx/uwsgi_temp;
     scgi_temp_path /var/cache/nginx/scgi_temp;
 
+    # A client gets this long for its whole request line and headers; a body may pause at
+    # most client_body_timeout between two reads (the backend also cuts off one that
+    # trickles); an idle keep-alive connection is closed after keepalive_timeout.
+    client_header_timeout 10s;
+    client_body_timeout 30s;
+    send_timeout 60s;
+    keepalive_timeout 30s;
+    large_client_header_buffers 4 8k;
+
+    limit_req_zone $binary_remote_addr zone=per_client:10m rate={ngx.requests_per_second}r/s;
+    limit_conn_zone $binary_remote_addr zone=per_client_connections:10m;
+    limit_req_status 429;
+    limit_conn_status 429;
+
     map $http_upgrade $connection_upgrade {{
         default upgrade;
         ''      '';
@@ -664,6 +803,7 @@ def rendered_files(settings: Settings, host_public_keys: Sequence[str] | None = 
     keys = host_public_keys or [f"ssh-ed25519 <host key of {n.hostname}>" for n in topo.mpi_nodes]
     files = {
         "postgres/pg_hba.conf": pg_hba_conf(settings),
+        "postgres/pg_ident.conf": pg_ident_conf(),
         "postgres/primary-setup.sql": primary_setup_sql(),
         "postgres/pgbackrest.conf": pgbackrest_conf(settings),
         "postgres/postgresql.conf": postgresql_conf(settings),

@@ -1,7 +1,8 @@
-"""ClusterSecrets: the stack's passwords, generated unless set as secret config."""
+"""ClusterSecrets: the stack's passwords and API tokens, generated unless set as secret config."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pulumi
@@ -17,20 +18,28 @@ GENERATED = {
     "patroniApiPassword": ("patroni-api", 32),
     "appDbPassword": ("postgres-app", 32),
     "redisPassword": ("redis", 32),
+    "redisReplicationPassword": ("redis-replication", 32),
+    "redisSentinelPassword": ("redis-sentinel", 32),
+    "redisAdminPassword": ("redis-admin", 32),
     "secretKey": ("secret-key", 48),
 }
+API_TOKEN_LENGTH = 40
 
 
 @dataclass(frozen=True)
 class ClusterSecretsArgs:
     overrides: SecretOverrides
+    api_token_names: Sequence[str]
 
 
 class ClusterSecrets(pulumi.ComponentResource):
-    """Deploys one RandomPassword per secret the cluster needs; each output is secret.
+    """Deploys one RandomPassword per secret the cluster needs, and one per API token name;
+    each output is secret.
 
     A value set with `pulumi config set --secret <key>` replaces the generated one
-    (the RandomPassword is still created, so switching back is not a new password).
+    (the RandomPassword is still created, so switching back is not a new password). An
+    API token is rotated by renaming it in `backend.apiTokens`: the new name gets a new
+    token, and the old one stops working once it is gone from the list.
     """
 
     postgres_password: pulumi.Output[str]
@@ -39,20 +48,20 @@ class ClusterSecrets(pulumi.ComponentResource):
     patroni_api_password: pulumi.Output[str]
     app_db_password: pulumi.Output[str]
     redis_password: pulumi.Output[str]
+    redis_replication_password: pulumi.Output[str]
+    redis_sentinel_password: pulumi.Output[str]
+    redis_admin_password: pulumi.Output[str]
     secret_key: pulumi.Output[str]
+    api_tokens: dict[str, pulumi.Output[str]]
     tls_certificate: pulumi.Output[str] | None
     tls_key: pulumi.Output[str] | None
 
     def __init__(self, name: str, args: ClusterSecretsArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("transvidio:secrets:ClusterSecrets", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
         values: dict[str, pulumi.Output[str]] = {}
-        for key, (child, length) in GENERATED.items():
-            generated = random.RandomPassword(
-                f"{name}-{child}",
-                length=length,
-                special=False,
-                opts=pulumi.ResourceOptions(parent=self),
-            )
+        for key, (child_name, length) in GENERATED.items():
+            generated = random.RandomPassword(f"{name}-{child_name}", length=length, special=False, opts=child)
             override = args.overrides.get(key)
             values[key] = pulumi.Output.secret(override if override is not None else generated.result)
         self.postgres_password = values["postgresPassword"]
@@ -61,7 +70,18 @@ class ClusterSecrets(pulumi.ComponentResource):
         self.patroni_api_password = values["patroniApiPassword"]
         self.app_db_password = values["appDbPassword"]
         self.redis_password = values["redisPassword"]
+        self.redis_replication_password = values["redisReplicationPassword"]
+        self.redis_sentinel_password = values["redisSentinelPassword"]
+        self.redis_admin_password = values["redisAdminPassword"]
         self.secret_key = values["secretKey"]
+        self.api_tokens = {
+            token: pulumi.Output.secret(
+                random.RandomPassword(
+                    f"{name}-api-token-{token}", length=API_TOKEN_LENGTH, special=False, opts=child
+                ).result
+            )
+            for token in args.api_token_names
+        }
         cert, key = args.overrides.get("tlsCertificate"), args.overrides.get("tlsKey")
         self.tls_certificate = pulumi.Output.secret(cert) if cert is not None else None
         self.tls_key = pulumi.Output.secret(key) if key is not None else None

@@ -155,6 +155,60 @@ def restore_target(key: str, value: Any) -> str:
     raise _fail(key, value, "must be empty, latest, or a time with its UTC offset such as '2026-11-29 14:05:00+00'")
 
 
+_CPUS_RE = re.compile(r"^(\d{1,2})(?:\.(\d{1,2}))?$")
+MAX_CPUS = 64
+
+
+def provider_cpus(millicpus: int) -> str:
+    """A CPU limit as the Docker provider reads it back (terraform-provider-docker's
+    nanoInt64ToDecimalString: "1.0", "0.5", "2.25"), so the next `pulumi up` sees no change."""
+    if millicpus <= 0:
+        raise ValueError(f"a CPU limit must be positive, not {millicpus}")
+    whole, thousandths = divmod(millicpus, 1000)
+    nine_decimals = f"{whole}.{thousandths:03d}000000"
+    if nine_decimals.count("0") == 9:
+        # big.Rat.FloatString(1): one decimal, a half rounded away from zero.
+        tenths = (millicpus + 50) // 100
+        return f"{tenths // 10}.{tenths % 10}"
+    return nine_decimals.rstrip("0")
+
+
+def cpus(key: str, value: Any) -> int:
+    """A CPU limit such as 0.5, 1 or 2.25, in thousandths of a CPU."""
+    allowed = f"must be a number of CPUs from 0.1 to {MAX_CPUS}, at most two decimals, such as 0.5 or 2"
+    match = _CPUS_RE.match(str(value).strip()) if isinstance(value, (int, float, str)) else None
+    if isinstance(value, bool) or not match:
+        raise _fail(key, value, allowed)
+    whole, fraction = match.group(1), (match.group(2) or "").ljust(3, "0")
+    millicpus = int(whole) * 1000 + int(fraction)
+    if not 100 <= millicpus <= MAX_CPUS * 1000:
+        raise _fail(key, value, allowed)
+    # The provider reads a few values back rounded (10.05 as "10.1"): every `pulumi up`
+    # would then plan a replacement. Refuse them, naming the value that works.
+    shown = provider_cpus(millicpus)
+    back_whole, _, back_fraction = shown.partition(".")
+    if int(back_whole) * 1000 + int((back_fraction + "000")[:3]) != millicpus:
+        raise _fail(key, value, f"is read back by the Docker provider as {shown}: use {shown} (or another value)")
+    return millicpus
+
+
+_TOKEN_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+MAX_API_TOKENS = 8
+
+
+def token_names(key: str, value: Any) -> tuple[str, ...]:
+    """Names of the API tokens the stack generates: 1 to 8 distinct lower-case names."""
+    allowed = (
+        f"must be a list of 1 to {MAX_API_TOKENS} distinct names of lower-case letters, digits and '-', "
+        'starting with a letter, such as ["default"]'
+    )
+    if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_API_TOKENS:
+        raise _fail(key, value, allowed)
+    if len(set(value)) != len(value) or not all(isinstance(v, str) and _TOKEN_NAME_RE.match(v) for v in value):
+        raise _fail(key, value, allowed)
+    return tuple(value)
+
+
 def worker_processes(key: str, value: Any) -> str:
     if value == "auto":
         return "auto"
@@ -223,6 +277,7 @@ class PostgresSettings:
         "maxSlotWalKeepSize", "1GB", size_bytes, "WAL a lost replica's slot may pin before it is invalidated."
     )
     memory_mb: int = _setting("memory", "1GB", megabytes(128), "Memory limit per PostgreSQL container.")
+    millicpus: int = _setting("cpus", 2, cpus, "CPU limit per PostgreSQL container.")
     shm_size_mb: int = _setting("shmSize", "256MB", megabytes(64), "/dev/shm size per PostgreSQL container.")
     publish_port: int | None = _setting(
         "publishPort", 0, optional_port, "Host port of the primary; replicas take the next ones. 0: none."
@@ -281,6 +336,8 @@ class RedisSettings:
     )
     memory_mb: int = _setting("memory", "1536MB", megabytes(64), "Memory limit per Redis data node.")
     sentinel_memory_mb: int = _setting("sentinelMemory", "64MB", megabytes(32), "Memory limit per Sentinel.")
+    millicpus: int = _setting("cpus", 1, cpus, "CPU limit per Redis data node.")
+    sentinel_millicpus: int = _setting("sentinelCpus", 0.25, cpus, "CPU limit per Sentinel.")
     publish_port: int | None = _setting(
         "publishPort", 0, optional_port, "Host port of node 0; the other nodes take the next ones. 0: none."
     )
@@ -296,6 +353,7 @@ class MpiSettings:
     worker_count: int = _setting("workers", 2, integer(1, 16), "MPI workers besides the master.")
     slots_per_node: int = _setting("slotsPerNode", 1, integer(1, 64), "MPI slots per node in the hostfile.")
     memory_mb: int = _setting("memory", "2GB", megabytes(128), "Memory limit per MPI node.")
+    millicpus: int = _setting("cpus", 2, cpus, "CPU limit per MPI node.")
 
 
 @dataclass(frozen=True)
@@ -304,6 +362,31 @@ class BackendSettings:
 
     replica_count: int = _setting("replicas", 3, integer(1, 20), "Backend containers.")
     memory_mb: int = _setting("memory", "1GB", megabytes(128), "Memory limit per backend.")
+    millicpus: int = _setting("cpus", 1, cpus, "CPU limit per backend.")
+    api_tokens: tuple[str, ...] = _setting(
+        "apiTokens",
+        ["default"],
+        token_names,
+        "Names of the API's bearer tokens, one generated secret each (output apiTokens); rename one to rotate it.",
+    )
+    max_job_seconds: int = _setting(
+        "maxJobSeconds", 36000, integer(1, 86400), "Longest video a job may ask for (duration_seconds)."
+    )
+    max_active_jobs_per_token: int = _setting(
+        "maxActiveJobsPerToken", 20, integer(1, 10000), "Jobs a token may have queued or running at once (then 429)."
+    )
+    min_free_disk: int = _setting(
+        "minFreeDisk", "1GB", size_bytes, "Free space an upload must leave on the uploads volume (else 507)."
+    )
+    upload_retention_hours: int = _setting(
+        "uploadRetentionHours",
+        168,
+        integer(1, 87600),
+        "Hours an upload is kept (a partial one, an hour after its last byte).",
+    )
+    output_retention_hours: int = _setting(
+        "outputRetentionHours", 168, integer(1, 87600), "Hours a job's result is kept (then 410 Gone)."
+    )
 
 
 @dataclass(frozen=True)
@@ -318,6 +401,16 @@ class NginxSettings:
     )
     max_body_size_mb: int = _setting("maxBodySize", "500MB", megabytes(1), "Largest upload accepted.")
     memory_mb: int = _setting("memory", "256MB", megabytes(32), "Memory limit of the nginx container.")
+    millicpus: int = _setting("cpus", 1, cpus, "CPU limit of the nginx container.")
+    requests_per_second: int = _setting(
+        "requestsPerSecond", 50, integer(1, 100000), "API requests per second per client address (excess delayed)."
+    )
+    request_burst: int = _setting(
+        "requestBurst", 40, integer(0, 100000), "API requests a client may queue above its rate (beyond: 429)."
+    )
+    connections_per_client: int = _setting(
+        "connectionsPerClient", 64, integer(1, 100000), "Open connections per client address (beyond: 429)."
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -337,7 +430,10 @@ SECRET_KEYS: dict[str, str] = {
     "rewindPassword": "PostgreSQL pg_rewind role password (generated when unset).",
     "patroniApiPassword": "Patroni REST API password: switchover, restart, config (generated when unset).",
     "appDbPassword": "PostgreSQL application role password (generated when unset).",
-    "redisPassword": "Redis and Sentinel password (generated when unset).",
+    "redisPassword": "Redis password of the application user app (generated when unset).",
+    "redisReplicationPassword": "Redis user replica: replication, and nodes asking Sentinels (generated when unset).",
+    "redisSentinelPassword": "Redis user sentinel: the Sentinels on the nodes and each other (generated when unset).",
+    "redisAdminPassword": "Redis user admin, for operators, on every node and Sentinel (generated when unset).",
     "secretKey": "Backend SECRET_KEY (generated when unset).",
     "tlsCertificate": "PEM certificate chain for nginx HTTPS (optional).",
     "tlsKey": "PEM private key for nginx HTTPS (optional).",

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import cache
 from typing import Any
 
 import pytest
 
-from components import render
+from components import redis, render
 from components.container import SERVICE_UIDS
+from components.secrets import GENERATED
 from components.settings import parse
 from components.topology import Topology
 from tests.program import Evaluation, Registration, evaluate, is_secret, plain, stack_config
@@ -29,7 +31,7 @@ def evaluated(stack: str) -> Evaluation:
 
 
 def env_of(container: Registration) -> dict[str, str]:
-    return dict(item.split("=", 1) for item in plain(container.inputs["envs"]))
+    return dict(item.split("=", 1) for item in plain(container.inputs.get("envs", [])))
 
 
 def uploads_of(container: Registration) -> dict[str, dict[str, Any]]:
@@ -37,7 +39,7 @@ def uploads_of(container: Registration) -> dict[str, dict[str, Any]]:
 
 
 def networks_of(container: Registration) -> dict[str, dict[str, Any]]:
-    return {n["name"]: n for n in plain(container.inputs["networksAdvanced"])}
+    return {n["name"]: n for n in plain(container.inputs.get("networksAdvanced", []))}
 
 
 def mounts_of(container: Registration) -> dict[str, dict[str, Any]]:
@@ -54,7 +56,7 @@ def test_counts_and_docker_names(stack: str) -> None:
     s = parse(stack, stack_config(stack))
     names = set(ev.containers)
     prefix = f"transvidio-{stack}-"
-    expected = {"postgres-primary", "nginx", "mpi-master"}
+    expected = {"postgres-primary", "postgres-credentials", "nginx", "mpi-master"}
     expected |= {f"postgres-replica-{i}" for i in range(1, s.postgres.replica_count + 1)}
     expected |= {f"etcd-{i}" for i in range(1, s.postgres.consensus_nodes + 1)}
     expected |= {f"redis-{i}" for i in range(s.redis.replica_count + 1)}
@@ -106,7 +108,11 @@ def test_every_container_gets_the_hygiene(stack: str) -> None:
         assert labels["io.transvidio.stack"] == stack
         assert labels["io.transvidio.component"] in {"postgres", "redis", "mpi", "backend", "nginx"}
         assert labels["io.transvidio.role"]
-        assert i["hostname"] in {alias for n in networks_of(container).values() for alias in n["aliases"]}
+        if labels["io.transvidio.role"] == "postgres-credentials":  # no network at all
+            assert (i["networkMode"], i.get("networksAdvanced")) == ("none", None), name
+        else:
+            assert i["hostname"] in {alias for n in networks_of(container).values() for alias in n["aliases"]}
+            assert "networkMode" not in i, name
         assert container.options["delete_before_replace"] is True, name
         assert container.options["replace_on_changes"] == ["healthcheck"], name
         role = labels["io.transvidio.role"]
@@ -119,7 +125,8 @@ def test_every_container_gets_the_hygiene(stack: str) -> None:
             start,
         ), name
         # Only what others wait for blocks the apply until healthy; only PostgreSQL gets /dev/shm.
-        assert bool(i.get("wait")) == (role == "postgres-primary" or name.endswith("-redis-0")), name
+        waited = ("postgres-primary", "postgres-credentials")
+        assert bool(i.get("wait")) == (role in waited or name.endswith("-redis-0")), name
         assert ("shmSize" in i) == (role in ("postgres-primary", "postgres-replica")), name
 
 
@@ -147,6 +154,8 @@ def test_only_nginx_publishes_in_prod_and_the_data_tier_is_internal_only() -> No
             assert attached == {"transvidio-prod-data"}, name
         elif role == "backend":
             assert attached == {"transvidio-prod-data", "transvidio-prod-edge"}, name
+        elif role == "postgres-credentials":
+            assert attached == set(), name
         else:
             assert attached == {"transvidio-prod-edge"}, name
 
@@ -194,6 +203,7 @@ def test_the_address_plan_of_prod_is_the_documented_one() -> None:
         "postgres-primary": (data + "10", None),
         "postgres-replica-1": (data + "11", None),
         "postgres-replica-2": (data + "12", None),
+        "postgres-credentials": (None, None),
         "etcd-1": (data + "60", None),
         "etcd-2": (data + "61", None),
         "etcd-3": (data + "62", None),
@@ -256,6 +266,7 @@ def test_postgres_first_node_waits_for_etcd_and_the_others_follow_it(stack: str)
     # A member is healthy only once a majority is up: none is waited for alone.
     assert not any(member.inputs.get("wait") for member in etcd)
     assert {member.urn for member in etcd} <= set(first.options["dependencies"])
+    writer = containers[f"transvidio-{stack}-postgres-credentials"]
     replicas = [c for c in containers.values() if labels_of(c)["io.transvidio.role"] == "postgres-replica"]
     assert replicas
     # Registration order is dependency order: no replica registers before the first node returned.
@@ -263,7 +274,8 @@ def test_postgres_first_node_waits_for_etcd_and_the_others_follow_it(stack: str)
     nodes = [first, *replicas]
     for replica in replicas:
         assert order.index(replica.name) > order.index(first.name)
-        assert primary_urn_in(first, replica)
+        assert primary_urn_in(first, replica) and writer.urn in replica.options["dependencies"]
+    assert writer.urn in first.options["dependencies"]
     for node in nodes:
         name = node.inputs["hostname"]
         assert env_of(node)["PG_ROLE"] == "node" and env_of(node)["PG_NODE"] == name
@@ -275,11 +287,19 @@ def test_postgres_first_node_waits_for_etcd_and_the_others_follow_it(stack: str)
         assert files[f"{render.POSTGRES_CONF_DIR}/{name}.patroni.yml"]["content"] == render.patroni_yml(
             s, next(n for n in Topology(s).postgres_nodes if n.hostname == name)
         )
-        # Its own data volume and the shared backup repository, nothing else.
-        assert {m["target"]: m["source"] for m in mounts_of(node).values()} == {
-            "/var/lib/postgresql/data": f"transvidio-{stack}-{name}-data",
-            render.PGBACKREST_REPO_DIR: f"transvidio-{stack}-postgres-backups",
+        # Its own data volume, the shared backup repository and the credentials store (read-only).
+        assert {m["target"]: (m["source"], bool(m.get("readOnly"))) for m in mounts_of(node).values()} == {
+            "/var/lib/postgresql/data": (f"transvidio-{stack}-{name}-data", False),
+            render.PGBACKREST_REPO_DIR: (f"transvidio-{stack}-postgres-backups", False),
+            render.SECRETS_DIR: (f"transvidio-{stack}-postgres-credentials", True),
         }
+    # The writer: the store's volume, its files in the inbox, and no network.
+    assert {m["target"]: m["source"] for m in mounts_of(writer).values()} == {
+        "/srv/credentials": f"transvidio-{stack}-postgres-credentials"
+    }
+    assert writer.inputs["entrypoints"] == ["/usr/local/bin/credentials.sh", "serve"]
+    assert writer.inputs["healthcheck"]["tests"] == ["CMD", "/usr/local/bin/credentials.sh", "check"]
+    assert not writer.inputs.get("ports") and "envs" not in writer.inputs
     for member in etcd:
         name = member.inputs["hostname"]
         assert env_of(member) == {"PG_ROLE": "etcd", "PG_NODE": name}
@@ -309,13 +329,32 @@ def test_redis_nodes_and_sentinels(stack: str) -> None:
         assert env["REDIS_ANNOUNCE_IP"] == networks_of(node)[f"transvidio-{stack}-data"]["ipv4Address"]
         conf = uploads_of(node)[f"{render.REDIS_CONF_DIR}/{node.inputs['hostname']}.conf"]["content"]
         assert "appendonly yes" in conf
-        password = uploads_of(node)[f"{render.SECRETS_DIR}/redis-password"]
-        assert password["permissions"] == "0400" and password["owner"] == "10002"
+        for secret in (render.REDIS_ACL_FILE, redis.NODE_PASSWORD_FILE):
+            upload = uploads_of(node)[secret]
+            assert (upload["permissions"], upload["owner"]) == ("0400", "10002")
+        assert uploads_of(node)[render.REDIS_ACL_FILE]["content"] == render.redis_acl(
+            render.REDIS_NODE_ACL, redis_passwords(ev)
+        )
+        assert uploads_of(node)[redis.NODE_PASSWORD_FILE]["content"] == redis_passwords(ev)["replica"]
     for sentinel in sentinels:
         assert sentinel.inputs["entrypoints"] == ["/usr/local/bin/redis-sentinel.sh"]
         conf = uploads_of(sentinel)[f"{render.REDIS_CONF_DIR}/{sentinel.inputs['hostname']}.conf"]["content"]
         assert f"sentinel monitor transvidio {s.network.data_subnet.network_address + 20} 6379 {s.redis.quorum}" in conf
         assert set(mounts_of(sentinel)) == {"/data"}
+        assert uploads_of(sentinel)[render.SENTINEL_ACL_FILE]["content"] == render.redis_acl(
+            render.SENTINEL_ACL, redis_passwords(ev)
+        )
+        assert uploads_of(sentinel)[redis.SENTINEL_PASSWORD_FILE]["content"] == redis_passwords(ev)["sentinel"]
+
+
+def redis_passwords(ev: Evaluation) -> dict[str, str]:
+    generated = {r.name: plain(r.outputs["result"]) for r in ev.of_type("random:index/randomPassword:RandomPassword")}
+    return {
+        "app": generated["secrets-redis"],
+        "replica": generated["secrets-redis-replication"],
+        "sentinel": generated["secrets-redis-sentinel"],
+        "admin": generated["secrets-redis-admin"],
+    }
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -327,32 +366,40 @@ def test_mpi_keys_hostfile_and_known_hosts(stack: str) -> None:
     assert len(keys) == 1 + 1 + s.mpi.worker_count  # client key + one host key per node
     mpi_nodes = [c for c in ev.containers.values() if labels_of(c)["io.transvidio.component"] == "mpi"]
     assert len(mpi_nodes) == 1 + s.mpi.worker_count
+    topo = Topology(s)
     for node in mpi_nodes:
         uploads = uploads_of(node)
         hostname = node.inputs["hostname"]
-        assert uploads[f"{render.MPI_CONF_DIR}/hostfile"]["content"] == render.hostfile(s)
+        master = hostname == "mpi-master"
         pinned = {h["host"]: h["ip"] for h in node.inputs["hosts"]}
-        topo = Topology(s)
-        runner = [*topo.postgres_nodes] if hostname == "mpi-master" else []
+        runner = [*topo.postgres_nodes] if master else []
         assert pinned == {n.hostname: n.data_ip for n in [*topo.mpi_nodes, *runner]}
+        own_key = keys[f"{hostname}-host-key"]
+        assert uploads["/etc/ssh/ssh_host_ed25519_key"]["owner"] == "0"
+        assert uploads["/etc/ssh/ssh_host_ed25519_key"]["permissions"] == "0400"
+        assert uploads["/etc/ssh/ssh_host_ed25519_key"]["content"] == plain(own_key.outputs["private_key_openssh"])
+        assert (
+            "btl_tcp_if_include = " + str(s.network.data_subnet)
+            in uploads["/home/app/.openmpi/mca-params.conf"]["content"]
+        )
+        assert "plm_ssh_no_tree_spawn = 1" in uploads["/home/app/.prte/mca-params.conf"]["content"]
+        client_files = {"/home/app/.ssh/id_ed25519", "/etc/ssh/ssh_known_hosts", f"{render.MPI_CONF_DIR}/hostfile"}
+        if not master:  # a worker launches nothing: it only admits the master
+            assert not client_files & set(uploads), hostname
+            public = keys["mpi-client-key"].outputs["public_key_openssh"].strip()
+            assert uploads["/home/app/.ssh/authorized_keys"]["content"] == (
+                f'restrict,from="{topo.mpi_master.data_ip}" {public}\n'
+            )
+            continue
+        assert "/home/app/.ssh/authorized_keys" not in uploads  # nobody logs into the master
+        assert uploads[f"{render.MPI_CONF_DIR}/hostfile"]["content"] == render.hostfile(s)
+        assert uploads["/home/app/.ssh/id_ed25519"]["owner"] == "10010"
         known = uploads["/etc/ssh/ssh_known_hosts"]["content"].splitlines()
         assert len(known) == len(mpi_nodes)
         for line in known:
             host = line.split(",")[0]
             host_key = keys[f"mpi-{host}-host-key" if not host.startswith("mpi-") else f"{host}-host-key"]
             assert line.endswith(host_key.outputs["public_key_openssh"].strip())
-        own_key = keys[f"{hostname}-host-key"]
-        assert uploads["/etc/ssh/ssh_host_ed25519_key"]["owner"] == "0"
-        assert uploads["/etc/ssh/ssh_host_ed25519_key"]["permissions"] == "0400"
-        assert uploads["/etc/ssh/ssh_host_ed25519_key"]["content"] == plain(own_key.outputs["private_key_openssh"])
-        assert uploads["/home/app/.ssh/id_ed25519"]["owner"] == "10010"
-        assert (
-            uploads["/home/app/.ssh/authorized_keys"]["content"] == keys["mpi-client-key"].outputs["public_key_openssh"]
-        )
-        assert (
-            "btl_tcp_if_include = " + str(s.network.data_subnet)
-            in uploads["/home/app/.openmpi/mca-params.conf"]["content"]
-        )
 
 
 def scaling_diff(overrides: dict[str, Any]) -> tuple[set[str], set[str], set[str]]:
@@ -403,7 +450,8 @@ def test_memory_swap_equals_memory_and_stops_are_graceful(stack: str) -> None:
         assert container.inputs["memorySwap"] == container.inputs["memory"], name
         grace = container.inputs["destroyGraceSeconds"]
         role = labels_of(container)["io.transvidio.role"]
-        assert grace == (60 if role.startswith("postgres") else 30 if role in ("redis", "sentinel") else 10), name
+        nodes = ("postgres-primary", "postgres-replica")
+        assert grace == (60 if role in nodes else 30 if role in ("redis", "sentinel") else 10), name
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -432,7 +480,12 @@ def test_no_secret_appears_outside_a_secret(stack: str) -> None:
     secret_values = {plain(r.outputs["result"]) for r in ev.of_type("random:index/randomPassword:RandomPassword")} | {
         plain(r.outputs["private_key_openssh"]) for r in ev.of_type("tls:index/privateKey:PrivateKey")
     }
-    assert len(secret_values) == 7 + len(ev.of_type("tls:index/privateKey:PrivateKey"))
+    tokens = set(parse(stack, stack_config(stack)).backend.api_tokens)
+    assert len(secret_values) == len(GENERATED) + len(tokens) + len(ev.of_type("tls:index/privateKey:PrivateKey"))
+    # Known to the containers by their hashes only: the API tokens and the Redis admin's password.
+    hashed_only = {plain(r.outputs["result"]) for r in ev.of_type("random:index/randomPassword:RandomPassword")
+                   if r.name.startswith("secrets-api-token-") or r.name == "secrets-redis-admin"}  # fmt: skip
+    assert len(hashed_only) == len(tokens) + 1
 
     def leaks(value: Any) -> list[str]:
         if is_secret(value):
@@ -446,7 +499,9 @@ def test_no_secret_appears_outside_a_secret(stack: str) -> None:
     for registration in ev.registrations:
         assert leaks(registration.inputs) == [], registration.name
     found_in_secret = json.dumps(plain([r.inputs for r in ev.registrations]))
-    assert all(s in found_in_secret for s in secret_values)  # they do reach the containers
+    assert all(s in found_in_secret for s in secret_values - hashed_only)  # they do reach the containers
+    assert not any(s in found_in_secret for s in hashed_only)
+    assert all(hashlib.sha256(s.encode()).hexdigest() in found_in_secret for s in hashed_only)
     for name, (value, secret) in ev.exports.items():
         if any(s in json.dumps(value) for s in secret_values):
             assert secret, f"export {name} leaks a secret"
@@ -455,7 +510,9 @@ def test_no_secret_appears_outside_a_secret(stack: str) -> None:
         "postgresStandbyDsn",
         "postgresSuperuserPassword",
         "redisPassword",
+        "redisAdminPassword",
         "secretKey",
+        "apiTokens",
     ):
         assert ev.exports[name][1], name
 
@@ -463,11 +520,12 @@ def test_no_secret_appears_outside_a_secret(stack: str) -> None:
 def test_secret_config_replaces_a_generated_password() -> None:
     ev = evaluate("dev", secret_config={"redisPassword": "chosen-by-the-operator"})
     node = ev.containers["transvidio-dev-redis-0"]
-    password = uploads_of(node)[f"{render.SECRETS_DIR}/redis-password"]["content"]
-    assert password == "chosen-by-the-operator"
+    acl = uploads_of(node)[render.REDIS_ACL_FILE]["content"]
+    assert f"user app on #{hashlib.sha256(b'chosen-by-the-operator').hexdigest()} " in acl
     assert is_secret(node.inputs["uploads"])
     backend = uploads_of(ev.containers["transvidio-dev-backend-1"])
     assert backend[f"{render.SECRETS_DIR}/redis-password"]["content"] == "chosen-by-the-operator"
+    assert ev.exports["redisPassword"] == ("chosen-by-the-operator", True)
 
 
 def test_each_secret_is_generated_by_a_password_resource_of_a_stable_name_and_length() -> None:
@@ -480,8 +538,36 @@ def test_each_secret_is_generated_by_a_password_resource_of_a_stable_name_and_le
         "secrets-patroni-api": 32,
         "secrets-postgres-app": 32,
         "secrets-redis": 32,
+        "secrets-redis-replication": 32,
+        "secrets-redis-sentinel": 32,
+        "secrets-redis-admin": 32,
         "secrets-secret-key": 48,
+        "secrets-api-token-default": 40,
     }
+
+
+def test_each_api_token_name_gets_its_own_token_and_renaming_one_keeps_the_others() -> None:
+    two = evaluate("prod", {"backend": {"apiTokens": ["ci", "alice"]}})
+    tokens = {r.name: plain(r.outputs["result"]) for r in two.of_type("random:index/randomPassword:RandomPassword")}
+    assert {name for name in tokens if name.startswith("secrets-api-token-")} == {
+        "secrets-api-token-ci",
+        "secrets-api-token-alice",
+    }
+    assert two.exports["apiTokens"] == (
+        {"ci": tokens["secrets-api-token-ci"], "alice": tokens["secrets-api-token-alice"]},
+        True,
+    )
+    # Every backend holds the tokens' hashes, never a token.
+    for number in (1, 2, 3):
+        upload = uploads_of(two.containers[f"transvidio-prod-backend-{number}"])[f"{render.SECRETS_DIR}/api-tokens"]
+        assert upload["content"] == render.api_tokens_file(
+            {"ci": tokens["secrets-api-token-ci"], "alice": tokens["secrets-api-token-alice"]}
+        )
+        assert (upload["permissions"], upload["owner"]) == ("0400", "10010")
+    # Rotating "ci" (renamed) leaves "alice" as it was: its resource keeps its name.
+    rotated = evaluate("prod", {"backend": {"apiTokens": ["ci-2", "alice"]}})
+    names = {r.name for r in rotated.of_type("random:index/randomPassword:RandomPassword")}
+    assert {"secrets-api-token-ci-2", "secrets-api-token-alice"} <= names and "secrets-api-token-ci" not in names
 
 
 def test_passwords_are_url_safe_and_stable() -> None:
@@ -507,10 +593,12 @@ def test_data_volumes_survive_destroy(stack: str) -> None:
     ev = evaluated(stack)
     volumes = ev.of_type("docker:index/volume:Volume")
     assert volumes
-    assert all(v.options["retain_on_delete"] for v in volumes)
+    # Every volume but the credentials store outlives `pulumi destroy`: secrets do not.
+    store = f"transvidio-{stack}-postgres-credentials"
+    assert {v.inputs["name"] for v in volumes if not v.options["retain_on_delete"]} == {store}
     names = {v.inputs["name"] for v in volumes}
     mounted = {m["source"] for c in ev.containers.values() for m in mounts_of(c).values()}
-    assert mounted == names  # every container volume is a retained one, and every one is used
+    assert mounted == names  # every container volume is declared, and every one is used
     for volume in volumes:
         labels = {item["label"]: item["value"] for item in volume.inputs["labels"]}
         component = volume.name.split("-")[0]  # resource names start with their component's
@@ -557,15 +645,17 @@ def test_every_dependency_edge_between_containers_is_exactly_the_designed_one() 
         "postgres-etcd-1": set(),
         "postgres-etcd-2": set(),
         "postgres-etcd-3": set(),
-        "postgres-primary": {"postgres-etcd-1", "postgres-etcd-2", "postgres-etcd-3"},
-        "postgres-replica-1": {"postgres-primary"},
-        "postgres-replica-2": {"postgres-primary"},
+        "postgres-primary": {"postgres-etcd-1", "postgres-etcd-2", "postgres-etcd-3", "postgres-credentials"},
+        "postgres-credentials": set(),
+        "postgres-replica-1": {"postgres-primary", "postgres-credentials"},
+        "postgres-replica-2": {"postgres-primary", "postgres-credentials"},
         "redis-0": set(),
         "redis-1": {"redis-0"},
         "redis-2": {"redis-0"},
-        "redis-sentinel-1": {"redis-0"},
-        "redis-sentinel-2": {"redis-0"},
-        "redis-sentinel-3": {"redis-0"},
+        # Not after the master: a master with data waits for a Sentinel before it starts.
+        "redis-sentinel-1": set(),
+        "redis-sentinel-2": set(),
+        "redis-sentinel-3": set(),
         **{key: {"postgres-primary", "redis-0"} for key in backends},
         "mpi-master": set(),
         "mpi-worker-1": set(),
@@ -584,14 +674,16 @@ POSTGRES_NODE_SECRETS = {
     "app-db-password",
 }
 SECRET_FILES = {
-    "postgres-primary": POSTGRES_NODE_SECRETS,
-    "postgres-replica": POSTGRES_NODE_SECRETS,
+    # The nodes read theirs from the credentials store; only its writer has them as uploads.
+    "postgres-primary": set(),
+    "postgres-replica": set(),
+    "postgres-credentials": POSTGRES_NODE_SECRETS,
     "etcd": set(),
-    "redis": {"redis-password"},
-    "sentinel": {"redis-password"},
+    "redis": {"redis-users.acl", "redis-replication-password"},
+    "sentinel": {"sentinel-users.acl", "redis-sentinel-password"},
     "mpi-master": {"ssh_host_ed25519_key", "id_ed25519", "app-db-password"},
-    "mpi-worker": {"ssh_host_ed25519_key", "id_ed25519"},
-    "backend": {"app-db-password", "redis-password", "secret-key"},
+    "mpi-worker": {"ssh_host_ed25519_key"},
+    "backend": {"api-tokens", "app-db-password", "redis-password", "secret-key"},
     "nginx": set(),
 }
 
@@ -607,8 +699,14 @@ def test_each_container_gets_exactly_its_secrets_and_the_right_ones(stack: str) 
         "patroni-api-password": generated["secrets-patroni-api"],
         "app-db-password": generated["secrets-postgres-app"],
         "redis-password": generated["secrets-redis"],
+        "redis-replication-password": generated["secrets-redis-replication"],
+        "redis-sentinel-password": generated["secrets-redis-sentinel"],
         "secret-key": generated["secrets-secret-key"],
+        "api-tokens": render.api_tokens_file({"default": generated["secrets-api-token-default"]}),
+        "redis-users.acl": render.redis_acl(render.REDIS_NODE_ACL, redis_passwords(ev)),
+        "sentinel-users.acl": render.redis_acl(render.SENTINEL_ACL, redis_passwords(ev)),
     }
+    checked = set()
     for name, container in ev.containers.items():
         role = labels_of(container)["io.transvidio.role"]
         secret_uploads = {
@@ -620,9 +718,11 @@ def test_each_container_gets_exactly_its_secrets_and_the_right_ones(stack: str) 
         for file, upload in secret_uploads.items():
             if file in by_file:
                 assert upload["content"] == by_file[file], (name, file)
+                checked.add(file)
+    assert checked == set(by_file)
     # No secret in any environment: a value there shows in `docker inspect` and reaches every child.
     for name, container in ev.containers.items():
-        assert not is_secret(container.inputs["envs"]), name
+        assert not is_secret(container.inputs.get("envs", [])), name
         env = env_of(container)
         assert not any(secret in value for value in env.values() for secret in generated.values()), name
 
@@ -693,7 +793,9 @@ def test_prod_exports_exactly_these_outputs() -> None:
         "?target_session_attrs=prefer-standby&load_balance_hosts=random",
         "postgresSuperuserPassword": generated["secrets-postgres-superuser"],
         "redisPassword": generated["secrets-redis"],
+        "redisAdminPassword": generated["secrets-redis-admin"],
         "secretKey": generated["secrets-secret-key"],
+        "apiTokens": {"default": generated["secrets-api-token-default"]},
     }
 
 
@@ -710,6 +812,7 @@ def test_each_data_tier_container_gets_exactly_the_environment_its_entrypoint_re
             "BACKUP_INCREMENTAL_INTERVAL_MINUTES": "60",
         }
     assert envs["etcd-3"] == {"PG_ROLE": "etcd", "PG_NODE": "etcd-3"}
+    assert envs["postgres-credentials"] == {}
     sentinels = "10.211.1.30:26379,10.211.1.31:26379,10.211.1.32:26379"
     assert envs["redis-1"] == {
         "REDIS_MASTER_NAME": "transvidio",
@@ -719,9 +822,17 @@ def test_each_data_tier_container_gets_exactly_the_environment_its_entrypoint_re
         "FAILOVER_TIMEOUT_MS": "60000",
         "REDIS_NODE": "redis-1",
         "REDIS_ANNOUNCE_IP": "10.211.1.21",
+        "REDIS_USER": "replica",
+        "REDIS_PASSWORD_FILE": "/etc/transvidio/secrets/redis-replication-password",
     }
-    assert envs["sentinel-2"] == {"REDIS_MASTER_NAME": "transvidio", "SENTINEL_NODE": "sentinel-2"}
-    assert envs["mpi-worker-1"] == {"MPI_HOSTFILE": "/etc/transvidio/mpi/hostfile", "MPI_ROLE": "mpi-worker"}
+    assert envs["sentinel-2"] == {
+        "REDIS_MASTER_NAME": "transvidio",
+        "SENTINEL_NODE": "sentinel-2",
+        "REDIS_USER": "sentinel",
+        "REDIS_PASSWORD_FILE": "/etc/transvidio/secrets/redis-sentinel-password",
+        "SENTINEL_ACL_FILE": "/etc/transvidio/secrets/sentinel-users.acl",
+    }
+    assert envs["mpi-worker-1"] == {"MPI_ROLE": "mpi-worker"}
     assert envs["mpi-master"] == {
         "MPI_HOSTFILE": "/etc/transvidio/mpi/hostfile",
         "MPI_ROLE": "mpi-master",
@@ -744,6 +855,7 @@ def test_uploads_tls_ports_capabilities_and_healthchecks_per_role() -> None:
         expected_check = {
             "backend": ["CMD", "python3", "/usr/local/bin/healthcheck.py"],
             "nginx": ["CMD", "curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:8080/nginx-status"],
+            "postgres-credentials": ["CMD", "/usr/local/bin/credentials.sh", "check"],
         }.get(role, ["CMD", "/usr/local/bin/healthcheck.sh"])
         assert container.inputs["healthcheck"]["tests"] == expected_check, name
         adds = container.inputs["capabilities"].get("adds")

@@ -119,6 +119,8 @@ def test_the_read_back_of_a_container() -> None:
             "CapAdd": ["CHOWN"],
             "CapDrop": ["ALL"],
             "ExtraHosts": ["db:10.0.0.1"],
+            "NetworkMode": "bridge",
+            "NanoCpus": 1_500_000_000,
         },
         "NetworkSettings": {"Ports": {"8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": "80"}]}},
         "State": {"Running": True},
@@ -139,3 +141,29 @@ def test_the_read_back_of_a_container() -> None:
     assert state["capabilities"] == {"adds": ["CHOWN"], "drops": ["ALL"]}
     assert state["envs"] == ["A=1"]  # never read: the applied value stays
     assert (state["name"], state["restart"], state["user"]) == ("c", "unless-stopped", "10:10")
+    assert (state["networkMode"], state["cpus"]) == ("bridge", "1.5")
+
+
+@pytest.mark.parametrize(
+    ("nanos", "text"),
+    [(10**9, "1.0"), (2 * 10**9, "2.0"), (5 * 10**8, "0.5"), (25 * 10**7, "0.25"), (15 * 10**8, "1.5"),
+     (1005 * 10**7, "10.1"), (10 * 10**9, "10."), (64 * 10**9, "64.0"), (205 * 10**8, "20.5"), (0, "0")],
+)  # fmt: skip
+def test_cpus_are_read_back_as_the_provider_prints_them(nanos: int, text: str) -> None:
+    assert provider.go_nano_decimal(nanos) == text
+    assert nanos in (0, 1005 * 10**7) or provider.parse_cpus(text) == nanos  # 10.05 reads back rounded
+
+
+def test_the_programs_cpu_limits_are_in_the_form_read_back() -> None:
+    from components.settings import cpus, provider_cpus
+
+    for text in ("0.1", "0.25", "0.5", "1", "1.25", "1.5", "2", "2.05", "10", "20.5", "64"):
+        millicpus = cpus("cpus", text)
+        assert provider.parse_cpus(provider_cpus(millicpus)) == millicpus * 10**6, text  # what is set
+        assert provider_cpus(millicpus) == provider.go_nano_decimal(millicpus * 10**6), text  # read back
+
+
+def test_an_unset_network_mode_is_the_schema_default_and_plans_no_change() -> None:
+    state = {**state_after_create(BASE), "networkMode": "bridge"}
+    assert "networkMode" not in provider.diff(CONTAINER, BASE, state)
+    assert provider.diff(CONTAINER, {**BASE, "networkMode": "none"}, state)["networkMode"] == provider.REPLACE

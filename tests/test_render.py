@@ -156,6 +156,7 @@ def test_mpi_is_tcp_only_pinned_to_the_data_subnet_unbound_and_strict_about_host
     assert render.prte_mca_params(s) == render.HEADER + (
         "prte_if_include = 10.211.1.0/24\n"
         "hwloc_default_binding_policy = none\n"
+        "plm_ssh_no_tree_spawn = 1\n"
         "plm_ssh_args = -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=10\n"
     )
 
@@ -163,12 +164,13 @@ def test_mpi_is_tcp_only_pinned_to_the_data_subnet_unbound_and_strict_about_host
 def test_pg_hba_is_exactly_these_rules_in_this_order() -> None:
     s = settings()
     rows = [line.split() for line in render.pg_hba_conf(s).splitlines() if line and not line.startswith("#")]
-    # First match wins: local peer for the superuser, the replication role's password on the
-    # socket (Patroni asks its own node for its timeline), SCRAM from the data subnet for the three
-    # roles (pg_rewind's only to the postgres database), and nothing else from anywhere.
+    # First match wins: local peer for the superuser, and for the node's own OS user as the
+    # replication role on the socket (Patroni asks its own node for its timeline: no password a
+    # rotation changes), SCRAM from the data subnet for the three roles (pg_rewind's only to the
+    # postgres database), and nothing else from anywhere.
     assert rows == [
         ["local", "all", "postgres", "peer"],
-        ["local", "replication", "replicator", "scram-sha-256"],
+        ["local", "replication", "replicator", "peer", "map=local-replication"],
         ["host", "replication", "replicator", "10.211.1.0/24", "scram-sha-256"],
         ["host", "postgres", "rewinder", "10.211.1.0/24", "scram-sha-256"],
         ["host", "transvidio", "transvidio", "10.211.1.0/24", "scram-sha-256"],
@@ -235,6 +237,7 @@ def test_patroni_config_of_a_node_names_it_and_its_fixed_addresses_and_every_etc
     assert (pg["listen"], pg["connect_address"]) == ("0.0.0.0:5432", "10.211.1.12:5432")
     assert pg["parameters"] == {
         "hba_file": "/etc/transvidio/postgres/pg_hba.conf",
+        "ident_file": "/etc/transvidio/postgres/pg_ident.conf",
         "unix_socket_directories": "/var/lib/postgresql/run",
     }
     assert pg["authentication"] == {
@@ -495,3 +498,128 @@ def test_render_sees_tls_from_the_stack_files_secure_values_and_reports_errors_w
     assert render.main(["--stack", "bad", "--out", str(tmp_path / "bad"), "--project-dir", str(project)]) == 2
     assert capsys.readouterr().err == ("error: transvidio:backend.replicas=99: must be a whole number from 1 to 20\n")
     assert not (tmp_path / "bad").exists()
+
+
+# --- what limits clients -------------------------------------------------------------------------
+
+
+def test_nginx_limits_each_client_and_times_out_slow_ones() -> None:
+    s = settings(nginx={"requestsPerSecond": 7, "requestBurst": 9, "connectionsPerClient": 11})
+    conf = render.nginx_conf(s)
+    http = block(conf, "http")
+    for line in (
+        "limit_req_zone $binary_remote_addr zone=per_client:10m rate=7r/s;",
+        "limit_conn_zone $binary_remote_addr zone=per_client_connections:10m;",
+        "limit_req_status 429;",
+        "limit_conn_status 429;",
+        "client_header_timeout 10s;",
+        "client_body_timeout 30s;",
+        "send_timeout 60s;",
+        "keepalive_timeout 30s;",
+        "large_client_header_buffers 4 8k;",
+    ):
+        assert f"\n    {line}\n" in http, line
+    server = block(conf, "server")
+    assert "limit_conn per_client_connections 11;" in server.split("location")[0]
+    # Requests to the API are rated; liveness and the internal result location are not.
+    for name in ("= /api/uploads", "/api/"):
+        assert "limit_req zone=per_client burst=9;" in block(conf, f"location {name}"), name
+    for name in ("= /health", "= /nginx-status", render.OUTPUTS_INTERNAL_PREFIX):
+        assert "limit_req" not in block(conf, f"location {name}"), name
+    assert conf.count("limit_req zone=") == 2
+    assert "limit_req zone=per_client;" in render.nginx_conf(settings(nginx={"requestBurst": 0}))
+
+
+def test_results_are_only_served_through_the_internal_location() -> None:
+    conf = render.nginx_conf(settings())
+    internal = block(conf, f"location {render.OUTPUTS_INTERNAL_PREFIX}")
+    assert [line.strip() for line in internal.splitlines()[1:-1]] == [
+        "internal;",
+        f"alias {render.OUTPUTS_DIR}/;",
+        "autoindex off;",
+    ]
+    assert conf.count(f"alias {render.OUTPUTS_DIR}/;") == 1  # no public /outputs/
+    assert "location /outputs/" not in conf
+    assert block(conf, "location /").splitlines()[1].strip() == "return 404;"
+    assert render.backend_environment(settings())["OUTPUTS_INTERNAL_PREFIX"] == render.OUTPUTS_INTERNAL_PREFIX
+
+
+def test_what_nginx_answers_itself_is_a_json_reason() -> None:
+    conf = render.nginx_conf(settings())
+    for status, reason in render.NGINX_ERRORS.items():
+        assert f"error_page {status} @error_{status};" in conf
+        page = block(conf, f"location @error_{status}")
+        assert "default_type application/json;" in page
+        assert f"return {status} '{json.dumps({'error': reason})}\\n';" in page
+    assert sorted(render.NGINX_ERRORS) == [400, 403, 404, 405, 408, 413, 429, 500, 502, 504]
+    # Not 503: the app's own 503 names the dependency that is down, and passes through.
+    assert "proxy_intercept_errors" not in conf
+
+
+def test_the_token_file_holds_each_name_with_its_tokens_hash_and_never_the_token() -> None:
+    import hashlib
+
+    text = render.api_tokens_file({"zed": "token-z", "ci": "token-c"})
+    assert text == (f"ci {hashlib.sha256(b'token-c').hexdigest()}\nzed {hashlib.sha256(b'token-z').hexdigest()}\n")
+    assert "token-" not in text
+
+
+# --- Redis users ------------------------------------------------------------------------------------
+
+
+PASSWORDS = {"app": "pa", "replica": "pr", "sentinel": "ps", "admin": "pd"}
+
+
+def test_an_acl_file_turns_default_off_and_lists_each_user_by_its_passwords_hash() -> None:
+    import hashlib
+
+    text = render.redis_acl({"b": "+ping", "a": "~x:* +get"}, {"a": "secret-a", "b": "secret-b"})
+    assert text.splitlines() == [
+        "user default off",
+        f"user a on #{hashlib.sha256(b'secret-a').hexdigest()} ~x:* +get",
+        f"user b on #{hashlib.sha256(b'secret-b').hexdigest()} +ping",
+    ]
+    assert "secret-" not in text
+
+
+def test_each_redis_user_may_do_only_its_part() -> None:
+    node, sentinel = render.REDIS_NODE_ACL, render.SENTINEL_ACL
+    assert sorted(node) == sorted(sentinel) == ["admin", "app", "replica", "sentinel"]
+    # The application: its keys, its commands, no pub/sub.
+    assert node["app"] == "~job:* resetchannels -@all +get +set +del +ping +client|setinfo"
+    # Replication: no keys at all.
+    assert node["replica"].startswith("resetkeys resetchannels -@all ")
+    assert set(node["replica"].split()[3:]) == {"+psync", "+sync", "+replconf", "+ping"}
+    # The Sentinel: what Redis's documentation lists for it, no keys.
+    assert set(node["sentinel"].split()[3:]) == {
+        "+multi", "+exec", "+slaveof", "+replicaof", "+ping", "+subscribe", "+publish", "+info", "+role",
+        "+config|rewrite", "+client|setname", "+client|kill", "+script|kill",
+    }  # fmt: skip
+    assert node["sentinel"].startswith("resetkeys allchannels -@all ")
+    # On the Sentinels: the app only discovers, a node asks and may request a failover.
+    assert "+sentinel|failover" not in sentinel["app"] and "+sentinel|failover" in sentinel["replica"]
+    assert "+@all" not in sentinel["app"] + sentinel["replica"] + node["app"] + node["replica"] + node["sentinel"]
+    assert node["admin"] == "~* &* +@all" and sentinel["admin"] == sentinel["sentinel"] == "allchannels +@all"
+
+
+def test_redis_nodes_and_sentinels_name_their_users_and_files() -> None:
+    s = settings()
+    conf = render.redis_conf(s, Topology(s).redis_nodes[1]).splitlines()
+    assert f"aclfile {render.REDIS_ACL_FILE}" in conf and "masteruser replica" in conf
+    assert not [line for line in conf if line.startswith(("requirepass", "masterauth", "user "))]
+    sentinel = render.sentinel_conf(s, Topology(s).sentinels[0]).splitlines()
+    assert "sentinel auth-user transvidio sentinel" in sentinel and "sentinel sentinel-user sentinel" in sentinel
+    assert sentinel.index("sentinel auth-user transvidio sentinel") > sentinel.index(
+        "sentinel monitor transvidio 10.211.1.20 6379 2"
+    )
+
+
+def test_a_worker_admits_only_the_masters_key_from_the_masters_address() -> None:
+    s = settings()
+    assert render.authorized_keys(s, "ssh-ed25519 AAAAKEY comment\n") == (
+        'restrict,from="10.211.1.40" ssh-ed25519 AAAAKEY comment\n'
+    )
+
+
+def test_only_the_nodes_own_os_user_maps_to_the_replication_role() -> None:
+    assert render.pg_ident_conf() == render.HEADER + "local-replication postgres replicator\n"

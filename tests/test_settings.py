@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -125,12 +126,12 @@ ERRORS = [
     (
         "dev",
         {"redis": {"sentinals": 3}},
-        "transvidio:redis.sentinals is not a setting of redis; allowed keys: downAfterMs, failoverTimeoutMs, maxmemory, maxmemoryPolicy, memory, minReplicasMaxLag, minReplicasToWrite, publishPort, quorum, replicas, sentinelMemory, sentinelPublishPort, sentinels",
+        "transvidio:redis.sentinals is not a setting of redis; allowed keys: cpus, downAfterMs, failoverTimeoutMs, maxmemory, maxmemoryPolicy, memory, minReplicasMaxLag, minReplicasToWrite, publishPort, quorum, replicas, sentinelCpus, sentinelMemory, sentinelPublishPort, sentinels",
     ),
     (
         "dev",
         {"postgress": {"replicas": 1}},
-        "transvidio:postgress is not a setting; allowed keys: appDbPassword, backend, images, mpi, network, nginx, patroniApiPassword, postgres, postgresPassword, redis, redisPassword, replicationPassword, rewindPassword, secretKey, tlsCertificate, tlsKey",
+        "transvidio:postgress is not a setting; allowed keys: appDbPassword, backend, images, mpi, network, nginx, patroniApiPassword, postgres, postgresPassword, redis, redisAdminPassword, redisPassword, redisReplicationPassword, redisSentinelPassword, replicationPassword, rewindPassword, secretKey, tlsCertificate, tlsKey",
     ),
     (
         "dev",
@@ -342,6 +343,8 @@ def readme_cell(value: Any) -> str:
     """How the README's configuration table writes a value (booleans as YAML spells them)."""
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
+    if isinstance(value, (list, tuple)):
+        return f"`{json.dumps(list(value))}`"
     return "`''`" if value == "" else f"`{value}`"
 
 
@@ -542,3 +545,39 @@ def test_eviction_policies_are_redis_s() -> None:
     policies = ["noeviction", "allkeys-lru", "allkeys-lfu", "volatile-lru", "volatile-lfu", "volatile-ttl"]
     assert [parse("p", p) for p in policies] == policies
     refused(parse, "allkeys-random-ish", "must be one of " + ", ".join(policies))
+
+
+@pytest.mark.parametrize(
+    ("text", "millicpus"), [("0.1", 100), ("0.25", 250), (0.5, 500), (1, 1000), ("2.5", 2500), ("64", 64000)]
+)
+def test_a_cpu_limit_is_a_number_of_cpus_with_at_most_two_decimals(text: Any, millicpus: int) -> None:
+    assert field_parser("postgres.cpus")("postgres.cpus", text) == millicpus
+
+
+@pytest.mark.parametrize("bad", ["0.09", "0", "64.01", "65", "1.234", "-1", "one", True, None, "1e1"])
+def test_a_cpu_limit_outside_its_range_or_form_is_refused(bad: Any) -> None:
+    refused(
+        field_parser("backend.cpus"),
+        bad,
+        "must be a number of CPUs from 0.1 to 64, at most two decimals, such as 0.5 or 2",
+    )
+
+
+def test_a_cpu_limit_the_provider_reads_back_rounded_is_refused_naming_the_one_that_works() -> None:
+    refused(
+        field_parser("mpi.cpus"), "10.05", "is read back by the Docker provider as 10.1: use 10.1 (or another value)"
+    )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [[], "default", ["Default"], ["a", "a"], ["1st"], ["x" * 33], [f"t{i}" for i in range(9)], [7], ["has space"]],
+)
+def test_token_names_are_one_to_eight_distinct_lower_case_names(bad: Any) -> None:
+    refused(
+        field_parser("backend.apiTokens"),
+        bad,
+        "must be a list of 1 to 8 distinct names of lower-case letters, digits and '-', starting with a letter, "
+        'such as ["default"]',
+    )
+    assert field_parser("backend.apiTokens")("k", ["ci", "alice-2", "x" * 32]) == ("ci", "alice-2", "x" * 32)

@@ -632,6 +632,7 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
         ports = inputs.get("ports", [])
         host_ip = _host_ip if self.podman else (lambda ip: ip or "")
         host_config = api.create_host_config(
+            network_mode=inputs.get("networkMode", "bridge"),
             restart_policy={"Name": inputs.get("restart", "no")},
             log_config=docker.types.LogConfig(
                 type=inputs.get("logDriver", "json-file"), config=inputs.get("logOpts", {})
@@ -639,6 +640,7 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
             mem_limit=int(inputs["memory"]) * provider.MB if inputs.get("memory") else None,
             memswap_limit=int(inputs["memorySwap"]) * provider.MB if inputs.get("memorySwap") else None,
             shm_size=int(inputs["shmSize"]) * provider.MB if inputs.get("shmSize") else None,
+            nano_cpus=provider.parse_cpus(inputs["cpus"]) if inputs.get("cpus") else None,
             security_opt=inputs.get("securityOpts"),
             cap_drop=inputs.get("capabilities", {}).get("drops"),
             cap_add=inputs.get("capabilities", {}).get("adds"),
@@ -664,11 +666,6 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
                 for p in ports
             },
         )
-        first, *others = networks
-
-        def endpoint(net: dict[str, Any]) -> Any:
-            return api.create_endpoint_config(aliases=net.get("aliases"), ipv4_address=net.get("ipv4Address"))
-
         try:
             container = api.create_container(
                 image=inputs["image"],
@@ -688,15 +685,20 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
                     "start_period": provider.parse_duration(health.get("startPeriod")),
                 },
                 host_config=host_config,
-                networking_config=api.create_networking_config({first["name"]: endpoint(first)}),
             )
         except docker.errors.APIError as error:
             raise ApplyError(f"container {inputs['name']}: {error.explanation or error}") from error
         container_id = container["Id"]
-        for net in others:
-            api.connect_container_to_network(
-                container_id, net["name"], aliases=net.get("aliases"), ipv4_address=net.get("ipv4Address")
-            )
+        if networks:  # as the provider does: off the default bridge, onto each network
+            try:
+                api.disconnect_container_from_network(container_id, "bridge")
+            except docker.errors.APIError as error:
+                if "is not connected" not in str(error):
+                    raise
+            for net in networks:
+                api.connect_container_to_network(
+                    container_id, net["name"], aliases=net.get("aliases"), ipv4_address=net.get("ipv4Address")
+                )
         for upload in inputs.get("uploads", []):
             self._upload(name, container_id, upload)
         api.start(container_id)

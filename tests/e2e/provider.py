@@ -97,6 +97,30 @@ def _healthcheck(inspect: dict[str, Any], _: dict[str, Any]) -> Any:
     }
 
 
+def go_nano_decimal(nanoseconds: int) -> str:
+    """helpers.go nanoInt64ToDecimalString: big.Rat.FloatString(9), then "1.0" when that
+    string holds exactly nine zeros, else its trailing zeros trimmed."""
+    if nanoseconds == 0:
+        return "0"
+    whole, fraction = divmod(nanoseconds, 1_000_000_000)
+    nine = f"{whole}.{fraction:09d}"
+    if nine.count("0") == 9:
+        tenths = (nanoseconds + 50_000_000) // 100_000_000  # FloatString(1): a half away from zero
+        return f"{tenths // 10}.{tenths % 10}"
+    return nine.rstrip("0")
+
+
+def parse_cpus(value: str) -> int:
+    """NanoCPUs from a decimal CPU count, as docker/cli's opts.ParseCPUs reads it."""
+    whole, _, fraction = value.partition(".")
+    return int(whole or 0) * 1_000_000_000 + int((fraction + "0" * 9)[:9] or 0)
+
+
+def _cpus(inspect: dict[str, Any], applied: dict[str, Any]) -> Any:
+    nanos = int(inspect["HostConfig"].get("NanoCpus") or 0)
+    return go_nano_decimal(nanos) if nanos > 0 else applied.get("cpus")  # R: set only when > 0
+
+
 def _mb(value: int | None) -> int:
     value = int(value or 0)
     return value // MB if value > 0 else value
@@ -161,6 +185,14 @@ CONTAINER: dict[str, Attr] = {
         REPLACE, "S ForceNew, empty suppressed; R Config.User", computed=True, read=lambda i, _: i["Config"].get("User")
     ),
     "networksAdvanced": Attr(REPLACE, "S ForceNew set; R only when empty (import)", unordered=True),
+    # Create sets it (Default "bridge"), then leaves "bridge" for networks_advanced: the
+    # container keeps HostConfig.NetworkMode "bridge", which is what R reads back.
+    "networkMode": Attr(
+        REPLACE,
+        "S ForceNew, Default bridge; R HostConfig.NetworkMode",
+        default="bridge",
+        read=lambda i, _: i["HostConfig"]["NetworkMode"],
+    ),
     "ports": Attr(REPLACE, "S ForceNew; R flattenContainerPorts", read=_ports),
     "volumes": Attr(REPLACE, "S ForceNew set; not read", unordered=True),
     "mounts": Attr(REPLACE, "S ForceNew set; not modelled as read", unordered=True),
@@ -191,6 +223,7 @@ CONTAINER: dict[str, Attr] = {
     "memorySwap": Attr(
         UPDATE, "S Optional; U only when set; R MemorySwap/MB", read=lambda i, _: _mb(i["HostConfig"].get("MemorySwap"))
     ),
+    "cpus": Attr(REPLACE, "S cpus ForceNew; R nanoInt64ToDecimalString(NanoCPUs) when > 0", read=_cpus),
     "shmSize": Attr(
         REPLACE,
         "S ForceNew+Computed; R ShmSize/MB",
