@@ -87,7 +87,7 @@ test: lint unit e2e e2e-podman-dev
 
 # Benchmark figures (not tests): same engine preparation as e2e.
 bench: venv
-	$(call with_engine,$(BIN)/python -m bench.data_tier && $(BIN)/python -m bench.pipeline && $(BIN)/python -m bench.backups && $(BIN)/python -m bench.postgres_failover)
+	$(call with_engine,$(BIN)/python -m bench.data_tier && $(BIN)/python -m bench.pipeline && $(BIN)/python -m bench.backups && $(BIN)/python -m bench.postgres_failover && $(BIN)/python -m bench.security)
 
 # Mutation testing, not part of CI (about 5 s a mutant, so hours for the whole tree):
 # mutmut changes components/ and the Python in images/ one mutation at a time, in a copy

@@ -33,14 +33,20 @@ CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "8"))
 def upload_video(deployment: Deployment) -> str:
     port = deployment.topology.settings.nginx.http_port
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    connection.request("POST", "/api/uploads", body=os.urandom(8 * 1024 * 1024))
+    connection.request(
+        "POST",
+        "/api/uploads",
+        body=os.urandom(8 * 1024 * 1024),
+        headers={"Authorization": f"Bearer {deployment.api_token()}"},
+    )
     document = json.loads(connection.getresponse().read())
     connection.close()
     return str(document["upload_id"])
 
 
 def mpi_speedup(deployment: Deployment) -> dict[str, Any]:
-    upload = f"/srv/transvidio/uploads/{upload_video(deployment)}"
+    upload_id = upload_video(deployment)
+    owner = deployment.topology.settings.backend.api_tokens[0]
     seconds: dict[int, float] = {}
     for ranks in RANKS:
         started = time.monotonic()
@@ -58,7 +64,9 @@ def mpi_speedup(deployment: Deployment) -> dict[str, Any]:
                 "-m",
                 "transvidio_jobs.mpi_job",
                 f"bench-{ranks}",
-                upload,
+                "/srv/transvidio/uploads",
+                owner,
+                upload_id,
                 str(DURATION),
                 "fr",
                 "/srv/transvidio/workspace",

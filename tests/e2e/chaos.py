@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from typing import Any, Self, cast
 
 import docker
@@ -24,7 +25,14 @@ import redis
 import redis.sentinel
 from transvidio_jobs import worker
 
-from components.topology import POSTGRES_DB, POSTGRES_REPLICATION_USER, REDIS_MASTER_NAME, SENTINEL_PORT, Node
+from components.topology import (
+    POSTGRES_DB,
+    POSTGRES_REPLICATION_USER,
+    REDIS_ADMIN_USER,
+    REDIS_MASTER_NAME,
+    SENTINEL_PORT,
+    Node,
+)
 from tests.e2e.apply import wait_healthy
 from tests.e2e.conftest import Deployment
 from tests.program import plain
@@ -119,9 +127,16 @@ def pg(deployment: Deployment, hostname: str, **kwargs: Any) -> psycopg.Connecti
 
 
 def replication_password(deployment: Deployment) -> str:
-    registration = deployment.evaluation.containers[deployment.name("postgres-primary")]
+    """As the tier's credentials writer was given it (the nodes read it from its store)."""
+    registration = deployment.evaluation.containers[deployment.name("postgres-credentials")]
     uploads = {u["file"]: u["content"] for u in plain(registration.inputs["uploads"])}
     return str(next(v for k, v in uploads.items() if k.endswith("/replication-password")))
+
+
+def reconnect_walreceiver(deployment: Deployment, hostname: str) -> None:
+    """Ends a replica's WAL receiver: PostgreSQL starts a new one, which connects afresh."""
+    code, output = deployment.exec(hostname, ["pkill", "-TERM", "-f", "^postgres: .*walreceiver"])
+    assert code == 0, output
 
 
 def pg_writer(deployment: Deployment, **kwargs: Any) -> psycopg.Connection[Any]:
@@ -206,36 +221,48 @@ def replication_user() -> str:
 # --- Redis ----------------------------------------------------------------------------
 
 
-def redis_password(deployment: Deployment) -> str:
-    return str(deployment.export("redisPassword"))
+@dataclass(frozen=True)
+class RedisUser:
+    username: str
+    password: str
 
 
-def redis_node(deployment: Deployment, hostname: str) -> redis.Redis:
+def redis_admin(deployment: Deployment) -> RedisUser:
+    """The operators' Redis user (on every node and Sentinel), as the tests act as operators."""
+    return RedisUser(REDIS_ADMIN_USER, str(deployment.export("redisAdminPassword")))
+
+
+def redis_node(deployment: Deployment, hostname: str, user: RedisUser | None = None) -> redis.Redis:
+    user = user or redis_admin(deployment)
     return redis.Redis(
         host=data_ip(deployment, hostname),
         port=6379,
-        password=redis_password(deployment),
+        username=user.username,
+        password=user.password,
         socket_timeout=2,
         socket_connect_timeout=2,
     )
 
 
 def sentinel_client(deployment: Deployment) -> redis.sentinel.Sentinel:
-    password = redis_password(deployment)
+    admin = redis_admin(deployment)
     return redis.sentinel.Sentinel(
         [(s.data_ip, SENTINEL_PORT) for s in deployment.topology.sentinels],
-        sentinel_kwargs={"password": password, "socket_timeout": 1},
-        password=password,
+        sentinel_kwargs={"username": admin.username, "password": admin.password, "socket_timeout": 1},
+        username=admin.username,
+        password=admin.password,
         socket_timeout=1,
         socket_connect_timeout=1,
     )
 
 
-def sentinel_direct(deployment: Deployment, hostname: str) -> redis.Redis:
+def sentinel_direct(deployment: Deployment, hostname: str, user: RedisUser | None = None) -> redis.Redis:
+    user = user or redis_admin(deployment)
     return redis.Redis(
         host=data_ip(deployment, hostname),
         port=SENTINEL_PORT,
-        password=redis_password(deployment),
+        username=user.username,
+        password=user.password,
         socket_timeout=2,
         socket_connect_timeout=2,
     )

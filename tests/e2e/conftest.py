@@ -96,6 +96,7 @@ class Deployment:
     evaluation: Evaluation
     mocks: DockerApplyMocks
     overrides: dict[str, Any] = field(default_factory=dict)
+    secret_config: dict[str, str] = field(default_factory=dict)  # `pulumi config set --secret` values
     seconds_to_healthy: float = 0.0
     container_names: list[str] = field(default_factory=list)
 
@@ -110,13 +111,20 @@ class Deployment:
         drifting = [s for s in plan.steps if s.op == "replace" and set(s.attributes) <= drift and s.attributes]
         assert len(drifting) == plan.counts()["replace"], str(plan)
 
-    def apply(self, overrides: dict[str, Any] | None = None, refresh: bool = False) -> Plan:
-        """`pulumi up` again (with `--refresh` when asked), the stack's config merged with `overrides`."""
+    def apply(
+        self,
+        overrides: dict[str, Any] | None = None,
+        refresh: bool = False,
+        secret_config: dict[str, str] | None = None,
+    ) -> Plan:
+        """`pulumi up` again (with `--refresh` when asked), the stack's config merged with
+        `overrides`, and `secret_config` added to the secrets set so far."""
         config = {**self.overrides}
         for key, value in (overrides or {}).items():
             config[key] = {**config.get(key, {}), **value}
-        self.evaluation, plan = up(self.mocks, self.stack, config, refresh=refresh)
-        self.overrides = config
+        secrets = {**self.secret_config, **(secret_config or {})}
+        self.evaluation, plan = up(self.mocks, self.stack, config, refresh=refresh, secret_config=secrets or None)
+        self.overrides, self.secret_config = config, secrets
         self.container_names = sorted(self.evaluation.containers)
         return plan
 
@@ -125,6 +133,11 @@ class Deployment:
 
     def export(self, name: str) -> Any:
         return plain(self.evaluation.exports[name][0])
+
+    def api_token(self, name: str | None = None) -> str:
+        """An API token from the stack's outputs: `name`'s, or the first configured one's."""
+        tokens = self.export("apiTokens")
+        return str(tokens[name or self.topology.settings.backend.api_tokens[0]])
 
     def exec(self, hostname: str, command: list[str], user: str | None = None) -> tuple[int, str]:
         result = self.client.containers.get(self.name(hostname)).exec_run(command, user=user or "")

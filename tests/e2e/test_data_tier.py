@@ -16,7 +16,7 @@ import redis
 
 from components.topology import REDIS_MASTER_NAME
 from tests.e2e import chaos, report
-from tests.e2e.apply import run_healthcheck, tar_file, wait_healthy
+from tests.e2e.apply import run_healthcheck, wait_healthy
 from tests.e2e.conftest import Deployment, deployed
 
 STACK = "prod"
@@ -121,23 +121,36 @@ def test_the_replication_role_connects_only_for_replication_and_only_with_its_pa
     assert code != 0
 
 
-def put_file(prod: Deployment, hostname: str, path: str, content: str, uid: int) -> None:
-    assert prod.client.api.put_archive(prod.name(hostname), "/", tar_file(path, content.encode(), 0o400, uid, uid))
+WRONG_REPLICATION_PASSWORD = """
+import yaml
+path = "/var/lib/postgresql/run/patroni.yml"
+config = yaml.safe_load(open(path))
+config["postgresql"]["authentication"]["replication"]["password"] = "not-the-password"
+with open(path, "w") as out:
+    yaml.safe_dump(config, out)
+"""
 
 
 def test_a_wrong_replication_password_fails_the_replica_loudly_and_leaves_the_primary_alone(
     prod: Deployment,
 ) -> None:
+    # One replica is given a wrong password as a rotation gives a new one (Patroni's config
+    # and pgpass rewritten, Patroni reloaded), then its WAL receiver connects afresh; the
+    # tier's credentials store is left as it is.
     primary = chaos.pg_primary(prod)
     replica, *others = chaos.pg_replicas(prod)
-    secret = "/etc/transvidio/secrets/replication-password"
-    real = chaos.replication_password(prod)
-    container = prod.client.containers.get(prod.name(replica))
     primary_started = chaos.started_at(prod, primary)
-    container.stop(timeout=30)
     since = time.time()
-    put_file(prod, replica, secret, "not-the-password", uid=10001)
-    container.start()
+    code, output = prod.exec(replica, ["python3", "-c", WRONG_REPLICATION_PASSWORD])
+    assert code == 0, output
+    code, output = prod.exec(replica, ["pkill", "-HUP", "-f", "^/usr/bin/python3 /usr/bin/patroni"])
+    assert code == 0, output
+    chaos.wait_logged(prod, replica, since, "Reloading PostgreSQL configuration")
+    code, output = prod.exec(
+        replica, ["sh", "-c", "printf '*:*:*:replicator:not-the-password\\n' >/var/lib/postgresql/run/patroni-pgpass"]
+    )
+    assert code == 0, output
+    chaos.reconnect_walreceiver(prod, replica)
     chaos.wait_logged(prod, replica, since, 'password authentication failed for user "replicator"')
     # The primary was neither restarted nor made unhealthy; the replica does not stream.
     assert chaos.started_at(prod, primary) == primary_started
@@ -145,10 +158,8 @@ def test_a_wrong_replication_password_fails_the_replica_loudly_and_leaves_the_pr
     streaming = chaos.streaming_replicas(prod)
     assert replica not in streaming
     assert {k: v for k, v in streaming.items() if k in others} == dict.fromkeys(others, "streaming")
-    # Put the real password back: the replica streams again from its own data.
-    container.stop(timeout=30)
-    put_file(prod, replica, secret, real, uid=10001)
-    container.start()
+    # Restarted, it takes the real password from the store again and streams from its own data.
+    prod.client.containers.get(prod.name(replica)).restart(timeout=30)
     chaos.wait_streaming(prod, len(prod.topology.postgres_replicas))
 
 
@@ -346,11 +357,13 @@ def test_an_isolated_master_stops_taking_writes_and_a_failover_happens(prod: Dep
     chaos.disconnect(prod, master)
     cut = time.monotonic()
     try:
-        password_env = {"REDISCLI_AUTH": chaos.redis_password(prod)}
+        admin = chaos.redis_admin(prod)
+        password_env = {"REDISCLI_AUTH": admin.password}
         refused = accepted_late = None
         while time.monotonic() - cut < settings_lag + 15:
             result = prod.client.containers.get(prod.name(master)).exec_run(
-                ["redis-cli", "--no-auth-warning", "SET", "e2e:isolated", "x"], environment=password_env
+                ["redis-cli", "--user", admin.username, "--no-auth-warning", "SET", "e2e:isolated", "x"],
+                environment=password_env,
             )
             output = result.output.decode()
             elapsed = time.monotonic() - cut

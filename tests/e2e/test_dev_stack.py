@@ -81,8 +81,8 @@ def test_postgres_rejects_a_wrong_password(dev: Deployment) -> None:
 
 
 def test_redis_replica_is_connected_and_sentinel_has_quorum(dev: Deployment) -> None:
-    password = str(dev.export("redisPassword"))
-    master = redis.Redis(host="127.0.0.1", port=6379, password=password, socket_timeout=5)
+    password = str(dev.export("redisAdminPassword"))
+    master = redis.Redis(host="127.0.0.1", port=6379, username="admin", password=password, socket_timeout=5)
     # The replica's first full sync may still be running (wait_bgsave, send_bulk): wait for it.
     deadline = time.monotonic() + 30
     while True:
@@ -93,7 +93,7 @@ def test_redis_replica_is_connected_and_sentinel_has_quorum(dev: Deployment) -> 
         time.sleep(0.2)
     assert info["connected_slaves"] == 1
     assert info["slave0"]["state"] == "online"
-    sentinel = redis.Redis(host="127.0.0.1", port=26379, password=password, socket_timeout=5)
+    sentinel = redis.Redis(host="127.0.0.1", port=26379, username="admin", password=password, socket_timeout=5)
     assert sentinel.execute_command("SENTINEL", "CKQUORUM", REDIS_MASTER_NAME).decode().startswith("OK")
     initial_master = dev.topology.redis_nodes[0]
     assert sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", REDIS_MASTER_NAME) == [
@@ -102,9 +102,13 @@ def test_redis_replica_is_connected_and_sentinel_has_quorum(dev: Deployment) -> 
     ]
 
 
-def test_redis_refuses_clients_without_the_password(dev: Deployment) -> None:
-    with pytest.raises(redis.exceptions.AuthenticationError):
-        redis.Redis(host="127.0.0.1", port=6379, socket_timeout=5).set("k", "v")
+def test_redis_refuses_clients_without_a_user_and_its_password(dev: Deployment) -> None:
+    for port in (6379, 26379):  # a data node, a Sentinel: the default user is off on both
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port, socket_timeout=5).ping()
+        wrong = str(dev.export("redisAdminPassword"))  # the app user's name with another's password
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port, username="app", password=wrong, socket_timeout=5).ping()
 
 
 def test_mpirun_spans_master_and_worker_over_ssh(dev: Deployment) -> None:
@@ -263,7 +267,7 @@ def test_no_secret_is_in_any_container_environment(dev: Deployment) -> None:
     secrets = [
         str(plain(r.outputs["result"])) for r in dev.evaluation.of_type("random:index/randomPassword:RandomPassword")
     ]
-    assert len(secrets) == len(GENERATED)
+    assert len(secrets) == len(GENERATED) + len(dev.topology.settings.backend.api_tokens)
     containers = dev.client.containers.list(all=True, filters={"label": "io.transvidio.stack=dev"})
     assert len(containers) == len(dev.container_names)
     for container in containers:

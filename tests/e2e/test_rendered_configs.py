@@ -165,9 +165,20 @@ def node_conf(registration: Registration, conf_dir: str, separator: str) -> tupl
     return path, directives(uploads_of(registration)[path]["content"], separator)
 
 
+# Every node and Sentinel has the default user off: the checks ask as the operators' user.
+ADMIN_CLI = "redis-cli --user admin --no-auth-warning"
+
+
+def admin_env(evaluation: Evaluation) -> list[str]:
+    [admin] = [
+        r for r in evaluation.of_type("random:index/randomPassword:RandomPassword") if r.name == "secrets-redis-admin"
+    ]
+    return [f"REDISCLI_AUTH={plain(admin.outputs['result'])}"]
+
+
 def until_redis_answers(port: str | int) -> str:
     """A shell line that waits (5 s at most) for a Redis or Sentinel on `port` to answer PING."""
-    return f"for _ in $(seq 50); do redis-cli -p {port} ping >/dev/null 2>&1 && break; sleep 0.1; done\n"
+    return f'for _ in $(seq 50); do [ "$({ADMIN_CLI} -p {port} ping 2>&1)" = PONG ] && break; sleep 0.1; done\n'
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------
@@ -183,7 +194,9 @@ psql -h "$SOCKETS" -U postgres -Atq -c "SELECT json_build_object(
                WHERE sourcefile = '$CONF'),
   'sources', (SELECT json_object_agg(name, source) FROM pg_settings WHERE name = ANY(string_to_array('$NAMES', ','))),
   'hba', (SELECT json_agg(json_build_object('line', line_number, 'error', error) ORDER BY line_number)
-          FROM pg_hba_file_rules))"
+          FROM pg_hba_file_rules),
+  'ident', (SELECT json_agg(json_build_object('line', line_number, 'map', map_name, 'system', sys_name,
+            'user', pg_username, 'error', error) ORDER BY line_number) FROM pg_ident_file_mappings))"
 """
 
 
@@ -213,12 +226,18 @@ def test_postgresql_applies_every_line_of_its_config_and_pg_hba_and_every_patron
             for line, name, value in rendered
         ]
         assert report["settings"] == expected, node.inputs["name"]
-        # PostgreSQL reports the hba_file given at start as an override, the others as given.
-        expected_sources = {name: "override" if name == "hba_file" else "command line" for name in parameters}
+        # PostgreSQL reports the hba_file and ident_file given at start as overrides, the others as given.
+        overrides = ("hba_file", "ident_file")
+        expected_sources = {name: "override" if name in overrides else "command line" for name in parameters}
         assert report["sources"] == expected_sources, node.inputs["name"]
         hba = uploads[f"{render.POSTGRES_CONF_DIR}/pg_hba.conf"]["content"]
         hba_lines = [line for line, _, _ in directives(hba, " ")]
         assert report["hba"] == [{"line": line, "error": None} for line in hba_lines], node.inputs["name"]
+        ident = uploads[f"{render.POSTGRES_CONF_DIR}/pg_ident.conf"]["content"]
+        assert report["ident"] == [
+            {"line": line, "map": name, "system": value.split()[0], "user": value.split()[1], "error": None}
+            for line, name, value in directives(ident, " ")
+        ], node.inputs["name"]
 
 
 PATRONI_VALIDATE = """
@@ -271,10 +290,15 @@ def test_each_redis_node_starts_on_its_config_and_reports_every_directive(
         script = (
             f"redis-server {conf} --daemonize yes --logfile /tmp/redis.log || {{ cat /tmp/redis.log; exit 1; }}\n"
             + until_redis_answers(REDIS_PORT)
-            + f"for name in {names}; do redis-cli -p {REDIS_PORT} --json config get $name; done\n"
+            + f"for name in {names}; do {ADMIN_CLI} -p {REDIS_PORT} --json config get $name; done\n"
+            # The ACL file: every user it defines is loaded, with its rules, and nothing else.
+            + f"{ADMIN_CLI} -p {REDIS_PORT} acl list\n"
         )
         reported: dict[str, str] = {}
-        for line in run_check(client, images, node, script).splitlines():
+        output = run_check(client, images, node, script, env=admin_env(evaluation))
+        acl = uploads_of(node)[render.REDIS_ACL_FILE]["content"]
+        assert loaded_users(output) == {line.split()[1] for line in acl.splitlines()}, node.inputs["name"]
+        for line in output.splitlines():
             if line.startswith("{"):
                 reported.update(json.loads(line))
         assert reported == {name: value for _, name, value in rendered}, node.inputs["name"]
@@ -287,22 +311,29 @@ def test_each_sentinel_starts_on_its_config_and_monitors_the_master_as_rendered(
     sentinels = containers_of(evaluation, "sentinel")
     assert sentinels
     for sentinel in sentinels:
-        conf, rendered = node_conf(sentinel, render.REDIS_CONF_DIR, " ")
+        _, rendered = node_conf(sentinel, render.REDIS_CONF_DIR, " ")
         port = dict((name, value) for _, name, value in rendered)["port"]
-        # Sentinel rewrites its config: it reads a writable copy, as the entrypoint gives it.
+        # Through the container's entrypoint, which adds the users and passwords: Sentinel
+        # then rewrites the config on its volume from what it parsed.
         script = (
-            f"cp {conf} /tmp/sentinel.conf\n"
-            "redis-server /tmp/sentinel.conf --sentinel --daemonize yes --logfile /tmp/sentinel.log"
-            " || { cat /tmp/sentinel.log; exit 1; }\n"
+            f"{shlex.join(plain(sentinel.inputs['entrypoints']))} >/tmp/sentinel.log 2>&1 &\n"
             + until_redis_answers(port)
-            + f"redis-cli -p {port} --json sentinel masters\n"
-            f"redis-cli -p {port} --json sentinel config get '*'\n"
+            + f'[ "$({ADMIN_CLI} -p {port} ping 2>&1)" = PONG ] || {{ cat /tmp/sentinel.log; exit 1; }}\n'
+            + f"{ADMIN_CLI} -p {port} --json sentinel masters\n"
+            f"{ADMIN_CLI} -p {port} --json sentinel config get '*'\n"
+            f"{ADMIN_CLI} -p {port} acl list\n"
+            f"{ADMIN_CLI} -p {port} sentinel flushconfig >/dev/null\n"
             # Sentinel keeps a line it does not understand, commented "# ???", instead of failing.
-            "! grep -n '^# ???' /tmp/sentinel.conf\n"
+            "! grep -n '^# ???' /data/sentinel.conf\n"
+            "echo '=== rewritten'; cat /data/sentinel.conf\n"
         )
-        lines = [
-            json.loads(line) for line in run_check(client, images, sentinel, script).splitlines() if line[:1] in "[{"
-        ]
+        output = run_check(
+            client, images, sentinel, script, env=[*plain(sentinel.inputs["envs"]), *admin_env(evaluation)]
+        )
+        reported, rewritten = output.split("=== rewritten\n", 1)
+        acl = uploads_of(sentinel)[render.SENTINEL_ACL_FILE]["content"]
+        assert loaded_users(reported) == {line.split()[1] for line in acl.splitlines()}, sentinel.inputs["name"]
+        lines = [json.loads(line) for line in reported.splitlines() if line[:1] in "[{"]
         masters, options = lines[0], lines[1]
         expected_master: dict[str, str] = {}
         expected_options: dict[str, str] = {}
@@ -313,6 +344,8 @@ def test_each_sentinel_starts_on_its_config_and_monitors_the_master_as_rendered(
             if option == "monitor":
                 master_name, ip, master_port, quorum = rest.split()
                 expected_master.update(name=master_name, ip=ip, port=master_port, quorum=quorum)
+            elif option == "auth-user":  # not reported by SENTINEL MASTERS: Sentinel wrote back what it took
+                assert f"sentinel {option} {rest}" in rewritten.splitlines(), sentinel.inputs["name"]
             elif rest.startswith(f"{REDIS_MASTER_NAME} "):
                 expected_master[option] = rest.split(" ", 1)[1]
             else:
@@ -320,6 +353,11 @@ def test_each_sentinel_starts_on_its_config_and_monitors_the_master_as_rendered(
         assert len(masters) == 1, masters
         assert {key: masters[0][key] for key in expected_master} == expected_master, sentinel.inputs["name"]
         assert {key: options[key] for key in expected_options} == expected_options, sentinel.inputs["name"]
+
+
+def loaded_users(acl_list: str) -> set[str]:
+    """The user names in `ACL LIST` output."""
+    return {line.split()[1] for line in acl_list.splitlines() if line.startswith("user ")}
 
 
 # --- nginx -----------------------------------------------------------------------------------

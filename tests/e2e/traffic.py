@@ -1,4 +1,8 @@
-"""Client traffic through nginx, as users send it: single requests and steady streams."""
+"""Client traffic through nginx, as users send it: single requests and steady streams.
+
+Every request carries the stack's first API token (its output `apiTokens`) unless the
+caller passes another, or `token=None` for a request without one.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,16 @@ from components.topology import NGINX_HTTP_PORT
 from tests.e2e.conftest import Deployment
 
 NGINX = "127.0.0.1"
+STACK_TOKEN = "stack's first token"
+
+
+def bearer(deployment: Deployment, token: str | None = STACK_TOKEN) -> dict[str, str]:
+    """The Authorization header for `token` (default: the stack's first API token)."""
+    if token is None:
+        return {}
+    if token == STACK_TOKEN:
+        token = deployment.api_token()
+    return {"Authorization": f"Bearer {token}"}
 
 
 def request(
@@ -22,10 +36,11 @@ def request(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
     timeout: float = 30,
+    token: str | None = STACK_TOKEN,
 ) -> tuple[int, dict[str, str], bytes]:
     connection = http.client.HTTPConnection(NGINX, deployment.topology.settings.nginx.http_port, timeout=timeout)
     try:
-        connection.request(method, path, body=body, headers=headers or {})
+        connection.request(method, path, body=body, headers={**bearer(deployment, token), **(headers or {})})
         response = connection.getresponse()
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
@@ -35,8 +50,10 @@ def request(
 # Run in a backend: an HTTP request to nginx from inside the cluster, printed as status + body.
 _INSIDE = """
 import sys, urllib.error, urllib.request
+headers = {"Authorization": "Bearer " + sys.argv[2]} if len(sys.argv) > 2 else {}
 try:
-    response = urllib.request.urlopen("http://nginx:%d" + sys.argv[1], timeout=20)
+    request = urllib.request.Request("http://nginx:%d" + sys.argv[1], headers=headers)
+    response = urllib.request.urlopen(request, timeout=20)
     status, body = response.status, response.read()
 except urllib.error.HTTPError as error:
     status, body = error.code, error.read()
@@ -44,10 +61,11 @@ sys.stdout.write(str(status) + "\\n" + body.decode())
 """
 
 
-def from_inside(deployment: Deployment, path: str) -> tuple[int, bytes]:
+def from_inside(deployment: Deployment, path: str, token: str | None = STACK_TOKEN) -> tuple[int, bytes]:
     """GET `path` through nginx from a backend container: what the cluster's own networks see."""
+    tokens = [] if token is None else [deployment.api_token() if token == STACK_TOKEN else token]
     code, output = deployment.exec(
-        deployment.topology.backends[0].hostname, ["python3", "-c", _INSIDE % NGINX_HTTP_PORT, path]
+        deployment.topology.backends[0].hostname, ["python3", "-c", _INSIDE % NGINX_HTTP_PORT, path, *tokens]
     )
     assert code == 0, output
     status, _, body = output.partition("\n")
