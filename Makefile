@@ -53,7 +53,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/hadolint $(DOCKERFILES)
-	$(BIN)/shellcheck $(SHELL_SCRIPTS)
+	$(BIN)/shellcheck --external-sources --source-path=SCRIPTDIR $(SHELL_SCRIPTS)
 
 unit: venv
 	$(BIN)/python -m pytest -q tests --ignore=tests/e2e

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pulumi
@@ -37,6 +38,9 @@ COMPONENT = "redis"
 # of, it knows only by its password's hash (in its ACL file).
 NODE_PASSWORD_FILE = f"{render.SECRETS_DIR}/redis-replication-password"
 SENTINEL_PASSWORD_FILE = f"{render.SECRETS_DIR}/redis-sentinel-password"
+BACKUPS_DIR = "/backups"
+BACKUP_MEMORY_MB = 64
+BACKUP_MILLICPUS = 250
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,9 @@ class RedisSentinelGroup(pulumi.ComponentResource):
     each with its own password (render.REDIS_NODE_ACL, render.SENTINEL_ACL). Every node
     has appendonly and min-replicas-to-write; at each start a node asks the Sentinels
     who the master is and follows it. Sentinels keep their self-rewritten config on a
-    volume, seeded from the rendered template only when absent.
+    volume, seeded from the rendered template only when absent. A backup job copies the
+    master's data set into the backups volume on a schedule; with `redis.restoreFrom`, the
+    initial master of a wiped group starts from one of those copies.
     """
 
     def __init__(self, name: str, args: RedisSentinelGroupArgs, opts: pulumi.ResourceOptions | None = None) -> None:
@@ -99,13 +105,22 @@ class RedisSentinelGroup(pulumi.ComponentResource):
             f"REDIS_USER={REDIS_REPLICATION_USER}",
             f"REDIS_PASSWORD_FILE={NODE_PASSWORD_FILE}",
         ]
+        self.backups = data_volume(name, "redis-backups", s, COMPONENT, self)
+        restore = s.redis.restore_from
         self.master = self._node(
             initial_master,
             render.redis_conf(s, initial_master),
-            [*node_env, f"REDIS_NODE={initial_master.hostname}", f"REDIS_ANNOUNCE_IP={initial_master.data_ip}"],
+            [
+                *node_env,
+                f"REDIS_NODE={initial_master.hostname}",
+                f"REDIS_ANNOUNCE_IP={initial_master.data_ip}",
+                *([f"RESTORE_FROM={restore}"] if restore else []),
+            ],
             node_secrets,
             wait=True,
             depends_on=[],
+            # Only a restore reads the backups, and only the initial master restores.
+            extra_volumes=[VolumeMount(self.backups.name, BACKUPS_DIR, read_only=True)] if restore else [],
         )
         self.replicas = [
             self._node(
@@ -139,6 +154,37 @@ class RedisSentinelGroup(pulumi.ComponentResource):
             )
             for node in topo.sentinels
         ]
+        backup_node = topo.redis_backup
+        self.backup = (
+            service_container(
+                name,
+                ContainerSpec(
+                    node=backup_node,
+                    component=COMPONENT,
+                    image=self.image.repo_digest,
+                    healthcheck=["/usr/local/bin/redis-backup.sh", "check"],
+                    memory_mb=BACKUP_MEMORY_MB,
+                    millicpus=BACKUP_MILLICPUS,
+                    entrypoint=["/usr/local/bin/redis-backup.sh", "serve"],
+                    envs=[
+                        f"REDIS_MASTER_NAME={REDIS_MASTER_NAME}",
+                        f"REDIS_SENTINELS={self.sentinel_addresses}",
+                        f"REDIS_USER={REDIS_REPLICATION_USER}",
+                        f"REDIS_PASSWORD_FILE={NODE_PASSWORD_FILE}",
+                        f"BACKUP_INTERVAL_MINUTES={s.redis.backup_interval_minutes}",
+                        f"BACKUP_RETENTION={s.redis.backup_retention}",
+                    ],
+                    volumes=[VolumeMount(self.backups.name, BACKUPS_DIR)],
+                    uploads=[secret_file(NODE_PASSWORD_FILE, args.replication_password, uid)],
+                    depends_on=[self.master],
+                ),
+                s,
+                args.networks,
+                self,
+            )
+            if backup_node
+            else None
+        )
         self.register_outputs(
             {
                 "sentinels": self.sentinel_addresses,
@@ -156,6 +202,7 @@ class RedisSentinelGroup(pulumi.ComponentResource):
         wait: bool,
         depends_on: list[pulumi.Resource],
         sentinel: bool = False,
+        extra_volumes: Sequence[VolumeMount] = (),
     ) -> docker.Container:
         s = self._args.settings
         volume = data_volume(self._name, f"{node.hostname}-data", s, COMPONENT, self)
@@ -169,7 +216,7 @@ class RedisSentinelGroup(pulumi.ComponentResource):
             container_port=SENTINEL_PORT if sentinel else REDIS_PORT,
             envs=envs,
             entrypoint=["/usr/local/bin/redis-sentinel.sh"] if sentinel else (),
-            volumes=[VolumeMount(volume.name, "/data")],
+            volumes=[VolumeMount(volume.name, "/data"), *extra_volumes],
             uploads=[config_file(f"{render.REDIS_CONF_DIR}/{node.hostname}.conf", conf), *secrets],
             wait=wait,
             depends_on=depends_on,

@@ -29,7 +29,8 @@ Parser = Callable[[str, Any], Any]
 
 _SIZE_RE = re.compile(r"^(\d+)\s*([kmgt]?)b?$", re.IGNORECASE)
 _SIZE_FACTORS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-# Docker's reference grammar, simplified: [registry[:port]/]path[:tag][@digest]
+# Docker's reference grammar, simplified: [registry[:port]/]path[:tag][@digest]. Every
+# pattern here is matched whole (fullmatch): `$` alone would also accept a trailing newline.
 _IMAGE_RE = re.compile(
     r"^(?:[a-z0-9]+(?:[._-][a-z0-9]+)*(?::\d+)?/)?"
     r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
@@ -86,7 +87,7 @@ def boolean(key: str, value: Any) -> bool:
 
 def size_bytes(key: str, value: Any) -> int:
     """'512MB', '1gb', '256m', '64k' or a number of bytes."""
-    match = _SIZE_RE.match(str(value).strip())
+    match = _SIZE_RE.fullmatch(str(value).strip())
     if not match or int(match.group(1)) == 0:
         raise _fail(key, value, "must be a size such as 256MB, 1GB or 512m")
     return int(match.group(1)) * _SIZE_FACTORS[match.group(2).lower()]
@@ -112,7 +113,7 @@ def choice(*allowed: str) -> Parser:
 
 
 def image_reference(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not _IMAGE_RE.match(value):
+    if not isinstance(value, str) or not _IMAGE_RE.fullmatch(value):
         raise _fail(key, value, "must be an image reference such as debian:trixie-slim")
     return value
 
@@ -145,7 +146,7 @@ def restore_target(key: str, value: Any) -> str:
     """'' (no restore), 'latest', or a time with its UTC offset, as PostgreSQL reads it."""
     if value in (None, "", "latest"):
         return value or ""
-    if isinstance(value, str) and _RESTORE_TIME_RE.match(value):
+    if isinstance(value, str) and _RESTORE_TIME_RE.fullmatch(value):
         try:
             datetime.datetime.fromisoformat(value)
         except ValueError:
@@ -176,7 +177,7 @@ def provider_cpus(millicpus: int) -> str:
 def cpus(key: str, value: Any) -> int:
     """A CPU limit such as 0.5, 1 or 2.25, in thousandths of a CPU."""
     allowed = f"must be a number of CPUs from 0.1 to {MAX_CPUS}, at most two decimals, such as 0.5 or 2"
-    match = _CPUS_RE.match(str(value).strip()) if isinstance(value, (int, float, str)) else None
+    match = _CPUS_RE.fullmatch(str(value).strip()) if isinstance(value, (int, float, str)) else None
     if isinstance(value, bool) or not match:
         raise _fail(key, value, allowed)
     whole, fraction = match.group(1), (match.group(2) or "").ljust(3, "0")
@@ -204,9 +205,21 @@ def token_names(key: str, value: Any) -> tuple[str, ...]:
     )
     if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_API_TOKENS:
         raise _fail(key, value, allowed)
-    if len(set(value)) != len(value) or not all(isinstance(v, str) and _TOKEN_NAME_RE.match(v) for v in value):
+    if len(set(value)) != len(value) or not all(isinstance(v, str) and _TOKEN_NAME_RE.fullmatch(v) for v in value):
         raise _fail(key, value, allowed)
     return tuple(value)
+
+
+_REDIS_BACKUP_RE = re.compile(r"redis-\d{8}T\d{6}Z\.rdb")
+
+
+def redis_backup_name(key: str, value: Any) -> str:
+    """'' (no restore), 'latest', or the name of a backup as the backup job writes it."""
+    if value in (None, "", "latest"):
+        return value or ""
+    if isinstance(value, str) and _REDIS_BACKUP_RE.fullmatch(value):  # whole: no trailing newline
+        return value
+    raise _fail(key, value, "must be empty, latest, or a backup's name such as redis-20261201T120000Z.rdb")
 
 
 def worker_processes(key: str, value: Any) -> str:
@@ -338,6 +351,19 @@ class RedisSettings:
     sentinel_memory_mb: int = _setting("sentinelMemory", "64MB", megabytes(32), "Memory limit per Sentinel.")
     millicpus: int = _setting("cpus", 1, cpus, "CPU limit per Redis data node.")
     sentinel_millicpus: int = _setting("sentinelCpus", 0.25, cpus, "CPU limit per Sentinel.")
+    backup_interval_minutes: int = _setting(
+        "backupIntervalMinutes",
+        60,
+        integer(0, 44640),
+        "Minutes between copies of the data set to the backups; 0: none.",
+    )
+    backup_retention: int = _setting("backupRetention", 48, integer(1, 1000), "Redis backups kept.")
+    restore_from: str = _setting(
+        "restoreFrom",
+        "",
+        redis_backup_name,
+        "Restore an empty group from a backup: latest, or a backup's name. Empty: never.",
+    )
     publish_port: int | None = _setting(
         "publishPort", 0, optional_port, "Host port of node 0; the other nodes take the next ones. 0: none."
     )
@@ -494,6 +520,7 @@ ADDRESS_BLOCKS: dict[str, tuple[int, int]] = {
     "postgres": (10, 9),  # the bootstrapping node .10, the others .11-.18
     "etcd": (60, 5),  # .60-.64
     "redis": (20, 9),  # node 0 .20 (initial master), replicas .21-.28
+    "redis-backup": (29, 1),
     "sentinel": (30, 7),  # .30-.36
     "mpi": (40, 17),  # master .40, workers .41-.56
     "nginx": (90, 1),
@@ -506,6 +533,7 @@ def _role_sizes(s: Settings) -> dict[str, int]:
         "postgres": 1 + s.postgres.replica_count,
         "etcd": s.postgres.consensus_nodes,
         "redis": 1 + s.redis.replica_count,
+        "redis-backup": 1 if s.redis.backup_interval_minutes else 0,
         "sentinel": s.redis.sentinel_count,
         "mpi": 1 + s.mpi.worker_count,
         "nginx": 1,
@@ -638,11 +666,11 @@ def check_secret(key: str, value: str) -> None:
         if _PEM_MARKERS[key] not in value:
             raise SettingsError(f"{PROJECT}:{key} (secret, value not shown): must be PEM text ({_PEM_MARKERS[key]})")
     elif key == "secretKey":
-        if not _SECRET_KEY_RE.match(value):
+        if not _SECRET_KEY_RE.fullmatch(value):
             raise SettingsError(
                 f"{PROJECT}:{key} (secret, value not shown): must be 32 to 256 printable characters, no spaces"
             )
-    elif not _PASSWORD_RE.match(value):
+    elif not _PASSWORD_RE.fullmatch(value):
         raise SettingsError(
             f"{PROJECT}:{key} (secret, value not shown): must be 16 to 128 characters from A-Z a-z 0-9 . _ ~ - "
             "(it goes into a pgpass file, server configs and URLs)"

@@ -120,6 +120,13 @@ class Topology:
         ]
 
     @property
+    def redis_backup(self) -> Node | None:
+        """Copies the master's data set to the backups on a schedule (none when it is 0)."""
+        if not self.settings.redis.backup_interval_minutes:
+            return None
+        return self._node("redis-backup", "redis-backup", "redis-backup", 0, False)
+
+    @property
     def sentinels(self) -> list[Node]:
         first = self.settings.redis.sentinel_publish_port
         return [
@@ -157,6 +164,7 @@ class Topology:
             self.postgres_credentials,
             *self.etcd_nodes,
             *self.redis_nodes,
+            *([self.redis_backup] if self.redis_backup else []),
             *self.sentinels,
             *self.mpi_nodes,
             *self.backends,

@@ -56,7 +56,7 @@ def test_counts_and_docker_names(stack: str) -> None:
     s = parse(stack, stack_config(stack))
     names = set(ev.containers)
     prefix = f"transvidio-{stack}-"
-    expected = {"postgres-primary", "postgres-credentials", "nginx", "mpi-master"}
+    expected = {"postgres-primary", "postgres-credentials", "redis-backup", "nginx", "mpi-master"}
     expected |= {f"postgres-replica-{i}" for i in range(1, s.postgres.replica_count + 1)}
     expected |= {f"etcd-{i}" for i in range(1, s.postgres.consensus_nodes + 1)}
     expected |= {f"redis-{i}" for i in range(s.redis.replica_count + 1)}
@@ -147,6 +147,7 @@ def test_only_nginx_publishes_in_prod_and_the_data_tier_is_internal_only() -> No
             "postgres-replica",
             "etcd",
             "redis",
+            "redis-backup",
             "sentinel",
             "mpi-master",
             "mpi-worker",
@@ -210,6 +211,7 @@ def test_the_address_plan_of_prod_is_the_documented_one() -> None:
         "redis-0": (data + "20", None),
         "redis-1": (data + "21", None),
         "redis-2": (data + "22", None),
+        "redis-backup": (data + "29", None),
         "sentinel-1": (data + "30", None),
         "sentinel-2": (data + "31", None),
         "sentinel-3": (data + "32", None),
@@ -652,6 +654,7 @@ def test_every_dependency_edge_between_containers_is_exactly_the_designed_one() 
         "redis-0": set(),
         "redis-1": {"redis-0"},
         "redis-2": {"redis-0"},
+        "redis-backup": {"redis-0"},
         # Not after the master: a master with data waits for a Sentinel before it starts.
         "redis-sentinel-1": set(),
         "redis-sentinel-2": set(),
@@ -681,6 +684,7 @@ SECRET_FILES = {
     "etcd": set(),
     "redis": {"redis-users.acl", "redis-replication-password"},
     "sentinel": {"sentinel-users.acl", "redis-sentinel-password"},
+    "redis-backup": {"redis-replication-password"},
     "mpi-master": {"ssh_host_ed25519_key", "id_ed25519", "app-db-password"},
     "mpi-worker": {"ssh_host_ed25519_key"},
     "backend": {"api-tokens", "app-db-password", "redis-password", "secret-key"},
@@ -856,6 +860,7 @@ def test_uploads_tls_ports_capabilities_and_healthchecks_per_role() -> None:
             "backend": ["CMD", "python3", "/usr/local/bin/healthcheck.py"],
             "nginx": ["CMD", "curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:8080/nginx-status"],
             "postgres-credentials": ["CMD", "/usr/local/bin/credentials.sh", "check"],
+            "redis-backup": ["CMD", "/usr/local/bin/redis-backup.sh", "check"],
         }.get(role, ["CMD", "/usr/local/bin/healthcheck.sh"])
         assert container.inputs["healthcheck"]["tests"] == expected_check, name
         adds = container.inputs["capabilities"].get("adds")
@@ -905,3 +910,53 @@ def test_make_render_writes_exactly_what_the_stack_uploads() -> None:
     # The backend's environment, as it gets it (secrets are files: only their paths are here).
     backend = env_of(ev.containers["transvidio-prod-backend-1"])
     assert dict(line.split("=", 1) for line in files["backend/environment"].splitlines()) == backend
+
+
+def test_the_redis_backup_job_copies_from_the_master_into_its_volume_and_a_restore_reads_it() -> None:
+    ev = evaluated("prod")
+    job = ev.containers["transvidio-prod-redis-backup"]
+    assert env_of(job) == {
+        "REDIS_MASTER_NAME": "transvidio",
+        "REDIS_SENTINELS": "10.211.1.30:26379,10.211.1.31:26379,10.211.1.32:26379",
+        "REDIS_USER": "replica",
+        "REDIS_PASSWORD_FILE": "/etc/transvidio/secrets/redis-replication-password",
+        "BACKUP_INTERVAL_MINUTES": "60",
+        "BACKUP_RETENTION": "48",
+    }
+    assert {m["target"]: (m["source"], bool(m.get("readOnly"))) for m in mounts_of(job).values()} == {
+        "/backups": ("transvidio-prod-redis-backups", False)
+    }
+    assert job.inputs["entrypoints"] == ["/usr/local/bin/redis-backup.sh", "serve"]
+    # No restore configured: no data node reads the backups.
+    for name, container in ev.containers.items():
+        if labels_of(container)["io.transvidio.role"] == "redis":
+            assert "/backups" not in mounts_of(container) and "RESTORE_FROM" not in env_of(container), name
+    restoring = evaluate("prod", {"redis": {"restoreFrom": "latest"}})
+    master = restoring.containers["transvidio-prod-redis-0"]
+    assert env_of(master)["RESTORE_FROM"] == "latest"
+    assert mounts_of(master)["/backups"]["readOnly"] is True
+    assert "/backups" not in mounts_of(restoring.containers["transvidio-prod-redis-1"])  # only the initial master
+    # With no schedule there is no job (the volume stays, for a restore).
+    none = evaluate("prod", {"redis": {"backupIntervalMinutes": 0}})
+    assert "transvidio-prod-redis-backup" not in none.containers
+    assert "transvidio-prod-redis-backups" in {v.inputs["name"] for v in none.of_type("docker:index/volume:Volume")}
+
+
+def test_each_role_gets_its_cpu_limit_in_the_form_the_provider_reads_back() -> None:
+    cpus = {labels_of(c)["io.transvidio.role"]: c.inputs["cpus"] for c in evaluated("prod").containers.values()}
+    assert cpus == {
+        "postgres-primary": "2.0",
+        "postgres-replica": "2.0",
+        "postgres-credentials": "0.1",
+        "etcd": "1.0",
+        "redis": "1.0",
+        "redis-backup": "0.25",
+        "sentinel": "0.25",
+        "mpi-master": "2.0",
+        "mpi-worker": "2.0",
+        "backend": "1.0",
+        "nginx": "1.0",
+    }
+    tuned = evaluate("prod", {"backend": {"cpus": "1.5"}, "redis": {"sentinelCpus": 0.5}}).containers
+    assert tuned["transvidio-prod-backend-2"].inputs["cpus"] == "1.5"
+    assert tuned["transvidio-prod-sentinel-3"].inputs["cpus"] == "0.5"

@@ -126,7 +126,7 @@ ERRORS = [
     (
         "dev",
         {"redis": {"sentinals": 3}},
-        "transvidio:redis.sentinals is not a setting of redis; allowed keys: cpus, downAfterMs, failoverTimeoutMs, maxmemory, maxmemoryPolicy, memory, minReplicasMaxLag, minReplicasToWrite, publishPort, quorum, replicas, sentinelCpus, sentinelMemory, sentinelPublishPort, sentinels",
+        "transvidio:redis.sentinals is not a setting of redis; allowed keys: backupIntervalMinutes, backupRetention, cpus, downAfterMs, failoverTimeoutMs, maxmemory, maxmemoryPolicy, memory, minReplicasMaxLag, minReplicasToWrite, publishPort, quorum, replicas, restoreFrom, sentinelCpus, sentinelMemory, sentinelPublishPort, sentinels",
     ),
     (
         "dev",
@@ -581,3 +581,39 @@ def test_token_names_are_one_to_eight_distinct_lower_case_names(bad: Any) -> Non
         'such as ["default"]',
     )
     assert field_parser("backend.apiTokens")("k", ["ci", "alice-2", "x" * 32]) == ("ci", "alice-2", "x" * 32)
+
+
+@pytest.mark.parametrize("good", ["", "latest", "redis-20261201T120000Z.rdb"])
+def test_a_redis_restore_names_latest_or_a_backup(good: str) -> None:
+    assert field_parser("redis.restoreFrom")("k", good) == good
+
+
+@pytest.mark.parametrize(
+    "bad", ["newest", "redis-2026.rdb", "../redis-20261201T120000Z.rdb", "redis-20261201T120000Z.rdb\n"]
+)
+def test_a_redis_restore_from_anything_else_is_refused(bad: str) -> None:
+    refused(
+        field_parser("redis.restoreFrom"),
+        bad,
+        "must be empty, latest, or a backup's name such as redis-20261201T120000Z.rdb",
+    )
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value"),
+    [
+        ("images.base", "debian:trixie-slim\n"),
+        ("backend.apiTokens", ["default\n"]),
+    ],
+)
+def test_a_value_with_a_trailing_newline_is_refused(dotted: str, value: Any) -> None:
+    with pytest.raises(cfg.SettingsError):
+        field_parser(dotted)(dotted, value)
+
+
+@pytest.mark.parametrize("key", ["redisPassword", "secretKey"])
+def test_a_secret_with_a_trailing_newline_is_refused(key: str) -> None:
+    # `pulumi config set --secret KEY < file` keeps the file's newline: it would end up in
+    # pgpass lines, ACL hashes and URLs.
+    with pytest.raises(cfg.SettingsError, match=f"transvidio:{key} \\(secret, value not shown\\)"):
+        cfg.check_secret(key, "A" * 40 + "\n")

@@ -25,26 +25,10 @@ log() { printf '%s redis-node[%s]: %s\n' "$(date -u +%FT%TZ)" "$REDIS_NODE" "$*"
 REDISCLI_AUTH=$(cat "$REDIS_PASSWORD_FILE")
 export REDISCLI_AUTH
 
-# Sends `SENTINEL <args>` to each Sentinel in turn and prints the first answer that the
-# predicate (first argument) accepts; fails when none does.
-sentinel_query() {
-    local accept=$1 entry answer
-    shift
-    IFS=',' read -r -a entries <<<"$REDIS_SENTINELS"
-    for entry in "${entries[@]}"; do
-        answer=$(timeout 2 redis-cli -h "${entry%:*}" -p "${entry##*:}" --user "$REDIS_USER" --no-auth-warning \
-            SENTINEL "$@" 2>/dev/null | head -n 1) || continue
-        if "$accept" "$answer"; then
-            printf '%s\n' "$answer"
-            return 0
-        fi
-    done
-    return 1
-}
+# shellcheck source=sentinels.sh
+. /usr/local/lib/transvidio/sentinels.sh
 
-is_address() { [[ "$1" =~ ^[0-9a-fA-F.:]+$ ]]; }
 failover_started() { [[ "$1" == OK || "$1" == *INPROG* ]]; }
-ask_sentinels() { sentinel_query is_address get-master-addr-by-name "$REDIS_MASTER_NAME"; }
 
 has_data() { [ -d /data/appendonlydir ] || [ -s /data/dump.rdb ]; }
 
@@ -122,6 +106,42 @@ if [ "$master" = "$REDIS_ANNOUNCE_IP" ] && has_data; then
         sleep 0.2
     done
     [ "$master" = "$REDIS_ANNOUNCE_IP" ] && log "no replica took over: resuming as master"
+fi
+
+# A restore (RESTORE_FROM: a backup's file name, or latest) is for an empty node that is to
+# be master: the cluster's first start on wiped volumes. Its data set is the backup's.
+if [ -n "${RESTORE_FROM:-}" ] && [ "$master" = "$REDIS_ANNOUNCE_IP" ] && ! has_data; then
+    if [ "$RESTORE_FROM" = latest ]; then
+        backup=$(find /backups -maxdepth 1 -name 'redis-*.rdb' -printf '%f\n' | sort | tail -n 1)
+    else
+        backup=$RESTORE_FROM
+    fi
+    if [ -z "$backup" ] || [ ! -s "/backups/$backup" ]; then
+        log "restore from ${RESTORE_FROM}: no such backup in /backups; refusing to start empty"
+        exit 65
+    fi
+    cp "/backups/$backup" /data/dump.rdb.part
+    mv /data/dump.rdb.part /data/dump.rdb
+    # With appendonly on, Redis loads only an AOF: a private server loads the RDB and
+    # writes the AOF from it, then the node starts as usual.
+    redis-server --port 0 --unixsocket /var/lib/redis/run/restore.sock --unixsocketperm 700 --dir /data \
+        --dbfilename dump.rdb --appendonly no --daemonize no --save '' >/var/lib/redis/run/restore.log 2>&1 &
+    restorer=$!
+    cli=(env -u REDISCLI_AUTH redis-cli -s /var/lib/redis/run/restore.sock)  # the private server has no users
+    until [ "$("${cli[@]}" PING 2>/dev/null)" = PONG ]; do
+        kill -0 "$restorer" 2>/dev/null || { cat /var/lib/redis/run/restore.log >&2; exit 1; }
+        sleep 0.2
+    done
+    "${cli[@]}" CONFIG SET appendonly yes >/dev/null
+    # Done once the rewrite that makes the AOF from memory has run and none is in progress.
+    until info=$("${cli[@]}" INFO persistence | tr -d '\r') && grep -qx 'aof_rewrite_in_progress:0' <<<"$info" &&
+        grep -qx 'aof_rewrite_scheduled:0' <<<"$info" && ! grep -qx 'aof_rewrites:0' <<<"$info"; do
+        sleep 0.2
+    done
+    keys=$("${cli[@]}" DBSIZE)
+    "${cli[@]}" SHUTDOWN NOSAVE >/dev/null 2>&1 || true
+    wait "$restorer" || true
+    log "restored the data set of backup $backup: $keys keys"
 fi
 
 password=$REDISCLI_AUTH

@@ -367,6 +367,22 @@ def restore_postgres(deployment: Deployment, target: str) -> None:
     wait_streaming(deployment, len(deployment.topology.postgres_replicas))
 
 
+def redis_backups(deployment: Deployment) -> list[str]:
+    """The Redis backups' names, oldest first, as the backup job keeps them."""
+    code, output = deployment.exec("redis-backup", ["find", "/backups", "-maxdepth", "1", "-name", "redis-*.rdb"])
+    assert code == 0, output
+    return sorted(line.rsplit("/", 1)[1] for line in output.split())
+
+
+def wipe_redis(deployment: Deployment) -> None:
+    """Every Redis node and Sentinel gone with its volume, as with a lost disk; the backups kept."""
+    lost = [*deployment.topology.redis_nodes, *deployment.topology.sentinels]
+    for node in lost:
+        deployment.client.containers.get(node.container_name).remove(force=True)
+    for node in lost:
+        deployment.client.volumes.get(f"{deployment.name(node.hostname)}-data").remove(force=True)
+
+
 # --- PostgreSQL failovers --------------------------------------------------------------
 
 

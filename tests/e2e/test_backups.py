@@ -1,16 +1,18 @@
-"""PostgreSQL backups and restores on the dev stack, made for real.
+"""PostgreSQL and Redis backups and restores on the dev stack, made for real.
 
 Whichever node is primary archives every WAL segment and takes scheduled pgBackRest backups
 into the backup volume; these tests wipe every PostgreSQL and etcd volume (the backup volume stays,
 as it would after losing the database host's disks) and restore through the program:
 `postgres.restoreTarget` set, `pulumi up --refresh`. Here a full backup is due every two minutes and an
 incremental one every minute, one full backup kept, so the schedule and the retention
-are seen within the test.
+are seen within the test. Redis is copied every minute, two copies kept; its nodes and
+Sentinels are wiped likewise and the group restored with `redis.restoreFrom`.
 """
 
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -27,7 +29,8 @@ BACKUP_OVERRIDES = {
         "backupIncrementalIntervalMinutes": 1,
         "backupRetentionFull": 1,
         "archiveTimeoutSeconds": 10,
-    }
+    },
+    "redis": {"backupIntervalMinutes": 1, "backupRetention": 2},
 }
 ROWS_PER_BATCH = 100
 
@@ -131,3 +134,67 @@ def test_a_wiped_stack_is_restored_to_the_latest_write_and_to_a_point_in_time(de
     restored = batches(dev)
     assert (restored.get(1), restored.get(2)) == (ROWS_PER_BATCH, None)
     application_writes(dev)
+
+
+# --- Redis --------------------------------------------------------------------------------
+
+
+def backup_time(name: str) -> datetime.datetime:
+    return datetime.datetime.strptime(name, "redis-%Y%m%dT%H%M%SZ.rdb").replace(tzinfo=datetime.UTC)
+
+
+def test_redis_is_copied_every_interval_and_only_the_newest_copies_are_kept(dev: Deployment) -> None:
+    retention = dev.topology.settings.redis.backup_retention
+    seen: set[str] = set()
+
+    def three_taken() -> bool:
+        seen.update(chaos.redis_backups(dev))
+        return len(seen) >= retention + 1
+
+    wait_for(three_taken, 200, f"{retention + 1} Redis backups")
+    kept = chaos.redis_backups(dev)
+    assert len(kept) == retention and kept == sorted(seen)[-retention:]  # the oldest expired
+    times = [backup_time(name) for name in sorted(seen)]
+    assert all(later - earlier >= datetime.timedelta(seconds=59) for earlier, later in itertools.pairwise(times))
+    # Each is an RDB file, as Redis writes one.
+    code, magic = dev.exec("redis-backup", ["head", "-c", "5", f"/backups/{kept[-1]}"])
+    assert (code, magic) == (0, "REDIS")
+
+
+def test_a_wiped_redis_group_is_restored_from_its_latest_backup(dev: Deployment) -> None:
+    master = chaos.redis_node(dev, chaos.current_master(dev))
+    master.set("job:e2e-restored", "from the backup")
+    written = datetime.datetime.now(datetime.UTC)
+    wait_for(
+        lambda: [b for b in chaos.redis_backups(dev) if backup_time(b) >= written + datetime.timedelta(seconds=1)],
+        150,
+        "a Redis backup taken after the write",
+    )
+    chaos.wipe_redis(dev)
+    dev.apply({"redis": {"restoreFrom": "latest"}}, refresh=True)
+    dev.wait_all_healthy()
+    restored = chaos.current_master(dev)
+    assert chaos.redis_node(dev, restored).get("job:e2e-restored") == b"from the backup"
+    # The replica took the restored data set from the master.
+    replica = next(n.hostname for n in dev.topology.redis_nodes if n.hostname != restored)
+    deadline = time.monotonic() + 60
+    while chaos.redis_node(dev, replica).get("job:e2e-restored") != b"from the backup":
+        assert time.monotonic() < deadline, "the replica never had the restored data"
+        time.sleep(0.5)
+    # The setting back to empty: the master, which has data now, is replaced and keeps it.
+    dev.apply({"redis": {"restoreFrom": ""}})
+    dev.wait_all_healthy()
+    assert chaos.redis_node(dev, chaos.current_master(dev)).get("job:e2e-restored") == b"from the backup"
+
+
+def test_a_restore_from_a_backup_that_is_not_there_refuses_to_start_empty(dev: Deployment) -> None:
+    chaos.wipe_redis(dev)
+    with pytest.raises(Exception) as refused:
+        dev.apply({"redis": {"restoreFrom": "redis-20000101T000000Z.rdb"}}, refresh=True)
+    assert "container transvidio-dev-redis-0 exited (code 65" in str(refused.value)
+    assert "no such backup" in str(refused.value)
+    dev.apply({"redis": {"restoreFrom": "latest"}}, refresh=True)
+    dev.wait_all_healthy()
+    assert chaos.redis_node(dev, chaos.current_master(dev)).get("job:e2e-restored") == b"from the backup"
+    dev.apply({"redis": {"restoreFrom": ""}})
+    dev.wait_all_healthy()
