@@ -24,7 +24,7 @@ from components.topology import POSTGRES_PORT, Node, Topology
 
 COMPONENT = "postgres"
 ETCD_MEMORY_MB = 128
-ETCD_MILLICPUS = 500  # Patroni's few keys: a lease renewal every loop
+ETCD_MILLICPUS = 1000  # a whole CPU: a starved etcd times out Patroni's requests (leader lock, initialize key)
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,29 @@ os.replace(target + ".new", target)
 PY
 }
 
+clear_unfinished_initialize() {
+    # After a failed bootstrap Patroni removes its initialize key, but only if etcd answers
+    # at that moment; a key left with the empty value ("being bootstrapped") would make
+    # every later start wait for that bootstrap forever. Only an empty one is removed: the
+    # system id of a cluster that was initialised is never touched.
+    local endpoints key
+    read -r endpoints key < <(python3 - "$RUN_DIR/patroni.yml" <<'PY'
+import sys
+
+import yaml
+
+config = yaml.safe_load(open(sys.argv[1]))
+hosts = ",".join("http://" + host for host in config["etcd3"]["hosts"])
+print(hosts, config["namespace"].rstrip("/") + "/" + config["scope"] + "/initialize")
+PY
+    )
+    if printf 'value("%s") = ""\n\ndel %s\n\n\n' "$key" "$key" | etcdctl --endpoints="$endpoints" txn >/dev/null 2>&1; then
+        log "no unfinished initialize key left in etcd"
+    else
+        log "etcd did not answer: an unfinished initialize key may be left"
+    fi
+}
+
 is_primary() {
     [ "$(psql --no-psqlrc --username=postgres --dbname=postgres -Atqc 'SELECT NOT pg_is_in_recovery()' 2>/dev/null)" = t ]
 }
@@ -169,6 +192,7 @@ done
 kill "$scheduler" "$watcher" 2>/dev/null
 log "Patroni exited with status $status"
 if [ -s "$RUN_DIR/bootstrap-refused" ]; then
+    clear_unfinished_initialize
     log "bootstrap refused: $(tail -n +2 "$RUN_DIR/bootstrap-refused")"
     exit "$(head -n 1 "$RUN_DIR/bootstrap-refused")"
 fi
