@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STATE_DIR := $(CURDIR)/.state
 export PULUMI_BACKEND_URL ?= file://$(STATE_DIR)
 SHELL_SCRIPTS := $(shell find images tests -name '*.sh' -not -path '*/.venv/*') .ci/run
-DOCKERFILES := $(wildcard images/*/Dockerfile)
+DOCKERFILES := $(wildcard images/*/Dockerfile tests/e2e/*/Dockerfile)
 
 .PHONY: help venv stack up preview destroy render test lint unit e2e e2e-podman-dev bench mutate clean
 
@@ -77,7 +77,7 @@ define with_engine
 endef
 
 e2e: venv
-	$(call with_engine,$(BIN)/python -m pytest -q $(E2E_TESTS))
+	$(call with_engine,$(BIN)/python -m pytest -q --durations=20 $(E2E_TESTS))
 
 # CI proves Podman too, with the dev stack's module (one engine at a time).
 e2e-podman-dev: venv

@@ -28,6 +28,9 @@ postgres = PostgresReplicaSet(
         rewind_password=secrets.rewind_password,
         patroni_api_password=secrets.patroni_api_password,
         app_password=secrets.app_db_password,
+        s3_access_key_id=secrets.s3_access_key_id,
+        s3_secret_access_key=secrets.s3_secret_access_key,
+        s3_ca_certificate=secrets.s3_ca_certificate,
     ),
 )
 redis = RedisSentinelGroup(

@@ -32,10 +32,11 @@ LABEL_PREFIX = "io.transvidio"
 
 @dataclass(frozen=True)
 class Networks:
-    """The stack's two networks, by Docker name."""
+    """The stack's networks, by Docker name (egress only when something needs a route out)."""
 
     edge: pulumi.Input[str]
     data: pulumi.Input[str]
+    egress: pulumi.Input[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class ContainerSpec:
     capabilities: Sequence[str] = ()  # added back after dropping ALL
     extra_hosts: Sequence[Node] = ()  # written to /etc/hosts: no DNS needed to reach them
     edge_aliases: Sequence[str] = ()  # names shared with other containers on the edge network
+    egress: bool = False  # also on the egress network (a route out), when the stack has one
     shm_size_mb: int | None = None
     start_period_seconds: int = 30
     # How long a stop (replacement, scale-down, destroy) waits for a clean shutdown before
@@ -123,6 +125,9 @@ def _networks(spec: ContainerSpec, networks: Networks) -> list[docker.ContainerN
                 name=networks.data, aliases=[spec.node.hostname], ipv4_address=spec.node.data_ip
             )
         )
+    if spec.egress and networks.egress is not None:
+        # No fixed address: nothing inside the stack reaches a node through this network.
+        attached.append(docker.ContainerNetworksAdvancedArgs(name=networks.egress, aliases=[spec.node.hostname]))
     if spec.node.edge_ip:
         attached.append(
             docker.ContainerNetworksAdvancedArgs(

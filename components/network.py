@@ -1,4 +1,4 @@
-"""ClusterNetworks: the edge network and the internal data network."""
+"""ClusterNetworks: the edge network, the internal data network, and the egress network."""
 
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ class ClusterNetworksArgs:
 
 
 class ClusterNetworks(pulumi.ComponentResource):
-    """Deploys two bridge networks with the stack's subnets.
+    """Deploys the bridge networks with the stack's subnets.
 
     edge: nginx and the backends. data: PostgreSQL, Redis, Sentinel, MPI and the
     backends; `internal` (no route out, nothing published) unless the stack opts out
-    for debug ports.
+    for debug ports. egress, only with an S3 backup repository: the PostgreSQL nodes'
+    route out to it, and nobody else's.
     """
 
     def __init__(self, name: str, args: ClusterNetworksArgs, opts: pulumi.ResourceOptions | None = None) -> None:
@@ -31,7 +32,14 @@ class ClusterNetworks(pulumi.ComponentResource):
         self.data = self._network(
             f"{name}-data", f"{s.prefix}-data", s, str(s.network.data_subnet), internal=s.network.data_internal
         )
-        self.names = Networks(edge=self.edge.name, data=self.data.name)
+        self.egress = (
+            self._network(f"{name}-egress", f"{s.prefix}-egress", s, str(s.network.egress_subnet), internal=False)
+            if s.postgres.backup_repository == "s3"
+            else None
+        )
+        self.names = Networks(
+            edge=self.edge.name, data=self.data.name, egress=self.egress.name if self.egress else None
+        )
         self.register_outputs({"edge": self.edge.name, "data": self.data.name})
 
     def _network(

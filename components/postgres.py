@@ -36,6 +36,10 @@ class PostgresReplicaSetArgs:
     rewind_password: pulumi.Input[str]
     patroni_api_password: pulumi.Input[str]
     app_password: pulumi.Input[str]
+    # With postgres.backupRepository s3: the key id and secret, and the CA of the endpoint (optional).
+    s3_access_key_id: pulumi.Input[str] | None = None
+    s3_secret_access_key: pulumi.Input[str] | None = None
+    s3_ca_certificate: pulumi.Input[str] | None = None
 
 
 class PostgresReplicaSet(pulumi.ComponentResource):
@@ -66,23 +70,28 @@ class PostgresReplicaSet(pulumi.ComponentResource):
         uid = SERVICE_UIDS[COMPONENT]
         self.etcd = [self._etcd_member(name, member) for member in topo.etcd_nodes]
         # The backup repository: pgBackRest's full and incremental backups and the WAL archive.
-        self.backups = data_volume(name, "postgres-backups", s, COMPONENT, self)
+        # The backup repository on the host, unless backups go to an S3 bucket.
+        self.backups = (
+            data_volume(name, "postgres-backups", s, COMPONENT, self)
+            if s.postgres.backup_repository == "volume"
+            else None
+        )
+        secrets: dict[str, pulumi.Input[str]] = {
+            "postgres-password": args.superuser_password,
+            "replication-password": args.replication_password,
+            "rewind-password": args.rewind_password,
+            "patroni-api-password": args.patroni_api_password,
+            "app-db-password": args.app_password,
+        }
+        if s.postgres.backup_repository == "s3":
+            assert args.s3_access_key_id is not None and args.s3_secret_access_key is not None  # checked at preview
+            secrets[render.PGBACKREST_S3_CREDENTIALS] = pulumi.Output.all(
+                args.s3_access_key_id, args.s3_secret_access_key
+            ).apply(lambda pair: render.pgbackrest_s3_credentials(*pair))
+            if args.s3_ca_certificate is not None:
+                secrets[render.S3_CA_FILE] = args.s3_ca_certificate
         self.credentials = credentials_store(
-            name,
-            topo.postgres_credentials,
-            COMPONENT,
-            self.image.repo_digest,
-            {
-                "postgres-password": args.superuser_password,
-                "replication-password": args.replication_password,
-                "rewind-password": args.rewind_password,
-                "patroni-api-password": args.patroni_api_password,
-                "app-db-password": args.app_password,
-            },
-            uid,
-            s,
-            args.networks,
-            self,
+            name, topo.postgres_credentials, COMPONENT, self.image.repo_digest, secrets, uid, s, args.networks, self
         )
         self._uploads = [
             config_file(f"{render.POSTGRES_CONF_DIR}/postgresql.conf", render.postgresql_conf(s)),
@@ -144,13 +153,14 @@ class PostgresReplicaSet(pulumi.ComponentResource):
                 "PG_ROLE=node",
                 f"PG_NODE={node.hostname}",
                 f"PGBACKREST_CONFIG={render.PGBACKREST_CONF}",
+                f"PGBACKREST_CONFIG_INCLUDE_PATH={render.SECRETS_DIR}",
                 f"PGBACKREST_STANZA={render.PGBACKREST_STANZA}",
                 f"BACKUP_FULL_INTERVAL_MINUTES={pg.backup_full_interval_minutes}",
                 f"BACKUP_INCREMENTAL_INTERVAL_MINUTES={pg.backup_incremental_interval_minutes}",
             ],
             volumes=[
                 VolumeMount(volume.name, render.POSTGRES_DATA_DIR),
-                VolumeMount(self.backups.name, render.PGBACKREST_REPO_DIR),
+                *([VolumeMount(self.backups.name, render.PGBACKREST_REPO_DIR)] if self.backups else []),
                 self.credentials.mount(render.SECRETS_DIR),
             ],
             uploads=[
@@ -158,6 +168,7 @@ class PostgresReplicaSet(pulumi.ComponentResource):
                 *self._uploads,
             ],
             shm_size_mb=pg.shm_size_mb,
+            egress=pg.backup_repository == "s3",  # the route out to the S3 repository
             # A replica's first clone copies the whole primary; a restore replays the archive.
             start_period_seconds=120,
             # A clean stop checkpoints and hands the leader lock over: give it time.

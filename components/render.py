@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from components.settings import MAX_POSTGRES_REPLICAS, PROJECT, Settings, SettingsError, parse
+from components.settings import MAX_POSTGRES_REPLICAS, PROJECT, SECRET_KEYS, Settings, SettingsError, parse
 from components.topology import (
     BACKEND_PORT,
     ETCD_CLIENT_PORT,
@@ -118,7 +118,11 @@ def postgresql_conf(settings: Settings) -> str:
     return HEADER + "\n".join(lines) + "\n"
 
 
-PGBACKREST = f"pgbackrest --config={PGBACKREST_CONF} --stanza={PGBACKREST_STANZA}"
+# The S3 credentials, when the repository is S3, are a pgBackRest config file of their own
+# in the tier's credentials store (SECRETS_DIR): pgBackRest reads every *.conf there.
+PGBACKREST_S3_CREDENTIALS = "pgbackrest-s3.conf"
+S3_CA_FILE = "s3-ca.crt"
+PGBACKREST = f"pgbackrest --config={PGBACKREST_CONF} --config-include-path={SECRETS_DIR} --stanza={PGBACKREST_STANZA}"
 PATRONI_CALLBACK = "/usr/local/bin/patroni-callback.sh"
 PATRONI_BOOTSTRAP = "/usr/local/bin/patroni-bootstrap.sh"
 DCS_CONF = f"{POSTGRES_CONF_DIR}/patroni-dcs.json"
@@ -261,11 +265,31 @@ def etcd_yml(settings: Settings, node: Node) -> str:
 
 
 def pgbackrest_conf(settings: Settings) -> str:
-    """pgBackRest on the primary: the repository volume, retention, and the local cluster."""
+    """pgBackRest on the primary: the repository (the volume, or an S3 bucket under a path of
+    the stack's own), retention, and the local cluster."""
     pg = settings.postgres
+    if pg.backup_repository == "s3":
+        host, _, port = pg.s3_endpoint.partition(":")
+        repository = [
+            "repo1-type=s3",
+            f"repo1-path=/{settings.prefix}",
+            f"repo1-s3-bucket={pg.s3_bucket}",
+            f"repo1-s3-endpoint={host}",
+            f"repo1-s3-region={pg.s3_region}",
+            f"repo1-s3-uri-style={pg.s3_uri_style}",
+            *([f"repo1-storage-port={port}"] if port else []),
+            # The key and its secret are in PGBACKREST_S3_CREDENTIALS, beside the other secrets.
+            *(
+                [f"repo1-storage-ca-file={SECRETS_DIR}/{S3_CA_FILE}"]
+                if "s3CaCertificate" in settings.secrets_set
+                else []
+            ),
+        ]
+    else:
+        repository = [f"repo1-path={PGBACKREST_REPO_DIR}"]
     lines = [
         "[global]",
-        f"repo1-path={PGBACKREST_REPO_DIR}",
+        *repository,
         "repo1-retention-full-type=count",
         f"repo1-retention-full={pg.backup_retention_full}",
         "compress-type=zst",
@@ -281,6 +305,11 @@ def pgbackrest_conf(settings: Settings) -> str:
         f"pg1-port={POSTGRES_PORT}",
     ]
     return HEADER + "\n".join(lines) + "\n"
+
+
+def pgbackrest_s3_credentials(key_id: str, secret: str) -> str:
+    """The S3 key and secret as a pgBackRest config file (the checks at preview keep both on one line)."""
+    return f"[global]\nrepo1-s3-key={key_id}\nrepo1-s3-key-secret={secret}\n"
 
 
 PG_IDENT_MAP = "local-replication"
@@ -853,8 +882,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw = read_stack_file(args.project_dir, args.stack)
     try:
         # Secrets are not read: a `secure:` value only tells that the key is set.
-        tls = all(isinstance(raw.get(k), dict) for k in ("tlsCertificate", "tlsKey"))
-        settings = parse(args.stack, raw, tls_enabled=tls)
+        secrets_set = frozenset(k for k in SECRET_KEYS if isinstance(raw.get(k), dict))
+        settings = parse(args.stack, raw, secrets_set=secrets_set)
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ GENERATED = {
     "secretKey": ("secret-key", 48),
 }
 API_TOKEN_LENGTH = 40
+OPERATORS_ONLY = ("tlsCertificate", "tlsKey", "s3AccessKeyId", "s3SecretAccessKey", "s3CaCertificate")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class ClusterSecrets(pulumi.ComponentResource):
     api_tokens: dict[str, pulumi.Output[str]]
     tls_certificate: pulumi.Output[str] | None
     tls_key: pulumi.Output[str] | None
+    s3_access_key_id: pulumi.Output[str] | None
+    s3_secret_access_key: pulumi.Output[str] | None
+    s3_ca_certificate: pulumi.Output[str] | None
 
     def __init__(self, name: str, args: ClusterSecretsArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("transvidio:secrets:ClusterSecrets", name, None, opts)
@@ -82,7 +86,15 @@ class ClusterSecrets(pulumi.ComponentResource):
             )
             for token in args.api_token_names
         }
-        cert, key = args.overrides.get("tlsCertificate"), args.overrides.get("tlsKey")
-        self.tls_certificate = pulumi.Output.secret(cert) if cert is not None else None
-        self.tls_key = pulumi.Output.secret(key) if key is not None else None
+        # Set by the operator only: nothing here generates them.
+        given = {
+            key: pulumi.Output.secret(args.overrides.get(key))
+            for key in OPERATORS_ONLY
+            if args.overrides.get(key) is not None
+        }
+        self.tls_certificate = given.get("tlsCertificate")
+        self.tls_key = given.get("tlsKey")
+        self.s3_access_key_id = given.get("s3AccessKeyId")
+        self.s3_secret_access_key = given.get("s3SecretAccessKey")
+        self.s3_ca_certificate = given.get("s3CaCertificate")
         self.register_outputs({})

@@ -222,6 +222,37 @@ def redis_backup_name(key: str, value: Any) -> str:
     raise _fail(key, value, "must be empty, latest, or a backup's name such as redis-20261201T120000Z.rdb")
 
 
+_HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_REGION_RE = re.compile(r"[a-z0-9-]{1,32}")
+
+
+def optional_endpoint(key: str, value: Any) -> str:
+    """'' or host[:port] of an S3-compatible endpoint (TLS: pgBackRest speaks only HTTPS to S3)."""
+    if value in (None, ""):
+        return ""
+    host, _, port = str(value).partition(":")
+    if not _HOST_RE.fullmatch(host) or (port and not (port.isdigit() and 1 <= int(port) <= 65535)):
+        raise _fail(
+            key, value, "must be a host name or address, optionally with :port, such as s3.eu-west-1.amazonaws.com"
+        )
+    return str(value)
+
+
+def optional_bucket(key: str, value: Any) -> str:
+    if value in (None, ""):
+        return ""
+    if not isinstance(value, str) or not _BUCKET_RE.fullmatch(value) or ".." in value:
+        raise _fail(key, value, "must be an S3 bucket name: 3 to 63 lower-case letters, digits, '.' and '-'")
+    return value
+
+
+def region(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not _REGION_RE.fullmatch(value):
+        raise _fail(key, value, "must be a region name such as us-east-1")
+    return value
+
+
 def worker_processes(key: str, value: Any) -> str:
     if value == "auto":
         return "auto"
@@ -251,6 +282,12 @@ class NetworkSettings:
     )
     publish_host_ip: str = _setting(
         "publishHostIp", "0.0.0.0", ip_address, "Host address every published port binds to."
+    )
+    egress_subnet: ipaddress.IPv4Network = _setting(
+        "egressSubnet",
+        "10.211.3.0/24",
+        subnet,
+        "Subnet of the egress network: the PostgreSQL nodes' route to an S3 backup repository (only then).",
     )
 
 
@@ -318,6 +355,17 @@ class PostgresSettings:
         "",
         restore_target,
         "Restore an empty primary from the repository: latest, or a time with its UTC offset. Empty: never.",
+    )
+    backup_repository: str = _setting(
+        "backupRepository", "volume", choice("volume", "s3"), "Where backups and the WAL archive go: volume, or s3."
+    )
+    s3_endpoint: str = _setting(
+        "s3Endpoint", "", optional_endpoint, "S3 endpoint host, or host:port (backupRepository s3)."
+    )
+    s3_bucket: str = _setting("s3Bucket", "", optional_bucket, "S3 bucket (backupRepository s3).")
+    s3_region: str = _setting("s3Region", "us-east-1", region, "S3 region.")
+    s3_uri_style: str = _setting(
+        "s3UriStyle", "host", choice("host", "path"), "S3 addressing: host (bucket.endpoint) or path (endpoint/bucket)."
     )
 
 
@@ -463,6 +511,9 @@ SECRET_KEYS: dict[str, str] = {
     "secretKey": "Backend SECRET_KEY (generated when unset).",
     "tlsCertificate": "PEM certificate chain for nginx HTTPS (optional).",
     "tlsKey": "PEM private key for nginx HTTPS (optional).",
+    "s3AccessKeyId": "S3 access key id for the PostgreSQL backup repository (postgres.backupRepository s3).",
+    "s3SecretAccessKey": "S3 secret access key for the PostgreSQL backup repository (postgres.backupRepository s3).",
+    "s3CaCertificate": "PEM certificate of the CA that signed the S3 endpoint's certificate (optional).",
 }
 
 
@@ -485,6 +536,8 @@ class Settings:
     backend: BackendSettings
     nginx: NginxSettings
     tls_enabled: bool
+    # The secret keys set with `pulumi config set --secret` (their values are not here).
+    secrets_set: frozenset[str] = frozenset()
 
     @property
     def prefix(self) -> str:
@@ -632,6 +685,30 @@ def _validate(s: Settings) -> None:
             f"{PROJECT}:nginx.httpsPort=0 with the secrets tlsCertificate and tlsKey set: nginx would have a "
             "certificate and no port to serve it on; set nginx.httpsPort (e.g. 443), or remove the secrets"
         )
+    if pg.backup_repository == "s3":
+        for key, value, what in (
+            ("s3Endpoint", pg.s3_endpoint, "endpoint (host or host:port)"),
+            ("s3Bucket", pg.s3_bucket, "bucket"),
+        ):
+            if not value:
+                raise SettingsError(
+                    f"{PROJECT}:postgres.{key} is empty with postgres.backupRepository=s3: set the S3 {what} "
+                    "backups go to"
+                )
+        missing = [key for key in ("s3AccessKeyId", "s3SecretAccessKey") if key not in s.secrets_set]
+        if missing:
+            raise SettingsError(
+                f"{PROJECT}:postgres.backupRepository=s3 needs the secret {missing[0]} "
+                f"(`pulumi config set --secret {missing[0]} ...`)"
+            )
+        if s.network.egress_subnet.overlaps(s.network.edge_subnet) or s.network.egress_subnet.overlaps(
+            s.network.data_subnet
+        ):
+            raise _fail(
+                "network.egressSubnet",
+                str(s.network.egress_subnet),
+                f"overlaps network.edgeSubnet={s.network.edge_subnet} or network.dataSubnet={s.network.data_subnet}",
+            )
     if s.nginx.https_port and not s.tls_enabled:
         raise SettingsError(
             f"{PROJECT}:nginx.httpsPort={s.nginx.https_port} needs the secrets tlsCertificate and tlsKey "
@@ -639,15 +716,22 @@ def _validate(s: Settings) -> None:
         )
 
 
-def parse(stack: str, raw: Mapping[str, Any], tls_enabled: bool = False) -> Settings:
-    """Settings from plain config values keyed without the project prefix."""
+TLS_SECRETS = frozenset({"tlsCertificate", "tlsKey"})
+
+
+def parse(stack: str, raw: Mapping[str, Any], secrets_set: frozenset[str] = frozenset()) -> Settings:
+    """Settings from plain config values keyed without the project prefix, and the names of
+    the secret keys that are set (their values are not needed: they only switch features on,
+    TLS when both of its files are set)."""
     unknown = sorted(set(raw) - set(SECTIONS) - set(SECRET_KEYS))
     if unknown:
         raise SettingsError(
             f"{PROJECT}:{unknown[0]} is not a setting; allowed keys: {', '.join(sorted([*SECTIONS, *SECRET_KEYS]))}"
         )
     sections = {name: _parse_section(name, raw.get(name)) for name in SECTIONS}
-    settings = Settings(project=PROJECT, stack=stack, tls_enabled=tls_enabled, **sections)
+    settings = Settings(
+        project=PROJECT, stack=stack, tls_enabled=secrets_set >= TLS_SECRETS, secrets_set=secrets_set, **sections
+    )
     _validate(settings)
     return settings
 
@@ -656,7 +740,14 @@ def parse(stack: str, raw: Mapping[str, Any], tls_enabled: bool = False) -> Sett
 # newline starts a directive) and URLs ('@', '/', '?' end parts): URL-unreserved characters only.
 _PASSWORD_RE = re.compile(r"^[A-Za-z0-9._~-]{16,128}$")
 _SECRET_KEY_RE = re.compile(r"^[!-~]{32,256}$")  # printable, no whitespace
-_PEM_MARKERS = {"tlsCertificate": "-----BEGIN CERTIFICATE-----", "tlsKey": "PRIVATE KEY-----"}
+# S3 credentials go into a pgBackRest config file: no whitespace, so no line of their own.
+_S3_KEY_ID_RE = re.compile(r"[A-Za-z0-9._-]{3,128}")
+_S3_SECRET_RE = re.compile(r"[!-~]{8,256}")
+_PEM_MARKERS = {
+    "tlsCertificate": "-----BEGIN CERTIFICATE-----",
+    "tlsKey": "PRIVATE KEY-----",
+    "s3CaCertificate": "-----BEGIN CERTIFICATE-----",
+}
 
 
 def check_secret(key: str, value: str) -> None:
@@ -665,6 +756,16 @@ def check_secret(key: str, value: str) -> None:
     if key in _PEM_MARKERS:
         if _PEM_MARKERS[key] not in value:
             raise SettingsError(f"{PROJECT}:{key} (secret, value not shown): must be PEM text ({_PEM_MARKERS[key]})")
+    elif key == "s3AccessKeyId":
+        if not _S3_KEY_ID_RE.fullmatch(value):
+            raise SettingsError(
+                f"{PROJECT}:{key} (secret, value not shown): must be 3 to 128 characters from A-Z a-z 0-9 . _ -"
+            )
+    elif key == "s3SecretAccessKey":
+        if not _S3_SECRET_RE.fullmatch(value):
+            raise SettingsError(
+                f"{PROJECT}:{key} (secret, value not shown): must be 8 to 256 printable characters, no spaces"
+            )
     elif key == "secretKey":
         if not _SECRET_KEY_RE.fullmatch(value):
             raise SettingsError(
@@ -706,6 +807,5 @@ def load() -> tuple[Settings, SecretOverrides]:
     for key in overrides:
         # The plain value, for the check only, at preview: it goes on only as the secret Output.
         check_secret(key, str(pulumi.runtime.get_config(f"{PROJECT}:{key}")))
-    tls_enabled = "tlsCertificate" in overrides and "tlsKey" in overrides
-    settings = parse(pulumi.get_stack(), raw, tls_enabled=tls_enabled)
+    settings = parse(pulumi.get_stack(), raw, secrets_set=frozenset(overrides))
     return settings, SecretOverrides(overrides)

@@ -811,6 +811,7 @@ def test_each_data_tier_container_gets_exactly_the_environment_its_entrypoint_re
             "PG_ROLE": "node",
             "PG_NODE": node,
             "PGBACKREST_CONFIG": "/etc/transvidio/postgres/pgbackrest.conf",
+            "PGBACKREST_CONFIG_INCLUDE_PATH": "/etc/transvidio/secrets",
             "PGBACKREST_STANZA": "transvidio",
             "BACKUP_FULL_INTERVAL_MINUTES": "1440",
             "BACKUP_INCREMENTAL_INTERVAL_MINUTES": "60",
@@ -960,3 +961,47 @@ def test_each_role_gets_its_cpu_limit_in_the_form_the_provider_reads_back() -> N
     tuned = evaluate("prod", {"backend": {"cpus": "1.5"}, "redis": {"sentinelCpus": 0.5}}).containers
     assert tuned["transvidio-prod-backend-2"].inputs["cpus"] == "1.5"
     assert tuned["transvidio-prod-sentinel-3"].inputs["cpus"] == "0.5"
+
+
+S3_SECRETS = {
+    "s3AccessKeyId": "AKIAEXAMPLE01",
+    "s3SecretAccessKey": "an/s3+secret=key",
+    "s3CaCertificate": PEM_PAIR["tlsCertificate"],
+}
+S3_CONFIG = {"postgres": {"backupRepository": "s3", "s3Endpoint": "s3.test", "s3Bucket": "backups"}}
+
+
+def test_an_s3_repository_gives_only_the_postgres_nodes_a_route_out_and_its_credentials_the_store() -> None:
+    ev = evaluate("prod", S3_CONFIG, secret_config=S3_SECRETS)
+    networks = {r.inputs["name"]: r.inputs for r in ev.of_type("docker:index/network:Network")}
+    assert networks["transvidio-prod-egress"]["internal"] is False
+    assert networks["transvidio-prod-egress"]["ipamConfigs"] == [{"subnet": "10.211.3.0/24"}]
+    on_egress = {name for name, c in ev.containers.items() if "transvidio-prod-egress" in networks_of(c)}
+    assert on_egress == {
+        f"transvidio-prod-{n}" for n in ("postgres-primary", "postgres-replica-1", "postgres-replica-2")
+    }
+    for name in on_egress:
+        assert "ipv4Address" not in networks_of(ev.containers[name])["transvidio-prod-egress"]
+    writer = uploads_of(ev.containers["transvidio-prod-postgres-credentials"])
+    assert writer["/etc/transvidio/credentials/pgbackrest-s3.conf"]["content"] == render.pgbackrest_s3_credentials(
+        "AKIAEXAMPLE01", "an/s3+secret=key"
+    )
+    assert writer["/etc/transvidio/credentials/s3-ca.crt"]["content"] == PEM_PAIR["tlsCertificate"]
+    assert is_secret(ev.containers["transvidio-prod-postgres-credentials"].inputs["uploads"])
+    # The S3 secret is in no plain input and no output.
+    leaked = [
+        r.name
+        for r in ev.registrations
+        if "an/s3+secret=key" in json.dumps(plain({k: v for k, v in r.inputs.items() if not is_secret(v)}))
+    ]
+    assert leaked == []
+    assert not any("an/s3+secret=key" in json.dumps(plain(v)) for v, _ in ev.exports.values())
+    # No repository volume: the bucket is the repository.
+    assert "transvidio-prod-postgres-backups" not in {
+        v.inputs["name"] for v in ev.of_type("docker:index/volume:Volume")
+    }
+    assert all(render.PGBACKREST_REPO_DIR not in mounts_of(c) for c in ev.containers.values())
+    # Without S3: no egress network, nobody on it.
+    assert "transvidio-prod-egress" not in {
+        r.inputs["name"] for r in evaluated("prod").of_type("docker:index/network:Network")
+    }

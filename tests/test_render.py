@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from components import render
-from components.settings import Settings, SettingsError, parse
+from components.settings import TLS_SECRETS, Settings, SettingsError, parse
 from components.topology import Topology
 from tests.program import PROJECT_DIR, stack_config
 
@@ -90,7 +90,7 @@ def test_nginx_conf_carries_the_proxy_contract() -> None:
     ("https_port", "location"), [(443, "https://$host$request_uri"), (8443, "https://$host:8443$request_uri")]
 )
 def test_with_tls_http_only_redirects_and_https_serves_with_hsts(https_port: int, location: str) -> None:
-    s = parse("prod", stack_config("prod", {"nginx": {"httpsPort": https_port}}), tls_enabled=True)
+    s = parse("prod", stack_config("prod", {"nginx": {"httpsPort": https_port}}), secrets_set=TLS_SECRETS)
     conf = render.nginx_conf(s)
     http_server, https_server = conf.split("    server {")[1:]
     assert "listen 8080;" in http_server and "proxy_pass" not in http_server
@@ -206,7 +206,8 @@ def test_every_node_archives_its_wal_to_the_backup_repository_within_the_archive
     values = conf_values(render.postgresql_conf(settings(postgres={"archiveTimeoutSeconds": 30})))
     assert values["archive_mode"] == "on"
     assert values["archive_command"] == (
-        "'pgbackrest --config=/etc/transvidio/postgres/pgbackrest.conf --stanza=transvidio archive-push %p'"
+        "'pgbackrest --config=/etc/transvidio/postgres/pgbackrest.conf --config-include-path=/etc/transvidio/secrets "
+        "--stanza=transvidio archive-push %p'"
     )
     assert values["archive_timeout"] == "'30s'"
 
@@ -623,3 +624,30 @@ def test_a_worker_admits_only_the_masters_key_from_the_masters_address() -> None
 
 def test_only_the_nodes_own_os_user_maps_to_the_replication_role() -> None:
     assert render.pg_ident_conf() == render.HEADER + "local-replication postgres replicator\n"
+
+
+def test_pgbackrest_writes_to_an_s3_bucket_under_the_stacks_own_path() -> None:
+    raw = stack_config("prod", {"postgres": {"backupRepository": "s3", "s3Endpoint": "s3.test:9443", "s3Bucket": "b01",
+                                              "s3UriStyle": "path"}})  # fmt: skip
+    s = parse("prod", raw, secrets_set=frozenset({"s3AccessKeyId", "s3SecretAccessKey", "s3CaCertificate"}))
+    conf = render.pgbackrest_conf(s).splitlines()
+    repository = [line for line in conf if line.startswith("repo1-")]
+    assert repository == [
+        "repo1-type=s3",
+        "repo1-path=/transvidio-prod",
+        "repo1-s3-bucket=b01",
+        "repo1-s3-endpoint=s3.test",
+        "repo1-s3-region=us-east-1",
+        "repo1-s3-uri-style=path",
+        "repo1-storage-port=9443",
+        "repo1-storage-ca-file=/etc/transvidio/secrets/s3-ca.crt",
+        "repo1-retention-full-type=count",
+        "repo1-retention-full=7",
+    ]
+    assert not [line for line in conf if "key" in line]  # the credentials are a secret file of their own
+    without_ca = parse("prod", raw, secrets_set=frozenset({"s3AccessKeyId", "s3SecretAccessKey"}))
+    assert not [line for line in render.pgbackrest_conf(without_ca).splitlines() if "ca-file" in line]
+    assert (
+        render.pgbackrest_s3_credentials("AKIA1", "sec/ret=")
+        == "[global]\nrepo1-s3-key=AKIA1\nrepo1-s3-key-secret=sec/ret=\n"
+    )

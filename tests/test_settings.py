@@ -14,7 +14,7 @@ from tests.program import PROJECT_DIR, FakeMocks, evaluate, stack_config
 
 
 def parse_stack(stack: str, overrides: dict[str, Any] | None = None, tls: bool = False) -> cfg.Settings:
-    return cfg.parse(stack, stack_config(stack, overrides), tls_enabled=tls)
+    return cfg.parse(stack, stack_config(stack, overrides), secrets_set=cfg.TLS_SECRETS if tls else frozenset())
 
 
 def test_both_stacks_parse_to_the_documented_shapes() -> None:
@@ -131,7 +131,7 @@ ERRORS = [
     (
         "dev",
         {"postgress": {"replicas": 1}},
-        "transvidio:postgress is not a setting; allowed keys: appDbPassword, backend, images, mpi, network, nginx, patroniApiPassword, postgres, postgresPassword, redis, redisAdminPassword, redisPassword, redisReplicationPassword, redisSentinelPassword, replicationPassword, rewindPassword, secretKey, tlsCertificate, tlsKey",
+        "transvidio:postgress is not a setting; allowed keys: appDbPassword, backend, images, mpi, network, nginx, patroniApiPassword, postgres, postgresPassword, redis, redisAdminPassword, redisPassword, redisReplicationPassword, redisSentinelPassword, replicationPassword, rewindPassword, s3AccessKeyId, s3CaCertificate, s3SecretAccessKey, secretKey, tlsCertificate, tlsKey",
     ),
     (
         "dev",
@@ -617,3 +617,79 @@ def test_a_secret_with_a_trailing_newline_is_refused(key: str) -> None:
     # pgpass lines, ACL hashes and URLs.
     with pytest.raises(cfg.SettingsError, match=f"transvidio:{key} \\(secret, value not shown\\)"):
         cfg.check_secret(key, "A" * 40 + "\n")
+
+
+S3 = {"postgres": {"backupRepository": "s3", "s3Endpoint": "s3.test:9443", "s3Bucket": "backups"}}
+S3_KEYS = frozenset({"s3AccessKeyId", "s3SecretAccessKey"})
+
+
+def test_an_s3_repository_needs_its_endpoint_bucket_and_credentials() -> None:
+    settings = cfg.parse("prod", stack_config("prod", S3), secrets_set=S3_KEYS)
+    assert (settings.postgres.s3_endpoint, settings.postgres.s3_bucket) == ("s3.test:9443", "backups")
+    for missing, message in (
+        ("s3Endpoint", "transvidio:postgres.s3Endpoint is empty with postgres.backupRepository=s3: set the S3 "
+                       "endpoint (host or host:port) backups go to"),
+        ("s3Bucket", "transvidio:postgres.s3Bucket is empty with postgres.backupRepository=s3: set the S3 bucket "
+                     "backups go to"),
+    ):  # fmt: skip
+        with pytest.raises(cfg.SettingsError) as raised:
+            cfg.parse("prod", stack_config("prod", {"postgres": {**S3["postgres"], missing: ""}}), secrets_set=S3_KEYS)
+        assert str(raised.value) == message
+    for secret in sorted(S3_KEYS):
+        with pytest.raises(cfg.SettingsError) as raised:
+            cfg.parse("prod", stack_config("prod", S3), secrets_set=S3_KEYS - {secret})
+        assert str(raised.value) == (
+            f"transvidio:postgres.backupRepository=s3 needs the secret {secret} (`pulumi config set --secret {secret} ...`)"
+        )
+    # A volume repository needs none of them.
+    assert cfg.parse("prod", stack_config("prod")).postgres.backup_repository == "volume"
+
+
+def test_the_egress_network_must_not_overlap_the_others() -> None:
+    with pytest.raises(cfg.SettingsError) as raised:
+        cfg.parse(
+            "prod", stack_config("prod", {**S3, "network": {"egressSubnet": "10.211.1.0/25"}}), secrets_set=S3_KEYS
+        )
+    assert str(raised.value) == (
+        "transvidio:network.egressSubnet='10.211.1.0/25': overlaps network.edgeSubnet=10.211.0.0/24 or "
+        "network.dataSubnet=10.211.1.0/24"
+    )
+
+
+@pytest.mark.parametrize(
+    ("dotted", "bad", "allowed"),
+    [
+        ("postgres.s3Endpoint", "https://s3.test", "must be a host name or address, optionally with :port, such as s3.eu-west-1.amazonaws.com"),
+        ("postgres.s3Endpoint", "s3.test:0", "must be a host name or address, optionally with :port, such as s3.eu-west-1.amazonaws.com"),
+        ("postgres.s3Endpoint", "s3.test\n", "must be a host name or address, optionally with :port, such as s3.eu-west-1.amazonaws.com"),
+        ("postgres.s3Bucket", "Backups", "must be an S3 bucket name: 3 to 63 lower-case letters, digits, '.' and '-'"),
+        ("postgres.s3Bucket", "a..b", "must be an S3 bucket name: 3 to 63 lower-case letters, digits, '.' and '-'"),
+        ("postgres.s3Region", "EU West", "must be a region name such as us-east-1"),
+    ],
+)  # fmt: skip
+def test_s3_settings_are_checked(dotted: str, bad: str, allowed: str) -> None:
+    refused(field_parser(dotted), bad, allowed)
+
+
+@pytest.mark.parametrize(
+    ("key", "bad", "rule"),
+    [
+        ("s3AccessKeyId", "has space", "must be 3 to 128 characters from A-Z a-z 0-9 . _ -"),
+        ("s3AccessKeyId", "AKIA\n", "must be 3 to 128 characters from A-Z a-z 0-9 . _ -"),
+        ("s3SecretAccessKey", "short", "must be 8 to 256 printable characters, no spaces"),
+        ("s3SecretAccessKey", "secret-with\nnewline", "must be 8 to 256 printable characters, no spaces"),
+        ("s3CaCertificate", "not a certificate", "must be PEM text (-----BEGIN CERTIFICATE-----)"),
+    ],
+)
+def test_s3_secrets_that_would_break_pgbackrests_config_are_refused(key: str, bad: str, rule: str) -> None:
+    with pytest.raises(cfg.SettingsError) as raised:
+        cfg.check_secret(key, bad)
+    assert str(raised.value) == f"transvidio:{key} (secret, value not shown): {rule}"
+    cfg.check_secret(
+        key,
+        {
+            "s3AccessKeyId": "AKIAEXAMPLE",
+            "s3SecretAccessKey": "wJalr/K7+MDEN=G",
+            "s3CaCertificate": "-----BEGIN CERTIFICATE-----\nx\n",
+        }[key],
+    )

@@ -252,6 +252,9 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
         self._steps = threading.Condition()
         self._in_flight = 0
         self.failure: str | None = None
+        # Called with a resource's id right after its create, before any dependent step:
+        # what a test needs in place before the stack uses it (an endpoint outside the stack).
+        self.on_created: dict[str, Callable[[str], None]] = {}
         self.handlers = {
             NETWORK: self._network,
             VOLUME: self._volume,
@@ -426,6 +429,8 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
             with self.lock:
                 self.state[(type_, name)] = resource
             raise ApplyError(init_errors[0])
+        if name in self.on_created:
+            self.on_created[name](resource_id)
         return resource
 
     def _update(self, old: Resource, inputs: dict[str, Any], meta: dict[str, Any], changes: dict[str, str]) -> Resource:

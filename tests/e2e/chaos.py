@@ -325,6 +325,15 @@ def wait_settled(deployment: Deployment, timeout: float = 90) -> str:
 SUPERUSER_PSQL = ["psql", "--host=/var/lib/postgresql/run", "--dbname=postgres", "-Atq", "-c"]
 
 
+def wait_for(condition: Any, timeout: float, what: str) -> Any:
+    """condition()'s first truthy result, polled each second; fails naming `what` after timeout."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"not within {timeout:.0f}s: {what}"
+        time.sleep(1)
+    return result
+
+
 def pg_backups(deployment: Deployment) -> list[dict[str, Any]]:
     """The repository's backups, oldest first, as `pgbackrest info` reports them."""
     code, output = deployment.exec(pg_primary(deployment), ["pgbackrest", "info", "--output=json"])

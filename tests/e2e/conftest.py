@@ -11,7 +11,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,7 +102,9 @@ class Deployment:
 
     @property
     def topology(self) -> Topology:
-        return Topology(parse(self.stack, stack_config(self.stack, self.overrides)))
+        return Topology(
+            parse(self.stack, stack_config(self.stack, self.overrides), secrets_set=frozenset(self.secret_config))
+        )
 
     def assert_plans_nothing(self, plan: Plan) -> None:
         """No change planned; on an engine with read-back drift, only the drift's replacements."""
@@ -157,8 +159,16 @@ class Deployment:
 
 
 @contextlib.contextmanager
-def deployed(stack: str, overrides: dict[str, Any] | None = None, health_ticker: bool = True) -> Iterator[Deployment]:
-    """Brings the stack up (E2E_OVERRIDES, then `overrides`, e.g. a benchmark's settings).
+def deployed(
+    stack: str,
+    overrides: dict[str, Any] | None = None,
+    health_ticker: bool = True,
+    secret_config: dict[str, str] | None = None,
+    on_created: dict[str, Callable[[str], None]] | None = None,
+) -> Iterator[Deployment]:
+    """Brings the stack up (E2E_OVERRIDES, then `overrides`, e.g. a benchmark's settings, and
+    `secret_config` as `pulumi config set --secret` would set it; `on_created` as in
+    DockerApplyMocks).
 
     Benchmarks pass health_ticker=False: on Podman every healthcheck is an exec, which
     on a 2-core machine is load that the figures should not include.
@@ -166,14 +176,15 @@ def deployed(stack: str, overrides: dict[str, Any] | None = None, health_ticker:
     client = engine()
     teardown(client, stack)  # leftovers of a killed run
     mocks = DockerApplyMocks(client, stack)
+    mocks.on_created.update(on_created or {})
     started = time.monotonic()
     ticker = HealthTicker(client, stack)
     try:
         config = {**E2E_OVERRIDES[stack]}
         for key, value in (overrides or {}).items():
             config[key] = {**config.get(key, {}), **value}
-        evaluation, _ = up(mocks, stack, config)
-        deployment = Deployment(stack, client, evaluation, mocks, overrides=config)
+        evaluation, _ = up(mocks, stack, config, secret_config=secret_config)
+        deployment = Deployment(stack, client, evaluation, mocks, overrides=config, secret_config=secret_config or {})
         deployment.container_names = sorted(evaluation.containers)
         deployment.wait_all_healthy()
         deployment.seconds_to_healthy = time.monotonic() - started

@@ -41,14 +41,6 @@ def dev() -> Iterator[Deployment]:
         yield deployment
 
 
-def wait_for(condition: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"not within {timeout:.0f}s: {what}"
-        time.sleep(1)
-    return result
-
-
 def add_batch(dev: Deployment, batch: int) -> None:
     with chaos.pg_writer(dev) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS restore_check (batch int NOT NULL, n int NOT NULL)")
@@ -77,10 +69,12 @@ def application_writes(dev: Deployment) -> None:
 
 
 def test_full_and_incremental_backups_run_on_schedule_and_retention_expires_the_old_set(dev: Deployment) -> None:
-    first = wait_for(lambda: [b for b in chaos.pg_backups(dev) if b["type"] == "full"], 90, "a first full backup")[0]
+    first = chaos.wait_for(
+        lambda: [b for b in chaos.pg_backups(dev) if b["type"] == "full"], 90, "a first full backup"
+    )[0]
     # A minute later an incremental one on top of it; two minutes after the first, the next
     # full one, and with one full backup kept the first set (full and incremental) expires.
-    incremental = wait_for(
+    incremental = chaos.wait_for(
         lambda: [b for b in chaos.pg_backups(dev) if b["type"] == "incr"], 90, "an incremental backup"
     )[0]
     assert incremental["prior"] == first["label"]
@@ -92,13 +86,13 @@ def test_full_and_incremental_backups_run_on_schedule_and_retention_expires_the_
         fulls = [b for b in current if b["type"] == "full"]
         return current if fulls and not labels & {b["label"] for b in current} else []
 
-    later = wait_for(first_set_expired, 150, "a second full backup and the first set expired")
+    later = chaos.wait_for(first_set_expired, 150, "a second full backup and the first set expired")
     assert later[0]["type"] == "full"
     assert later[0]["timestamp"]["start"] >= first["timestamp"]["stop"] + 120
 
 
 def test_an_empty_primary_is_never_initialised_over_existing_backups(dev: Deployment) -> None:
-    wait_for(lambda: chaos.pg_backups(dev), 90, "a backup in the repository")
+    chaos.wait_for(lambda: chaos.pg_backups(dev), 90, "a backup in the repository")
     add_batch(dev, 0)
     chaos.archive_everything(dev)
     chaos.wipe_postgres(dev)
@@ -111,7 +105,7 @@ def test_an_empty_primary_is_never_initialised_over_existing_backups(dev: Deploy
 
 
 def test_a_wiped_stack_is_restored_to_the_latest_write_and_to_a_point_in_time(dev: Deployment) -> None:
-    wait_for(lambda: chaos.pg_backups(dev), 90, "a backup in the repository")
+    chaos.wait_for(lambda: chaos.pg_backups(dev), 90, "a backup in the repository")
     add_batch(dev, 1)
     time.sleep(1)
     with chaos.pg_writer(dev) as conn:
@@ -151,7 +145,7 @@ def test_redis_is_copied_every_interval_and_only_the_newest_copies_are_kept(dev:
         seen.update(chaos.redis_backups(dev))
         return len(seen) >= retention + 1
 
-    wait_for(three_taken, 200, f"{retention + 1} Redis backups")
+    chaos.wait_for(three_taken, 200, f"{retention + 1} Redis backups")
     kept = chaos.redis_backups(dev)
     assert len(kept) == retention and kept == sorted(seen)[-retention:]  # the oldest expired
     times = [backup_time(name) for name in sorted(seen)]
@@ -165,7 +159,7 @@ def test_a_wiped_redis_group_is_restored_from_its_latest_backup(dev: Deployment)
     master = chaos.redis_node(dev, chaos.current_master(dev))
     master.set("job:e2e-restored", "from the backup")
     written = datetime.datetime.now(datetime.UTC)
-    wait_for(
+    chaos.wait_for(
         lambda: [b for b in chaos.redis_backups(dev) if backup_time(b) >= written + datetime.timedelta(seconds=1)],
         150,
         "a Redis backup taken after the write",
