@@ -44,7 +44,17 @@ write_upstreams() {
     mv "$tmp" "$UPSTREAM_FILE"
 }
 
-current=$(select_servers)
+# At start, backends that resolve get a few seconds to answer: the first connection from a
+# container that has just started can fail before its network is settled, and an empty
+# upstream list would answer the first clients with 502.
+current=""
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+    current=$(select_servers)
+    if [ -n "$current" ] || [ -z "$(resolved)" ]; then
+        break
+    fi
+    sleep 0.5
+done
 write_upstreams "$current"
 log "starting with: ${current//$'\n'/ }"
 nginx -c "$CONF" -g 'daemon off;' &

@@ -169,6 +169,17 @@ def test_nginx_serves_liveness_to_all_and_readiness_to_the_cluster_only(dev: Dep
     assert report["dependencies"]["postgres:postgres-replica-1"]["role"] == "replica"
 
 
+def test_nginx_starts_with_every_backend_that_answered_before_it(dev: Deployment) -> None:
+    # nginx is created after the backends are healthy: its first upstream list has them all,
+    # not an empty one that the next check a second later fills in.
+    backends = [dev.client.containers.get(dev.name(b.hostname)) for b in dev.topology.backends]
+    addresses = sorted(c.attrs["NetworkSettings"]["Networks"]["transvidio-dev-edge"]["IPAddress"] for c in backends)
+    assert addresses
+    logs = dev.client.containers.get(dev.name("nginx")).logs().decode()
+    first = next(line for line in logs.splitlines() if "upstreams: starting with:" in line)
+    assert sorted(first.split("starting with:")[1].split()) == addresses, logs
+
+
 def test_nginx_status_is_for_the_cluster_only(dev: Deployment) -> None:
     status, _ = http_get("http://127.0.0.1:8080/nginx-status")
     assert status == 403
