@@ -30,7 +30,7 @@ RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 LOAD_SECONDS = float(os.environ.get("BENCH_LOAD_SECONDS", "8"))
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "8"))
 # The limits as checks, not as a cap: high enough that the load is never delayed or refused.
-GENEROUS = {"nginx": {"requestsPerSecond": 100000, "requestBurst": 100000, "connectionsPerClient": 100000}}
+GENEROUS = {"nginx": {"requestsPerSecond": 100000, "requestBurst": 100000, "connectionsPerClient": 65535}}
 
 LOAD_SCRIPT = """
 import http.client, sys, threading, time

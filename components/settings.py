@@ -483,7 +483,7 @@ class NginxSettings:
         "requestBurst", 40, integer(0, 100000), "API requests a client may queue above its rate (beyond: 429)."
     )
     connections_per_client: int = _setting(
-        "connectionsPerClient", 64, integer(1, 100000), "Open connections per client address (beyond: 429)."
+        "connectionsPerClient", 64, integer(1, 65535), "Open connections per client address (beyond: 429)."
     )
 
 

@@ -490,6 +490,9 @@ INTEGER_BOUNDS = {
     "backend.replicas": (1, 20),
     "nginx.workerConnections": (64, 65535),
     "nginx.httpPort": (1, 65535),
+    "nginx.requestsPerSecond": (1, 100000),
+    "nginx.requestBurst": (0, 100000),
+    "nginx.connectionsPerClient": (1, 65535),  # nginx's limit_conn refuses 65536 and more
 }
 MEMORY_MINIMUMS_MB = {
     "postgres.memory": 128,
