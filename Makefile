@@ -7,9 +7,9 @@ BIN := $(VENV)/bin
 STATE_DIR := $(CURDIR)/.state
 export PULUMI_BACKEND_URL ?= file://$(STATE_DIR)
 SHELL_SCRIPTS := $(shell find images tests -name '*.sh' -not -path '*/.venv/*') .ci/run
-DOCKERFILES := $(wildcard images/*/Dockerfile tests/e2e/*/Dockerfile)
+DOCKERFILES := $(wildcard images/*/Dockerfile tests/e2e/*/Dockerfile tests/e2e/*/*/Dockerfile)
 
-.PHONY: help venv stack up preview destroy render test lint unit e2e e2e-podman-dev bench mutate clean
+.PHONY: help venv stack up preview destroy render test lint unit e2e e2e-podman-dev e2e-swarm bench mutate clean
 
 help:
 	@echo "make up STACK=dev|prod   deploy with the Pulumi CLI (local state, passphrase secrets)"
@@ -18,6 +18,7 @@ help:
 	@echo "make render STACK=...    write every rendered config file to build/render/STACK"
 	@echo "make test                static checks, unit tests, end-to-end tests (Docker, then the dev stack on Podman)"
 	@echo "make e2e [ENGINE=podman]  end-to-end tests only, on Docker (default) or Podman"
+	@echo "make e2e-swarm           the swarm suite, on a 3-node swarm made on this machine (root)"
 	@echo "make bench               benchmark figures (BENCH_JSON=path writes them as JSON)"
 	@echo "make mutate              mutation testing of the fast tests (slow; not in CI)"
 
@@ -77,13 +78,26 @@ define with_engine
 endef
 
 e2e: venv
-	$(call with_engine,$(BIN)/python -m pytest -q --durations=20 $(E2E_TESTS))
+	$(call with_engine,$(BIN)/python -m pytest -q --durations=20 --ignore=tests/e2e/swarm $(E2E_TESTS))
 
 # CI proves Podman too, with the dev stack's module (one engine at a time).
 e2e-podman-dev: venv
 	$(MAKE) e2e ENGINE=podman E2E_TESTS=tests/e2e/test_dev_stack.py
 
-test: lint unit e2e e2e-podman-dev
+# The swarm suite: `swarm.sh` forms a swarm of SWARM_NODES dockerds (3), each in its own
+# network namespace, with a registry on their bridge; the base images are made on the
+# first node; everything is removed afterwards, whatever the outcome.
+SWARM_SH = bash tests/e2e/swarm.sh
+e2e-swarm: venv
+	@$(SWARM_SH) install
+	@$(SWARM_SH) up || { $(SWARM_SH) down; exit 1; }
+	@eval "$$($(SWARM_SH) env)"; export SWARM_HOSTS SWARM_REGISTRY; \
+	first=$${SWARM_HOSTS%% *}; \
+	for base in $$($(BIN)/python -m tests.e2e.bases); do \
+		DOCKER_HOST=$${first#*=} ENGINE_DIR=/tmp/transvidio-swarm/engine bash tests/e2e/engine.sh base $$base || exit 1; \
+	done && $(BIN)/python -m pytest -q --durations=10 tests/e2e/swarm; rc=$$?; $(SWARM_SH) down; exit $$rc
+
+test: lint unit e2e e2e-podman-dev e2e-swarm
 
 # Benchmark figures (not tests): same engine preparation as e2e.
 bench: venv

@@ -325,12 +325,13 @@ def wait_settled(deployment: Deployment, timeout: float = 90) -> str:
 SUPERUSER_PSQL = ["psql", "--host=/var/lib/postgresql/run", "--dbname=postgres", "-Atq", "-c"]
 
 
-def wait_for(condition: Any, timeout: float, what: str) -> Any:
-    """condition()'s first truthy result, polled each second; fails naming `what` after timeout."""
+def wait_for(condition: Any, timeout: float, what: str, interval: float = 1.0) -> Any:
+    """condition()'s first truthy result, polled every `interval` seconds; fails naming
+    `what` after `timeout`."""
     deadline = time.monotonic() + timeout
     while not (result := condition()):
         assert time.monotonic() < deadline, f"not within {timeout:.0f}s: {what}"
-        time.sleep(1)
+        time.sleep(interval)
     return result
 
 

@@ -33,6 +33,9 @@ podman)
 esac
 CONF="$ENGINE_DIR/containers.conf"
 
+# shellcheck source=pids.sh
+. "$(dirname "$0")/pids.sh"
+
 log() { printf 'engine(%s): %s\n' "$ENGINE" "$*" >&2; }
 
 external_engine() { [ -n "${DOCKER_HOST:-}" ] && [ "${DOCKER_HOST}" != "unix://$SOCKET" ]; }
@@ -92,7 +95,7 @@ install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${packages[@]}" >/dev/null
 }
 
-running() { [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
+running() { alive "$PIDFILE"; }
 
 wait_for_api() {
     local waited=0
@@ -133,17 +136,8 @@ start() {
 
 stop() {
     external_engine && return 0
-    running || return 0
-    local pid waited=0
-    pid=$(cat "$PIDFILE")
-    kill "$pid" 2>/dev/null || true
-    # dockerd stops its containers and containerd before it exits: wait for that.
-    while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt 300 ]; do
-        sleep 0.2
-        waited=$((waited + 1))
-    done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f "$PIDFILE" "$SOCKET"
+    stop_pid "$PIDFILE"
+    rm -f "$SOCKET"
 }
 
 host() {
