@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -153,6 +154,14 @@ def test_redis_is_copied_every_interval_and_only_the_newest_copies_are_kept(dev:
     # Each is an RDB file, as Redis writes one.
     code, magic = dev.exec("redis-backup", ["head", "-c", "5", f"/backups/{kept[-1]}"])
     assert (code, magic) == (0, "REDIS")
+    # Every copy came from the streaming replica, not the master: a copy from the master
+    # shows in its INFO as one more replica, which the Sentinels would list for good.
+    logs = dev.client.containers.get(dev.name("redis-backup")).logs().decode()
+    master = chaos.current_master(dev)
+    replicas = {str(node.data_ip) for node in dev.topology.redis_nodes if node.hostname != master}
+    sources = re.findall(r"taken from the (\w+) (\S+)", logs)
+    assert len(sources) >= retention + 1 and all(s[0] == "replica" and s[1] in replicas for s in sources), logs
+    assert chaos.sentinels_know(dev, len(replicas))
 
 
 def test_a_wiped_redis_group_is_restored_from_its_latest_backup(dev: Deployment) -> None:
