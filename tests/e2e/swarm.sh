@@ -71,7 +71,7 @@ host_network() {
         ip addr add "$HOST_ADDRESS/24" dev "$BRIDGE"
         ip link set "$BRIDGE" up
     fi
-    sysctl -qw net.ipv4.ip_forward=1
+    echo 1 >/proc/sys/net/ipv4/ip_forward
     iptables -C FORWARD -i "$BRIDGE" -j ACCEPT 2>/dev/null || iptables -I FORWARD -i "$BRIDGE" -j ACCEPT
     iptables -C FORWARD -o "$BRIDGE" -j ACCEPT 2>/dev/null || iptables -I FORWARD -o "$BRIDGE" -j ACCEPT
     iptables -t nat -C POSTROUTING -s "$PREFIX.0/24" ! -o "$BRIDGE" -j MASQUERADE 2>/dev/null ||
