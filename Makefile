@@ -103,24 +103,30 @@ test: lint unit e2e e2e-podman-dev e2e-swarm
 bench: venv
 	$(call with_engine,$(BIN)/python -m bench.data_tier && $(BIN)/python -m bench.pipeline && $(BIN)/python -m bench.backups && $(BIN)/python -m bench.postgres_failover && $(BIN)/python -m bench.security)
 
-# Mutation testing, not part of CI (about 5 s a mutant, so hours for the whole tree):
-# mutmut changes components/ and the Python in images/ one mutation at a time, in a copy
-# of the working tree (MUTATE_DIR), and runs the fast tests against each; then the score
-# and every survivor are printed, each survivor with its reason from tests/mutation_survivors.txt
-# or marked unexplained. MUTATE_PATHS narrows it; MUTATE_TESTS picks the tests (an
-# end-to-end module needs DOCKER_HOST pointing at a running engine with the images).
-MUTATE_PATHS ?= components/,images/backend/app/,images/common/transvidio_jobs/
+# Mutation testing, not part of CI (about an hour on 2 cores): mutmut changes components/ and
+# the Python in images/ one mutation at a time, in copies of the working tree (one per shard of
+# MUTATE_SHARDS, run side by side, under MUTATE_DIR), and runs against each mutant the fast tests
+# that import the mutated file (tests/mutation_runner.py picks them); then the score and every
+# survivor are printed, each survivor with its reason from tests/mutation_survivors.txt or marked
+# unexplained. MUTATE_SHARDS narrows it (space between shards, commas within one); MUTATE_TESTS
+# picks the tests (an end-to-end module needs DOCKER_HOST pointing at a running engine with the
+# images, and runs for every mutant).
+MUTATE_SHARDS ?= components/ images/backend/app/,images/common/transvidio_jobs/
 MUTATE_DIR ?= build/mutate
-# The fast tests, quickest first: a mutant is usually killed before test_program runs.
 MUTATE_TESTS ?= tests/test_settings.py tests/test_render.py tests/test_provider_model.py \
 	tests/test_backend_routing.py tests/test_backend_api.py tests/test_jobs.py tests/test_program.py
 mutate: venv
-	rm -rf $(MUTATE_DIR) && mkdir -p $(MUTATE_DIR)
-	git ls-files | tar -T - -c | tar -C $(MUTATE_DIR) -x
-	ln -s $(CURDIR)/$(VENV) $(MUTATE_DIR)/$(VENV)
-	-cd $(MUTATE_DIR) && $(BIN)/mutmut run --paths-to-mutate $(MUTATE_PATHS) --tests-dir tests --no-progress \
-		--runner "$(BIN)/python -m tests.mutation_runner -x -q -p no:cacheprovider $(MUTATE_TESTS)"
-	$(BIN)/python -m tests.mutation_score $(MUTATE_DIR)
+	rm -rf $(MUTATE_DIR) && mkdir -p $(MUTATE_DIR)/pristine
+	git ls-files | tar -T - -c | tar -C $(MUTATE_DIR)/pristine -x
+	@shard=0; for paths in $(MUTATE_SHARDS); do \
+		shard=$$((shard + 1)); dir=$(MUTATE_DIR)/shard-$$shard; \
+		cp -a $(MUTATE_DIR)/pristine $$dir && ln -s $(CURDIR)/$(VENV) $$dir/$(VENV); \
+		echo "shard $$shard: $$paths (log: $$dir/mutmut.log)"; \
+		( cd $$dir && $(BIN)/mutmut run --paths-to-mutate $$paths --tests-dir tests --no-progress \
+			--runner "$(BIN)/python -m tests.mutation_runner --pristine $(abspath $(MUTATE_DIR))/pristine \
+				-x -q -p no:cacheprovider $(MUTATE_TESTS)" > mutmut.log 2>&1 ) & \
+	done; wait
+	$(BIN)/python -m tests.mutation_score $(MUTATE_DIR)/shard-*
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

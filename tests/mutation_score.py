@@ -1,7 +1,8 @@
 """Prints the mutation score of a `mutmut run` (its .mutmut-cache) and every survivor, each
 with the reason it survives from tests/mutation_survivors.txt, or marked UNEXPLAINED.
 
-Usage: python -m tests.mutation_score [DIR]   (DIR holds .mutmut-cache; default: build/mutate)
+Usage: python -m tests.mutation_score [DIR...]   (each DIR holds the .mutmut-cache of one shard of
+`make mutate`; default: every build/mutate/shard-*)
 
 A survivor is either killed by a new test or explained in that file: one line per kind,
 `file | start of the mutated line | why no test kills it`. Lines are matched by their text,
@@ -51,18 +52,29 @@ def reason_for(explanations: list[Explanation], filename: str, line: str) -> str
     return None
 
 
-def main(argv: list[str]) -> int:
-    directory = pathlib.Path(argv[1] if len(argv) > 1 else "build/mutate")
-    cache = directory / ".mutmut-cache"
-    if not cache.exists():
-        print(f"no {cache}: run `make mutate` first", file=sys.stderr)
-        return 2
+def read_mutants(cache: pathlib.Path) -> list[tuple[str, int, str, int, str]]:
+    """(file, line number from 0, line text, mutant id, status) of every mutant in one cache."""
     with sqlite3.connect(cache) as db:
-        rows = db.execute(
+        return db.execute(
             "SELECT SourceFile.filename, Line.line_number, Line.line, Mutant.id, Mutant.status "
             "FROM Mutant JOIN Line ON Mutant.line = Line.id JOIN SourceFile ON Line.sourcefile = SourceFile.id "
             "ORDER BY SourceFile.filename, Line.line_number"
         ).fetchall()
+
+
+def main(argv: list[str]) -> int:
+    directories = [pathlib.Path(arg) for arg in argv[1:]] or sorted(pathlib.Path("build/mutate").glob("shard-*"))
+    caches = [directory / ".mutmut-cache" for directory in directories]
+    missing = [str(cache) for cache in caches if not cache.exists()]
+    if not caches or missing:
+        print(f"no {', '.join(missing) or 'build/mutate/shard-*'}: run `make mutate` first", file=sys.stderr)
+        return 2
+    # A mutant is named by its shard and its id there: `cd SHARD && mutmut show ID`.
+    rows = sorted(
+        (filename, number, line, f"{cache.parent}#{mutant_id}", status)
+        for cache in caches
+        for filename, number, line, mutant_id, status in read_mutants(cache)
+    )
     tested = [row for row in rows if row[4] != "untested"]
     if not tested:
         print("no mutant tested yet")
@@ -76,7 +88,7 @@ def main(argv: list[str]) -> int:
             per_file[filename] += 1
             reason = reason_for(explanations, filename, line)
             unexplained += reason is None
-            print(f"survived #{mutant_id} {filename}:{number + 1}: {line.strip()}")
+            print(f"survived {mutant_id} {filename}:{number + 1}: {line.strip()}")
             print(f"    {reason or 'UNEXPLAINED'}")
     print("\nsurvivors per file: " + ", ".join(f"{f} {n}" for f, n in sorted(per_file.items())))
     score = 100 * killed / len(tested)
