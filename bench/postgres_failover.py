@@ -6,7 +6,8 @@ killed and not restarted (a host gone). Measured:
 - failover: from the kill to the first write acknowledged by the new primary;
 - acknowledged writes missing on the new primary (synchronous on: must be 0);
 then the old node is started again and rejoins as a replica before the next run.
-With postgres.synchronous on (prod) and off. Also write throughput (pgbench, 4 clients)
+With postgres.synchronous on (prod) and off, and on with the fence off (failoverDetectSeconds
+0: Patroni's TTL alone). Also write throughput (pgbench, 4 clients)
 with synchronous on and off. Prints a table; with BENCH_JSON=path also writes JSON.
 """
 
@@ -47,13 +48,18 @@ def write_tps(deployment: Deployment) -> float:
     return tps(pgbench(deployment, primary, "-c", "4", "-j", "2", "-T", "15"))
 
 
-def failovers(synchronous: bool) -> dict[str, Any]:
-    with deployed("prod", {"postgres": {"synchronous": synchronous}}, health_ticker=False) as deployment:
+def failovers(synchronous: bool, detect_seconds: int | None = None) -> dict[str, Any]:
+    """RUNS failovers with postgres.synchronous and postgres.failoverDetectSeconds (None: the default)."""
+    postgres: dict[str, Any] = {"synchronous": synchronous}
+    if detect_seconds is not None:
+        postgres["failoverDetectSeconds"] = detect_seconds
+    with deployed("prod", {"postgres": postgres}, health_ticker=False) as deployment:
         throughput = write_tps(deployment)
         runs = [one_failover(deployment) for _ in range(RUNS)]
     seconds = [round(r["failover_s"], 1) for r in runs]
     result = {
         "synchronous": synchronous,
+        "failover_detect_seconds": deployment.topology.settings.postgres.failover_detect_seconds,
         "runs": seconds,
         "failover_median_s": round(statistics.median(seconds), 1),
         "failover_min_s": min(seconds),
@@ -61,7 +67,7 @@ def failovers(synchronous: bool) -> dict[str, Any]:
         "acknowledged_writes_lost": sum(int(r["lost_writes"]) for r in runs),
         "write_tps": round(throughput),
     }
-    print(f"postgres failover (synchronous {synchronous}): {result}", flush=True)
+    print(f"postgres failover (synchronous {synchronous}, detect {detect_seconds}): {result}", flush=True)
     return result
 
 
@@ -71,6 +77,8 @@ def main() -> None:
     figures["postgres_failover"] = {
         "synchronous": failovers(synchronous=True),
         "asynchronous": failovers(synchronous=False),
+        # Without the fence: Patroni's own TTL decides (the figure before leader-fence.sh).
+        "synchronous_ttl_only": failovers(synchronous=True, detect_seconds=0),
     }
     print("\n| figure | value |\n|---|---|")
     for name, result in figures["postgres_failover"].items():

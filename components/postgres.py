@@ -157,6 +157,7 @@ class PostgresReplicaSet(pulumi.ComponentResource):
                 f"PGBACKREST_STANZA={render.PGBACKREST_STANZA}",
                 f"BACKUP_FULL_INTERVAL_MINUTES={pg.backup_full_interval_minutes}",
                 f"BACKUP_INCREMENTAL_INTERVAL_MINUTES={pg.backup_incremental_interval_minutes}",
+                f"FAILOVER_DETECT_SECONDS={pg.failover_detect_seconds}",
             ],
             volumes=[
                 VolumeMount(volume.name, render.POSTGRES_DATA_DIR),

@@ -133,12 +133,20 @@ def patroni_dcs(settings: Settings) -> dict[str, Any]:
     """Patroni's cluster-wide settings (its DCS), written at bootstrap and re-applied by every
     primary on start, so that a changed setting reaches a running cluster."""
     pg = settings.postgres
+    ttl, detect = pg.failover_ttl_seconds, pg.failover_detect_seconds
     # Patroni's rule: loop_wait + 2 x retry_timeout <= ttl.
-    loop_wait = max(1, pg.failover_ttl_seconds // 4)
+    if detect:
+        # leader-fence.sh ends a silent primary's lock after `detect` seconds: by then that
+        # primary must have demoted itself, which it does within loop_wait + retry_timeout.
+        loop_wait = 1
+        retry_timeout = min(detect - 2, (ttl - 1) // 2)
+    else:
+        loop_wait = max(1, ttl // 4)
+        retry_timeout = (ttl - loop_wait) // 2
     return {
-        "ttl": pg.failover_ttl_seconds,
+        "ttl": ttl,
         "loop_wait": loop_wait,
-        "retry_timeout": (pg.failover_ttl_seconds - loop_wait) // 2,
+        "retry_timeout": retry_timeout,
         # A replica further behind than this never becomes primary on its own.
         "maximum_lag_on_failover": 1024 * 1024,
         # A commit returns once the synchronous standby has it, and only that standby may be

@@ -304,6 +304,9 @@ class ImageSettings:
 # The most PostgreSQL replicas a stack may have: the primary's slot and sender limits are
 # sized for it once, so scaling replicas never changes (and so never restarts) the primary.
 MAX_POSTGRES_REPLICAS = 8
+# The shortest early failover: Patroni's shortest loop (1 s) and retry (3 s), plus a second in
+# which a primary that could not renew its lock has demoted itself.
+MIN_FAILOVER_DETECT_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -315,10 +318,19 @@ class PostgresSettings:
         "consensusNodes", 3, odd_count(1, 5), "etcd nodes holding Patroni's leader lock (1, 3 or 5; set at creation)."
     )
     synchronous: bool = _setting(
-        "synchronous", False, boolean, "Commit waits for a quorum of standbys: no acknowledged write lost."
+        "synchronous", False, boolean, "Commit waits for the synchronous standby: no acknowledged write lost."
     )
     failover_ttl_seconds: int = _setting(
-        "failoverTtlSeconds", 20, integer(20, 300), "Patroni's leader lock TTL: how long a lost primary is waited for."
+        "failoverTtlSeconds",
+        20,
+        integer(20, 300),
+        "Patroni's leader lock TTL: how long a primary that is silent but still answers is waited for.",
+    )
+    failover_detect_seconds: int = _setting(
+        "failoverDetectSeconds",
+        5,
+        integer(0, 299),
+        "Seconds a primary that renews no lock and answers on no port keeps it; 0: its TTL. 5 to TTL - 1.",
     )
     shared_buffers: int = _setting("sharedBuffers", "512MB", size_bytes, "shared_buffers.")
     work_mem: int = _setting("workMem", "32MB", size_bytes, "work_mem.")
@@ -633,6 +645,13 @@ def _validate(s: Settings) -> None:
             f"{PROJECT}:postgres.backupIncrementalIntervalMinutes={pg.backup_incremental_interval_minutes} with "
             f"postgres.backupFullIntervalMinutes={pg.backup_full_interval_minutes}: incremental backups must come "
             "more often than full ones (or set 0 for none)"
+        )
+    detect = pg.failover_detect_seconds
+    if detect and not MIN_FAILOVER_DETECT_SECONDS <= detect < pg.failover_ttl_seconds:
+        raise SettingsError(
+            f"{PROJECT}:postgres.failoverDetectSeconds={detect} with postgres.failoverTtlSeconds="
+            f"{pg.failover_ttl_seconds}: must be 0 (wait for the TTL) or from {MIN_FAILOVER_DETECT_SECONDS} "
+            "(a primary's loop and its 3 s retry, plus a second) to one less than the TTL"
         )
     if r.quorum > r.sentinel_count:
         raise SettingsError(

@@ -815,6 +815,7 @@ def test_each_data_tier_container_gets_exactly_the_environment_its_entrypoint_re
             "PGBACKREST_STANZA": "transvidio",
             "BACKUP_FULL_INTERVAL_MINUTES": "1440",
             "BACKUP_INCREMENTAL_INTERVAL_MINUTES": "60",
+            "FAILOVER_DETECT_SECONDS": "5",
         }
     assert envs["etcd-3"] == {"PG_ROLE": "etcd", "PG_NODE": "etcd-3"}
     assert envs["postgres-credentials"] == {}

@@ -264,12 +264,20 @@ def test_nodes_differ_only_in_name_and_address_and_scaling_changes_no_node_confi
     assert len({render.postgresql_conf(settings(postgres={"replicas": n})) for n in range(9)}) == 1
 
 
-@pytest.mark.parametrize("ttl", [20, 21, 30, 45, 300])
-def test_patroni_timings_keep_its_rule_and_the_cluster_parameters_are_sized_for_every_replica(ttl: int) -> None:
-    dcs = render.patroni_dcs(settings(postgres={"failoverTtlSeconds": ttl}))
+@pytest.mark.parametrize(
+    ("ttl", "detect"), [(20, 0), (21, 0), (30, 0), (45, 0), (300, 0), (20, 5), (20, 6), (20, 19), (300, 299)]
+)
+def test_patroni_timings_keep_its_rule_and_the_cluster_parameters_are_sized_for_every_replica(
+    ttl: int, detect: int
+) -> None:
+    dcs = render.patroni_dcs(settings(postgres={"failoverTtlSeconds": ttl, "failoverDetectSeconds": detect}))
     assert dcs["ttl"] == ttl
     assert dcs["loop_wait"] >= 1 and dcs["retry_timeout"] >= 3
     assert dcs["loop_wait"] + 2 * dcs["retry_timeout"] <= ttl  # else Patroni adjusts them itself
+    if detect:
+        # A primary that cannot renew its lock has demoted itself a second before the fence ends it.
+        assert dcs["loop_wait"] + dcs["retry_timeout"] <= detect - 1
+        assert dcs["loop_wait"] == 1  # the lock is renewed every second: silence is seen early
     assert dcs["postgresql"]["use_pg_rewind"] is True and dcs["postgresql"]["use_slots"] is True
     assert dcs["member_slots_ttl"] == 0  # a removed replica's slot pins no WAL once it is gone
     assert dcs["postgresql"]["parameters"] == {

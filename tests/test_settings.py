@@ -185,6 +185,16 @@ ERRORS = [
     ),
     (
         "prod",
+        {"postgres": {"failoverDetectSeconds": 4}},
+        "transvidio:postgres.failoverDetectSeconds=4 with postgres.failoverTtlSeconds=20: must be 0 (wait for the TTL) or from 5 (a primary's loop and its 3 s retry, plus a second) to one less than the TTL",
+    ),
+    (
+        "prod",
+        {"postgres": {"failoverDetectSeconds": 30, "failoverTtlSeconds": 30}},
+        "transvidio:postgres.failoverDetectSeconds=30 with postgres.failoverTtlSeconds=30: must be 0 (wait for the TTL) or from 5 (a primary's loop and its 3 s retry, plus a second) to one less than the TTL",
+    ),
+    (
+        "prod",
         {"postgres": {"restoreTarget": "yesterday"}},
         "transvidio:postgres.restoreTarget='yesterday': must be empty, latest, or a time with its UTC offset such as '2026-11-29 14:05:00+00'",
     ),
@@ -477,6 +487,7 @@ INTEGER_BOUNDS = {
     "postgres.backupFullIntervalMinutes": (1, 44640),
     "postgres.backupIncrementalIntervalMinutes": (0, 44640),
     "postgres.backupRetentionFull": (1, 365),
+    "postgres.failoverDetectSeconds": (0, 299),
     "postgres.archiveTimeoutSeconds": (10, 3600),
     "redis.replicas": (1, 8),
     "redis.sentinels": (1, 7),

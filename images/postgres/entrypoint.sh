@@ -5,8 +5,9 @@
 #         bootstraps the cluster (patroni-bootstrap.sh), the others clone it; when the
 #         primary is lost a replica is promoted, and an old primary that comes back
 #         rejoins as a replica (pg_rewind, or a fresh clone when it cannot be rewound).
-# Beside Patroni runs the backup schedule: whichever node is primary archives every WAL
-# segment (archive_command) and takes pgBackRest's full and incremental backups.
+# Beside Patroni run the backup schedule (whichever node is primary archives every WAL
+# segment and takes pgBackRest's full and incremental backups) and leader-fence.sh, which
+# ends a lost primary's lock after FAILOVER_DETECT_SECONDS rather than Patroni's TTL.
 # Config comes from the stack's uploads in /etc/transvidio/postgres, secrets from files
 # in /etc/transvidio/secrets: the tier's credentials store, which its writer replaces when
 # a password is rotated; this node then applies the new ones without restarting. Every
@@ -31,6 +32,7 @@ if [ "$PG_ROLE" != node ]; then
 fi
 : "${BACKUP_FULL_INTERVAL_MINUTES:?BACKUP_FULL_INTERVAL_MINUTES is the full backup interval}"
 : "${BACKUP_INCREMENTAL_INTERVAL_MINUTES:?BACKUP_INCREMENTAL_INTERVAL_MINUTES is the incremental interval (0: none)}"
+: "${FAILOVER_DETECT_SECONDS:?FAILOVER_DETECT_SECONDS is how long a silent primary keeps its lock (0: its TTL)}"
 
 # Debian installs one major version under /usr/lib/postgresql/<major>/bin; find it.
 PG_BIN=$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d | sort -V | tail -n 1)
@@ -73,18 +75,8 @@ clear_unfinished_initialize() {
     # at that moment; a key left with the empty value ("being bootstrapped") would make
     # every later start wait for that bootstrap forever. Only an empty one is removed: the
     # system id of a cluster that was initialised is never touched.
-    local endpoints key
-    read -r endpoints key < <(python3 - "$RUN_DIR/patroni.yml" <<'PY'
-import sys
-
-import yaml
-
-config = yaml.safe_load(open(sys.argv[1]))
-hosts = ",".join("http://" + host for host in config["etcd3"]["hosts"])
-print(hosts, config["namespace"].rstrip("/") + "/" + config["scope"] + "/initialize")
-PY
-    )
-    if printf 'value("%s") = ""\n\ndel %s\n\n\n' "$key" "$key" | etcdctl --endpoints="$endpoints" txn >/dev/null 2>&1; then
+    local key="$DCS_PREFIX/initialize"
+    if printf 'value("%s") = ""\n\ndel %s\n\n\n' "$key" "$key" | etcdctl --endpoints="$DCS_ENDPOINTS" txn >/dev/null 2>&1; then
         log "no unfinished initialize key left in etcd"
     else
         log "etcd did not answer: an unfinished initialize key may be left"
@@ -170,6 +162,17 @@ backup_schedule() {
 }
 
 write_patroni_config
+# Where Patroni keeps this cluster's keys: etcd's client URLs, and the cluster's key prefix.
+read -r DCS_ENDPOINTS DCS_PREFIX < <(python3 - "$RUN_DIR/patroni.yml" <<'PY'
+import sys
+
+import yaml
+
+config = yaml.safe_load(open(sys.argv[1]))
+hosts = ",".join("http://" + host for host in config["etcd3"]["hosts"])
+print(hosts, config["namespace"].rstrip("/") + "/" + config["scope"])
+PY
+)
 rm -f "$RUN_DIR/bootstrap-refused"
 # This shell stays PID 1 so the scheduler is its child, not Patroni's. A stop signal goes
 # to Patroni, which stops PostgreSQL cleanly and hands the leader lock over at once
@@ -183,13 +186,15 @@ backup_schedule &
 scheduler=$!
 watch_credentials &
 watcher=$!
+/usr/local/bin/leader-fence.sh "$DCS_ENDPOINTS" "$DCS_PREFIX" &
+fence=$!
 set +e
 while true; do
     wait "$patroni"
     status=$?
     kill -0 "$patroni" 2>/dev/null || break # else a trapped signal ended the wait
 done
-kill "$scheduler" "$watcher" 2>/dev/null
+kill "$scheduler" "$watcher" "$fence" 2>/dev/null
 log "Patroni exited with status $status"
 if [ -s "$RUN_DIR/bootstrap-refused" ]; then
     clear_unfinished_initialize

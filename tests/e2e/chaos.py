@@ -59,6 +59,15 @@ def kill9(deployment: Deployment, hostname: str) -> str:
     return str(state["StartedAt"])
 
 
+def signal_process(deployment: Deployment, hostname: str, command: str, signum: signal.Signals) -> None:
+    """Sends `signum`, from the host, to the container's processes whose command line holds `command`."""
+    top = deployment.client.api.top(deployment.name(hostname), ps_args="-eo pid,args")
+    pids = [int(row[0]) for row in top["Processes"] if command in row[1]]
+    assert pids, f"no process running {command!r} in {hostname}: {top['Processes']}"
+    for pid in pids:
+        os.kill(pid, signum)
+
+
 def wait_restarted(deployment: Deployment, hostname: str, before: str, timeout: float = 60) -> None:
     """Until the restart policy has started the container again, then until healthy."""
     deadline = time.monotonic() + timeout

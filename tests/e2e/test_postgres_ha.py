@@ -6,6 +6,7 @@ earlier one may have moved it) and leaves one primary and every replica streamin
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 
@@ -17,6 +18,19 @@ from tests.e2e.apply import wait_healthy
 from tests.e2e.conftest import Deployment, deployed
 
 STACK = "prod"
+# What leader-fence.sh logs when it ends a silent primary's lock, and when it leaves it.
+FENCED = "{primary} has not renewed its lock for {seconds}s and answers on no port: ending its lease"
+LEFT = "{primary} has not renewed its lock for {seconds}s but still answers: left to its TTL"
+
+
+def fence_logged(prod: Deployment, template: str, primary: str, since: float | None = None) -> list[str]:
+    """The PostgreSQL nodes that logged `template` about `primary` (any number of seconds)."""
+    before, _, after = template.format(primary=primary, seconds="\0").partition("\0")
+    return [
+        n.hostname
+        for n in prod.topology.postgres_nodes
+        if any(before in line and after in line for line in chaos.logs(prod, n.hostname, since).splitlines())
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +64,8 @@ def test_a_lost_primary_fails_over_and_no_acknowledged_write_is_lost(prod: Deplo
     report.LINES.append(
         f"prod: postgres primary lost (kill -9, not restarted) -> first acknowledged write {failover:.1f}s"
     )
+    # The fence ended the lost primary's lock; without it the failover waits for Patroni's TTL.
+    assert fence_logged(prod, FENCED, old)
     # Synchronous quorum commit: every write acknowledged before, during and after is there.
     assert writer.missing_on(new) == set()
     assert watch.most_primaries == 1, watch.seen
@@ -112,3 +128,25 @@ def test_a_switchover_moves_the_primary_to_the_named_replica_under_writes(prod: 
     assert writer.missing_on(candidate) == set()
     wait_role(prod, old, "replica")
     chaos.wait_streaming(prod, len(prod.topology.postgres_replicas))
+
+
+def test_a_primary_whose_patroni_stalls_while_its_server_answers_keeps_its_lock_past_the_fence(
+    prod: Deployment,
+) -> None:
+    # Its server could still take writes: the fence must leave it to Patroni's TTL.
+    primary = chaos.wait_pg_settled(prod)
+    replicas = sorted(n.hostname for n in prod.topology.postgres_replicas)
+    detect = prod.topology.settings.postgres.failover_detect_seconds
+    chaos.signal_process(prod, primary, "bin/patroni", signal.SIGSTOP)
+    stalled = time.time()
+    try:
+        # Every replica's fence sees the silence and, the server answering, decides to wait.
+        chaos.wait_for(
+            lambda: sorted(fence_logged(prod, LEFT, primary, stalled)) == replicas, detect + 15, "every fence to wait"
+        )
+        assert fence_logged(prod, FENCED, primary, stalled) == []
+        assert [chaos.pg_local_role(prod, hostname) for hostname in replicas] == ["replica"] * len(replicas)
+    finally:
+        chaos.signal_process(prod, primary, "bin/patroni", signal.SIGCONT)
+    # Resumed within its TTL, it renews its lock and stays primary.
+    assert chaos.wait_pg_settled(prod) == primary

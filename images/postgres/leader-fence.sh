@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Ends a lost primary's leader lock early, so that a failover takes seconds, not Patroni's TTL.
+#
+# Patroni's leader key lives on the primary's etcd lease (TTL at least 20 s, Patroni's
+# minimum), which the primary's Patroni renews every loop (loop_wait, 1 s here). A primary
+# that cannot renew it demotes itself within loop_wait + retry_timeout, and the stack sets
+# both so that this is at least a second less than FAILOVER_DETECT_SECONDS. Beside each
+# replica's Patroni this loop revokes the lease (and so the leader and member keys: the
+# replicas hold their election at once) only when both are true:
+#   - the lease has not been renewed for FAILOVER_DETECT_SECONDS: its primary is gone, or
+#     has demoted itself by now, by the same rule that makes Patroni's TTL safe;
+#   - from here the primary answers on neither PostgreSQL's port nor Patroni's: a primary
+#     whose Patroni is stalled but whose server still runs (a frozen process, a paused
+#     container: the kernel still accepts connections) is left to the TTL.
+# Anything else (etcd not answering, no leader, this node the leader) is waited out.
+#
+# Usage: leader-fence.sh ETCD_ENDPOINTS KEY_PREFIX   (FAILOVER_DETECT_SECONDS in the environment)
+set -uo pipefail
+
+: "${FAILOVER_DETECT_SECONDS:?FAILOVER_DETECT_SECONDS: seconds without lease renewal (0: off)}"
+: "${PG_NODE:?PG_NODE names this node}"
+CHECK_SECONDS=${FENCE_CHECK_SECONDS:-0.25}
+
+log() { printf '%s leader-fence[%s]: %s\n' "$(date -u +%FT%TZ)" "$PG_NODE" "$*" >&2; }
+
+if [ "$FAILOVER_DETECT_SECONDS" = 0 ]; then
+    exit 0
+fi
+
+endpoints=$1 # etcd's client URLs, comma-separated
+prefix=$2    # the cluster's keys: /<namespace>/<scope>
+
+etcd() { etcdctl --endpoints="$endpoints" --command-timeout=1s "$@"; }
+
+# Whether something accepts a TCP connection at host:port within a second.
+# shellcheck disable=SC2016 # expanded by the inner shell, from its own arguments
+answers() { timeout 1 bash -c ': >"/dev/tcp/$0/$1"' "$1" "$2" 2>/dev/null; }
+
+# "leader lease_hex host pg_port api_port" of the current leader key, or nothing.
+leader_lease() {
+    local key value lease
+    key=$(etcd get "$prefix/leader" -w json 2>/dev/null) || return 1
+    jq -e '.kvs[0]' >/dev/null 2>&1 <<<"$key" || return 1
+    value=$(jq -r '.kvs[0].value | @base64d' <<<"$key")
+    [ "$value" != "$PG_NODE" ] || return 1
+    # The lease id is an int64: read as text, since jq may round a number that large.
+    lease=$(grep -o '"lease":[0-9]*' <<<"$key" | cut -d: -f2)
+    etcd get "$prefix/members/$value" --print-value-only 2>/dev/null | jq -r --arg leader "$value" \
+        --arg lease "$(printf '%x' "$lease")" \
+        '(.conn_url | capture("//(?<host>[^:/]+):(?<port>[0-9]+)")) as $pg
+         | (.api_url | capture(":(?<port>[0-9]+)/")) as $api
+         | "\($leader) \($lease) \($pg.host) \($pg.port) \($api.port)"'
+}
+
+warned=""
+while true; do
+    sleep "$CHECK_SECONDS"
+    read -r leader lease host pg_port api_port < <(leader_lease) || continue
+    lease_state=$(etcd lease timetolive "$lease" -w json 2>/dev/null) || continue
+    read -r granted remaining < <(jq -r '"\(.["granted-ttl"]) \(.ttl)"' <<<"$lease_state")
+    # An expired or unknown lease reports ttl -1: Patroni's own expiry is under way.
+    ((${remaining:--1} >= 0 && ${granted:-0} - remaining >= FAILOVER_DETECT_SECONDS)) || { warned=""; continue; }
+    if answers "$host" "$pg_port" || answers "$host" "$api_port"; then
+        [ -n "$warned" ] || log "$leader has not renewed its lock for $((granted - remaining))s but still answers: left to its TTL"
+        warned=yes
+        continue
+    fi
+    log "$leader has not renewed its lock for $((granted - remaining))s and answers on no port: ending its lease $lease"
+    etcd lease revoke "$lease" >/dev/null 2>&1 || log "lease $lease not revoked (another replica may have ended it first)"
+done
