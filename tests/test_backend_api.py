@@ -311,6 +311,17 @@ def test_every_api_route_without_a_token_is_a_401_with_a_bearer_challenge(
     assert list(tmp_path.iterdir()) == [] and state.db.statements == []
 
 
+@pytest.mark.parametrize("header", [f"Basic {TOKENS['alice']}", "Bearer ", "Bearer    ", TOKENS["alice"]])
+def test_another_scheme_or_an_empty_bearer_token_is_told_a_bearer_token_is_required(
+    state: FakeState, header: str
+) -> None:
+    response = call("POST", "/api/uploads", [b"v"], token={"authorization": header})
+    assert (response.status, response.json()) == (
+        401,
+        {"error": "a bearer token is required: Authorization: Bearer <token>"},
+    )
+
+
 def test_the_scheme_is_case_insensitive_and_each_configured_token_is_its_own_owner(state: FakeState) -> None:
     assert call("POST", "/api/uploads", [b"v"], token={"authorization": f"bearer {TOKENS['bob']}"}).status == 201
     assert main.config.token_digests == {
@@ -408,6 +419,13 @@ def test_a_body_that_trickles_is_cut_off_with_a_408_after_the_grace_period(
     body = json.dumps({"upload_id": upload_id, "duration_seconds": 5, "target_language": "fr"}).encode()
     response = call("POST", "/api/jobs", [bytes([b]) for b in body])
     assert response.status == 408 and response.json()["error"].startswith("body too slow: 4 bytes in 12 s")
+    # Just below the rate is too slow as well: 2000 bytes every 3 s is 667 bytes a second.
+    configure(monkeypatch, tmp_path, tmp_path, max_upload_bytes=10**6)
+    response = call("POST", "/api/uploads", [b"x" * 2000] * 10)
+    assert (response.status, response.json()["error"]) == (
+        408,
+        "upload too slow: 8000 bytes in 12 s (at least 1024 bytes a second after 10 s)",
+    )
 
 
 def test_a_fast_enough_body_is_never_cut_off_however_long_it_takes(
@@ -683,6 +701,8 @@ def test_a_signed_link_serves_the_result_without_the_token_until_it_expires(
     for bad in tampered:
         response = call("GET", bad, token={})
         assert (response.status, response.json()) == (403, refused), bad
+    monkeypatch.setattr(main, "time", Clock(wall=expires))
+    assert call("GET", link, token={}).status == 200  # valid through the second it names
     monkeypatch.setattr(main, "time", Clock(wall=expires + 1))
     assert call("GET", link, token={}).status == 403
     # Signed with the stack's secret key: a different key signs differently.
@@ -693,6 +713,17 @@ def hmac_sha256(key: str, message: str) -> str:
     import hmac
 
     return hmac.new(key.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def test_only_a_succeeded_job_with_a_result_path_has_a_result(state: FakeState, outputs: pathlib.Path) -> None:
+    no_path = finished_job(state, outputs)
+    state.db.jobs[no_path].update(result_path=None)
+    response = call("GET", f"/api/jobs/{no_path}/result")
+    assert (response.status, response.json()) == (404, {"error": f"job {no_path} has no result (status succeeded)"})
+    failed = finished_job(state, outputs)  # a failed retry may leave a file from an earlier attempt
+    state.db.jobs[failed].update(status="failed")
+    response = call("GET", f"/api/jobs/{failed}/result")
+    assert (response.status, response.json()) == (404, {"error": f"job {failed} has no result (status failed)"})
 
 
 def test_a_result_not_there_yet_is_a_404_and_one_past_retention_a_410(state: FakeState, outputs: pathlib.Path) -> None:
@@ -739,6 +770,41 @@ def test_the_sweep_removes_uploads_partial_uploads_and_results_past_their_retent
     assert main.sweep(str(tmp_path), str(outputs), now) == []
 
 
+def test_the_sweep_keeps_what_is_exactly_at_its_retention_and_removes_what_is_a_second_older(
+    state: FakeState, tmp_path: pathlib.Path, outputs: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = 10_000_000  # whole seconds: the boundary is exact
+    ages = {"upload": 2 * 3600, "partial": main.PARTIAL_UPLOAD_SECONDS, "result": 5 * 3600}
+    paths: dict[tuple[str, int], pathlib.Path] = {}
+    for kind, age in ages.items():
+        for extra in (0, 1):
+            if kind == "result":
+                path = outputs / str(uuid.uuid4())
+                path.mkdir()
+            else:
+                path = tmp_path / "alice" / (uuid.uuid4().hex + (".part" if kind == "partial" else ""))
+                path.parent.mkdir(exist_ok=True)
+                path.write_bytes(b"x")
+            os.utime(path, (now - age - extra, now - age - extra))
+            paths[kind, extra] = path
+    # Stray files beside the owners' directories come first and are passed over.
+    for stray in range(3):
+        (tmp_path / f"stray-{stray}").write_bytes(b"x")
+    scandir = os.scandir
+
+    class FilesFirst(list[os.DirEntry[str]]):  # usable as os.scandir's result is, shutil.rmtree's way too
+        def __enter__(self) -> FilesFirst:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(os, "scandir", lambda path: FilesFirst(sorted(scandir(path), key=lambda e: e.is_dir())))
+    removed = main.sweep(str(tmp_path), str(outputs), now)
+    assert sorted(removed) == sorted(str(paths[kind, 1]) for kind in ages)
+    assert all(paths[kind, 0].exists() for kind in ages)
+
+
 def test_the_sweep_never_follows_a_symbolic_link_out_of_the_volume(
     state: FakeState, tmp_path: pathlib.Path, outputs: pathlib.Path
 ) -> None:
@@ -749,7 +815,9 @@ def test_the_sweep_never_follows_a_symbolic_link_out_of_the_volume(
     os.utime(precious, (1, 1))
     (tmp_path / "mallory").symlink_to(elsewhere)
     (outputs / str(uuid.UUID(int=3))).symlink_to(elsewhere)
-    main.sweep(str(tmp_path), str(outputs), time.time())
+    os.utime(outputs / str(uuid.UUID(int=3)), (1, 1), follow_symlinks=False)  # the link itself is old too
+    os.utime(elsewhere, (1, 1))
+    assert main.sweep(str(tmp_path), str(outputs), time.time()) == []
     assert precious.read_text() == "keep"
 
 
@@ -851,7 +919,8 @@ def test_a_postgres_node_is_ready_as_primary_or_as_a_replica_that_keeps_up(
 
     monkeypatch.setattr(psycopg.AsyncConnection, "connect", connect)
     state.db.lagging = {"postgres-replica-2"}
-    status = run(main._postgres(host, writable))
+    # The replicas' probes leave `writable` to its default, as readiness calls them.
+    status = run(main._postgres(host, writable=True) if writable else main._postgres(host))
     latency = status.pop("latency_ms")
     assert status == expected
     assert isinstance(latency, float) and 0 <= latency < 1000
