@@ -27,7 +27,7 @@ STATE=/var/lib/redis/run
 log() { printf '%s redis-backup: %s\n' "$(date -u +%FT%TZ)" "$*" >&2; }
 
 backup_once() {
-    local source port=6379 role=replica name
+    local source port role=replica name
     if read -r source port < <(streaming_replica); then
         no_replica_since=""
     else

@@ -58,7 +58,7 @@ done
 
 request_failover() {
     local answer
-    answer=$(sentinel_query failover_started failover "$REDIS_MASTER_NAME") || return 1
+    answer=$(sentinel_query first_line failover_started failover "$REDIS_MASTER_NAME") || return 1
     log "a Sentinel started the failover: $answer"
 }
 

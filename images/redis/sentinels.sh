@@ -3,15 +3,16 @@
 # Needs REDIS_SENTINELS (host:port,...), REDIS_MASTER_NAME, REDIS_USER, and the user's
 # password in REDISCLI_AUTH.
 
-# Sends `SENTINEL <args>` to each Sentinel in turn and prints the first answer that the
-# predicate (first argument) accepts; fails when none does.
+# Sends `SENTINEL <args>` to each Sentinel in turn, passes its whole answer through the
+# reducer (first argument: a filter from stdin to stdout) and prints the first result that
+# the predicate (second argument) accepts; fails when none does.
 sentinel_query() {
-    local accept=$1 entry answer
-    shift
+    local reduce=$1 accept=$2 entry answer
+    shift 2
     IFS=',' read -r -a entries <<<"$REDIS_SENTINELS"
     for entry in "${entries[@]}"; do
         answer=$(timeout 2 redis-cli -h "${entry%:*}" -p "${entry##*:}" --user "$REDIS_USER" --no-auth-warning \
-            SENTINEL "$@" 2>/dev/null | head -n 1) || continue
+            SENTINEL "$@" 2>/dev/null | "$reduce") || continue
         if "$accept" "$answer"; then
             printf '%s\n' "$answer"
             return 0
@@ -20,32 +21,27 @@ sentinel_query() {
     return 1
 }
 
+first_line() { head -n 1; }
 is_address() { [[ "$1" =~ ^[0-9a-fA-F.:]+$ ]]; }
+is_set() { [ -n "$1" ]; }
 
 # The address of the node the Sentinels call master.
-ask_sentinels() { sentinel_query is_address get-master-addr-by-name "$REDIS_MASTER_NAME"; }
+ask_sentinels() { sentinel_query first_line is_address get-master-addr-by-name "$REDIS_MASTER_NAME"; }
 
-# One replica that streams from the master now, as "address port": flags exactly `slave`
-# (not down) and its link to the master up. Fails when no Sentinel names one.
-streaming_replica() {
-    local entry answer
-    IFS=',' read -r -a entries <<<"$REDIS_SENTINELS"
-    for entry in "${entries[@]}"; do
-        # Each replica is a run of name/value lines; the run starts again at `name`.
-        answer=$(timeout 2 redis-cli -h "${entry%:*}" -p "${entry##*:}" --user "$REDIS_USER" --no-auth-warning \
-            SENTINEL REPLICAS "$REDIS_MASTER_NAME" 2>/dev/null | awk '
-                function done() { if (flags == "slave" && link == "ok" && port > 0 && !found) { print ip, port; found = 1 } }
-                previous == "name" { done(); ip = ""; port = 0; flags = ""; link = "" }
-                previous == "ip" { ip = $0 }
-                previous == "port" { port = $0 + 0 }
-                previous == "flags" { flags = $0 }
-                previous == "master-link-status" { link = $0 }
-                { previous = $0 }
-                END { done() }') || continue
-        if [ -n "$answer" ]; then
-            printf '%s\n' "$answer"
-            return 0
-        fi
-    done
-    return 1
+# From SENTINEL REPLICAS: the first replica that streams from the master now, as "address
+# port": flags exactly `slave` (not down) and its link to the master up. Each replica is a
+# run of name/value lines; the run starts again at `name`.
+first_streaming() {
+    awk '
+        function done() { if (flags == "slave" && link == "ok" && port > 0 && !found) { print ip, port; found = 1 } }
+        previous == "name" { done(); ip = ""; port = 0; flags = ""; link = "" }
+        previous == "ip" { ip = $0 }
+        previous == "port" { port = $0 + 0 }
+        previous == "flags" { flags = $0 }
+        previous == "master-link-status" { link = $0 }
+        { previous = $0 }
+        END { done() }'
 }
+
+# One replica that streams from the master now; fails when no Sentinel names one.
+streaming_replica() { sentinel_query first_streaming is_set replicas "$REDIS_MASTER_NAME"; }

@@ -10,7 +10,6 @@ restored from the bucket to its latest write.
 
 from __future__ import annotations
 
-import datetime
 import functools
 import io
 import tarfile
@@ -21,7 +20,7 @@ import pytest
 
 from components.container import LABEL_PREFIX
 from components.settings import parse
-from tests.e2e import chaos
+from tests.e2e import certificates, chaos
 from tests.e2e.apply import DockerApplyMocks
 from tests.e2e.conftest import Deployment, deployed, engine
 from tests.program import stack_config
@@ -33,48 +32,9 @@ S3_IMAGE = "transvidio-e2e-s3:latest"
 ROWS = 250
 
 
-def certificates() -> tuple[str, str, str]:
-    """A CA, and a server certificate for ENDPOINT it signed, with the server's key (PEM)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "transvidio e2e CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    server = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ENDPOINT)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(ENDPOINT)]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    return (
-        ca.public_bytes(pem).decode(),
-        server.public_bytes(pem).decode(),
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode(),
-    )
-
-
-CA, SERVER_CERTIFICATE, SERVER_KEY = certificates()
+AUTHORITY = certificates.issue("transvidio e2e CA", ca=True)
+SERVER = certificates.issue(ENDPOINT, signer=AUTHORITY, dns_names=(ENDPOINT,))
+CA, SERVER_CERTIFICATE, SERVER_KEY = AUTHORITY.certificate, SERVER.certificate, SERVER.key
 SECRETS = {"s3AccessKeyId": "e2eaccesskey", "s3SecretAccessKey": "e2e/secret+access=key", "s3CaCertificate": CA}
 OVERRIDES = {
     "postgres": {

@@ -19,7 +19,6 @@ A directive a server does not know, or a value it rejects or silently ignores, f
 
 from __future__ import annotations
 
-import datetime
 import io
 import json
 import re
@@ -35,6 +34,7 @@ import yaml
 from components import render
 from components.container import LABEL_PREFIX
 from components.topology import REDIS_MASTER_NAME, REDIS_PORT
+from tests.e2e import certificates
 from tests.e2e.apply import DockerApplyMocks
 from tests.e2e.conftest import engine
 from tests.program import Evaluation, Registration, evaluate, plain
@@ -55,30 +55,8 @@ def client() -> docker.DockerClient:
 
 def self_signed_certificate() -> dict[str, str]:
     """A certificate and key for nginx, as an operator would set them as secret config."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "transvidio.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return {
-        "tlsCertificate": certificate.public_bytes(serialization.Encoding.PEM).decode(),
-        "tlsKey": key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode(),
-    }
+    issued = certificates.issue("transvidio.test")
+    return {"tlsCertificate": issued.certificate, "tlsKey": issued.key}
 
 
 @pytest.fixture(scope="module", params=sorted(STACKS))
