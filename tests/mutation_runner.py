@@ -31,6 +31,7 @@ TESTS_BY_SOURCE: dict[str, tuple[str, ...]] = {
     "components/": ("tests/test_program.py", "tests/test_settings.py", "tests/test_render.py"),
     "images/backend/app/": ("tests/test_backend_api.py", "tests/test_backend_routing.py"),
     "images/common/transvidio_jobs/": (
+        "tests/test_worker.py",
         "tests/test_jobs.py",
         "tests/test_backend_routing.py",
         "tests/test_backend_api.py",
