@@ -1,5 +1,6 @@
-"""The claim loop (images/common/transvidio_jobs/worker.py) and the MPI job's ranks
-(mpi_job.py): what each does with the queue's answers, its connections and its errors.
+"""The claim loop (images/common/transvidio_jobs/worker.py), the MPI job's ranks (mpi_job.py)
+and the MPI master's runner (runner.py): what each does with the queue's answers, its
+connections, mpirun and their errors.
 
 The queue's SQL (claim with SKIP LOCKED, leases, backoff, exactly-once completion) is proven
 against the stack's PostgreSQL in tests/e2e/test_images_behaviour.py; here the queue's
@@ -263,3 +264,89 @@ def test_each_rank_processes_its_segments_and_rank_0_writes_the_assembled_result
     assert (result["ranks"], result["job_id"], result["target_language"]) == (size, "job-1", "fr")
     assert [segment["index"] for segment in result["segments"]] == list(range(9))
     assert [s["digest"] for s in result["segments"]] == [s["digest"] for s in segments(range(9), 0)]
+
+
+# --- the MPI master's runner -------------------------------------------------------------------
+
+
+def test_the_hostfile_gives_its_total_slots_one_per_host_without_a_count(tmp_path: pathlib.Path) -> None:
+    from transvidio_jobs import runner
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("mpi-master slots=2\nmpi-worker-1 slots=3 max_slots=3\n\nmpi-worker-2\n   \n")
+    assert runner.slots(str(hostfile)) == 6
+
+
+class Completed:
+    def __init__(self, returncode: int, stdout: str = "", stderr: str = "") -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def runner_job(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, **env: str) -> dict[str, Any]:
+    upload_id = "0123456789abcdef" * 2
+    (tmp_path / "uploads" / "alice").mkdir(parents=True)
+    (tmp_path / "uploads" / "alice" / upload_id).write_bytes(b"video")
+    (tmp_path / "hostfile").write_text("mpi-master slots=1\nmpi-worker-1 slots=2\n")
+    for name in ("MPI_RANKS", "TRANSVIDIO_SEGMENT_ROUNDS", "TRANSVIDIO_SEGMENT_STEP"):
+        monkeypatch.delenv(name, raising=False)
+    base = {"MPI_HOSTFILE": str(tmp_path / "hostfile"), "UPLOADS_DIR": str(tmp_path / "uploads"), "OUTPUTS_DIR": "/out"}
+    for name, value in {**base, **env}.items():
+        monkeypatch.setenv(name, value)
+    return {"id": "job-7", "owner": "alice", "upload_id": upload_id, "duration_seconds": 90, "target_language": "de"}
+
+
+def test_a_job_runs_under_mpirun_on_every_slot_and_returns_the_result_path_it_printed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    from transvidio_jobs import runner
+
+    job = runner_job(monkeypatch, tmp_path, TRANSVIDIO_SEGMENT_ROUNDS="10")
+    runs: list[tuple[list[str], dict[str, Any]]] = []
+
+    def run(command: list[str], **kwargs: Any) -> Completed:
+        runs.append((command, kwargs))
+        return Completed(0, stdout="rank chatter\njob-7/result.json\n")
+
+    monkeypatch.setattr(runner.subprocess, "run", run)
+    assert runner.execute(job) == "job-7/result.json"
+    (command, kwargs), *rest = runs
+    assert rest == []
+    assert command == [
+        "mpirun", "--hostfile", str(tmp_path / "hostfile"), "-np", "3", "-x", "PYTHONPATH",
+        "-x", "TRANSVIDIO_SEGMENT_ROUNDS",
+        sys.executable, "-m", "transvidio_jobs.mpi_job",
+        "job-7", str(tmp_path / "uploads"), "alice", job["upload_id"], "90", "de", "/out",
+    ]  # fmt: skip
+    assert kwargs == {"capture_output": True, "text": True, "timeout": runner.MPI_TIMEOUT_SECONDS, "check": False}
+    monkeypatch.setenv("MPI_RANKS", "2")  # a setting overrides the hostfile's slots
+    runner.execute(job)
+    assert runs[-1][0][runs[-1][0].index("-np") + 1] == "2"
+
+
+def test_a_failed_mpirun_fails_the_attempt_with_the_tail_of_its_output(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    from transvidio_jobs import runner
+
+    job = runner_job(monkeypatch, tmp_path)
+    monkeypatch.setattr(runner.subprocess, "run", lambda command, **kwargs: Completed(3, "out", "x" * 2000 + "END"))
+    with pytest.raises(RuntimeError) as raised:
+        runner.execute(job)
+    assert str(raised.value) == "mpirun exited 3: " + ("x" * 2000 + "END")[-1500:]
+    monkeypatch.setattr(runner.subprocess, "run", lambda command, **kwargs: Completed(1, "only stdout", ""))
+    with pytest.raises(RuntimeError, match=r"^mpirun exited 1: only stdout$"):
+        runner.execute(job)
+
+
+def test_a_bad_upload_reference_fails_the_job_before_mpirun_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    from transvidio_jobs import runner
+
+    job = runner_job(monkeypatch, tmp_path)
+    started: list[Any] = []
+    monkeypatch.setattr(runner.subprocess, "run", lambda command, **kwargs: started.append(command))
+    for bad in ({"upload_id": "../../etc/passwd"}, {"owner": "bob"}):
+        with pytest.raises((ValueError, FileNotFoundError)):
+            runner.execute({**job, **bad})
+    assert started == []
