@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import threading
 import types
@@ -307,7 +308,7 @@ def test_a_job_runs_under_mpirun_on_every_slot_and_returns_the_result_path_it_pr
         runs.append((command, kwargs))
         return Completed(0, stdout="rank chatter\njob-7/result.json\n")
 
-    monkeypatch.setattr(runner.subprocess, "run", run)
+    monkeypatch.setattr(subprocess, "run", run)
     assert runner.execute(job) == "job-7/result.json"
     (command, kwargs), *rest = runs
     assert rest == []
@@ -329,11 +330,11 @@ def test_a_failed_mpirun_fails_the_attempt_with_the_tail_of_its_output(
     from transvidio_jobs import runner
 
     job = runner_job(monkeypatch, tmp_path)
-    monkeypatch.setattr(runner.subprocess, "run", lambda command, **kwargs: Completed(3, "out", "x" * 2000 + "END"))
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: Completed(3, "out", "x" * 2000 + "END"))
     with pytest.raises(RuntimeError) as raised:
         runner.execute(job)
     assert str(raised.value) == "mpirun exited 3: " + ("x" * 2000 + "END")[-1500:]
-    monkeypatch.setattr(runner.subprocess, "run", lambda command, **kwargs: Completed(1, "only stdout", ""))
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: Completed(1, "only stdout", ""))
     with pytest.raises(RuntimeError, match=r"^mpirun exited 1: only stdout$"):
         runner.execute(job)
 
@@ -345,7 +346,7 @@ def test_a_bad_upload_reference_fails_the_job_before_mpirun_starts(
 
     job = runner_job(monkeypatch, tmp_path)
     started: list[Any] = []
-    monkeypatch.setattr(runner.subprocess, "run", lambda command, **kwargs: started.append(command))
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: started.append(command))
     for bad in ({"upload_id": "../../etc/passwd"}, {"owner": "bob"}):
         with pytest.raises((ValueError, FileNotFoundError)):
             runner.execute({**job, **bad})
