@@ -56,7 +56,12 @@ lint: venv
 	$(BIN)/hadolint $(DOCKERFILES)
 	$(BIN)/shellcheck --external-sources --source-path=SCRIPTDIR $(SHELL_SCRIPTS)
 
+# The job queue's fast tests start a PostgreSQL server of their own (tests/pg_server.py):
+# in CI, Debian's server is installed when missing (without the cluster the package makes).
 unit: venv
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || [ -z "$$CI" ] || { \
+		mkdir -p /etc/postgresql-common && echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 	$(BIN)/python -m pytest -q tests --ignore=tests/e2e
 
 # The end-to-end suite runs on Docker Engine (the engine of record) by default:
@@ -114,7 +119,8 @@ bench: venv
 MUTATE_SHARDS ?= components/ images/backend/app/,images/common/transvidio_jobs/
 MUTATE_DIR ?= build/mutate
 MUTATE_TESTS ?= tests/test_settings.py tests/test_render.py tests/test_provider_model.py \
-	tests/test_backend_routing.py tests/test_backend_api.py tests/test_jobs.py tests/test_worker.py tests/test_program.py
+	tests/test_backend_routing.py tests/test_backend_api.py tests/test_jobs.py tests/test_worker.py tests/test_queue.py \
+	tests/test_program.py
 mutate: venv
 	rm -rf $(MUTATE_DIR) && mkdir -p $(MUTATE_DIR)/pristine
 	git ls-files | tar -T - -c | tar -C $(MUTATE_DIR)/pristine -x

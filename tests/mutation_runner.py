@@ -30,6 +30,11 @@ TESTS_BY_SOURCE: dict[str, tuple[str, ...]] = {
     "components/topology.py": ("tests/test_render.py", "tests/test_program.py", "tests/test_settings.py"),
     "components/": ("tests/test_program.py", "tests/test_settings.py", "tests/test_render.py"),
     "images/backend/app/": ("tests/test_backend_api.py", "tests/test_backend_routing.py"),
+    "images/common/transvidio_jobs/queue.py": (
+        "tests/test_queue.py",
+        "tests/test_worker.py",
+        "tests/test_backend_api.py",
+    ),
     "images/common/transvidio_jobs/": (
         "tests/test_worker.py",
         "tests/test_jobs.py",

@@ -59,7 +59,8 @@ def mutated_tree(tmp_path: pathlib.Path, relative: str | None) -> tuple[pathlib.
         ("components/settings.py", ["tests/test_settings.py", "tests/test_render.py"]),
         ("components/redis.py", ["tests/test_settings.py", "tests/test_render.py"]),
         ("images/backend/app/db.py", ["tests/test_backend_api.py"]),
-        ("images/common/transvidio_jobs/queue.py", ["tests/test_jobs.py", "tests/test_backend_api.py"]),
+        ("images/common/transvidio_jobs/runner.py", ["tests/test_jobs.py", "tests/test_backend_api.py"]),
+        ("images/common/transvidio_jobs/queue.py", ["tests/test_backend_api.py"]),  # its own entry, first
     ],
 )
 def test_the_runner_runs_only_the_tests_that_import_the_mutated_file(

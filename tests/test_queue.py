@@ -1,0 +1,179 @@
+"""The job queue's SQL (images/common/transvidio_jobs/queue.py) against a real PostgreSQL
+server (tests/pg_server.py), in a schema of its own: claims with SKIP LOCKED under
+competing claimers, lease expiry and the heartbeat, backoff, exactly-once completion when
+two holders race. The backend and the MPI master run this same module in the stack."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from transvidio_jobs import queue, worker
+
+from tests import pg_server
+
+SCHEMA = "queue_tests"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with pg_server.running() as conninfo:
+        yield conninfo
+
+
+def connect(server: str) -> psycopg.Connection[Any]:
+    """A connection in the tests' own schema, committing each statement as the workers do."""
+    return psycopg.connect(server, autocommit=True, options=f"-c search_path={SCHEMA}")
+
+
+@pytest.fixture
+def conn(server: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+        admin.execute(f"CREATE SCHEMA {SCHEMA}")
+    with connect(server) as connection:
+        queue.ensure_schema(connection)
+        yield connection
+
+
+def add_jobs(conn: psycopg.Connection[Any], count: int, runner: str = "mpi") -> list[str]:
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    for job_id in ids:
+        conn.execute(
+            "INSERT INTO jobs (id, upload_id, duration_seconds, target_language, runner) "
+            "VALUES (%s, 'u', 90, 'fr', %s)",
+            (job_id, runner),
+        )
+    return ids
+
+
+def job(conn: psycopg.Connection[Any], job_id: str) -> dict[str, Any]:
+    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        row = cur.execute(f"SELECT {queue.COLUMNS}, lease_until FROM jobs WHERE id = %s", (job_id,)).fetchone()
+    assert row is not None
+    return dict(row)
+
+
+def claim_until(conn: psycopg.Connection[Any], worker_name: str, lease: int, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while (claimed := queue.claim(conn, "mpi", worker_name, lease)) is None:
+        assert time.monotonic() < deadline, f"nothing claimable by {worker_name} within {timeout}s"
+        time.sleep(0.1)
+    return claimed
+
+
+def test_competing_claimers_each_get_different_jobs_and_every_job_once(server: str, conn: Any) -> None:
+    ids = add_jobs(conn, 40)
+    add_jobs(conn, 5, runner="backend")  # another runner's jobs are never taken
+    claimed: dict[str, list[str]] = {}
+    start = threading.Barrier(4)
+
+    def claimer(name: str) -> None:
+        taken: list[str] = []
+        with connect(server) as own:
+            start.wait()
+            while (claimed_job := queue.claim(own, "mpi", name, 60)) is not None:
+                taken.append(str(claimed_job["id"]))
+        claimed[name] = taken
+
+    threads = [threading.Thread(target=claimer, args=(f"claimer-{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    every = [job_id for taken in claimed.values() for job_id in taken]
+    assert sorted(every) == sorted(ids)  # each exactly once
+    assert sum(1 for taken in claimed.values() if taken) >= 2  # really concurrent
+
+
+def test_an_expired_lease_is_claimed_again_and_only_the_holder_completes(conn: Any) -> None:
+    (job_id,) = add_jobs(conn, 1)
+    first = queue.claim(conn, "mpi", "runner-a", 1)
+    assert first is not None and first["attempts"] == 1
+    assert queue.claim(conn, "mpi", "runner-b", 1) is None  # held
+    second = claim_until(conn, "runner-b", 60, timeout=10)  # after the lease expired
+    assert (second["id"], second["attempts"], second["claimed_by"]) == (first["id"], 2, "runner-b")
+    assert queue.extend(conn, first, 60) is False
+    assert queue.complete(conn, first, "a.json") is False  # taken over: its result is discarded
+    assert queue.complete(conn, second, "b.json") is True
+    assert queue.complete(conn, second, "b.json") is False  # and only once
+    row = job(conn, job_id)
+    assert (row["status"], row["completions"], row["result_path"]) == ("succeeded", 1, "b.json")
+
+
+def complete_concurrently(server: str, claims: list[tuple[dict[str, Any], str]]) -> list[bool]:
+    """Each claim's holder calls complete at the same moment, on its own connection."""
+    results: list[bool] = []
+    start = threading.Barrier(len(claims))
+
+    def finish(claimed: dict[str, Any], path: str) -> None:
+        with connect(server) as own:
+            start.wait()
+            results.append(queue.complete(own, claimed, path))
+
+    threads = [threading.Thread(target=finish, args=pair) for pair in claims]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_two_holders_racing_to_complete_complete_once(server: str, conn: Any) -> None:
+    for _ in range(10):
+        (job_id,) = add_jobs(conn, 1)
+        stale = queue.claim(conn, "mpi", "runner-a", 1)
+        assert stale is not None
+        fresh = claim_until(conn, "runner-b", 60, timeout=10)
+        assert sorted(complete_concurrently(server, [(stale, "a"), (fresh, "b")])) == [False, True]
+        assert job(conn, job_id)["completions"] == 1 and job(conn, job_id)["result_path"] == "b"
+
+
+def test_the_heartbeat_keeps_a_running_job_from_being_claimed(
+    server: str, conn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "LEASE_SECONDS", 2)
+    add_jobs(conn, 1)
+    held = queue.claim(conn, "mpi", "runner-a", 2)
+    assert held is not None
+    heartbeat = worker.Heartbeat(f"{server} options='-c search_path={SCHEMA}'", held)
+    heartbeat.start()
+    try:
+        deadline = time.monotonic() + 6  # three leases long
+        while time.monotonic() < deadline:
+            assert queue.claim(conn, "mpi", "runner-b", 2) is None
+            time.sleep(0.2)
+    finally:
+        heartbeat.stopped.set()
+        heartbeat.join()
+    taken = claim_until(conn, "runner-b", 60, timeout=10)  # once the beats stop, the lease runs out
+    assert taken["id"] == held["id"] and taken["attempts"] == 2
+
+
+def test_a_failed_attempt_waits_a_growing_backoff_and_the_last_one_fails_the_job(conn: Any) -> None:
+    (job_id,) = add_jobs(conn, 1)
+    for attempt in (1, 2):
+        held = queue.claim(conn, "mpi", "runner", 60)
+        if held is None:  # waiting out the previous backoff would take 10 s: expire it now
+            conn.execute("UPDATE jobs SET lease_until = now() - interval '1 second' WHERE id = %s", (job_id,))
+            held = queue.claim(conn, "mpi", "runner", 60)
+        assert held is not None and held["attempts"] == attempt
+        queue.fail(conn, held, f"RuntimeError: boom\x00{attempt}")
+        row = job(conn, job_id)
+        assert row["status"] == "queued" and row["error"] == f"RuntimeError: boom{attempt}"
+        waits = conn.execute("SELECT EXTRACT(EPOCH FROM lease_until - now()) FROM jobs WHERE id = %s", (job_id,))
+        seconds = float(waits.fetchone()[0])
+        assert queue.RETRY_BACKOFF_SECONDS * attempt - 2 < seconds <= queue.RETRY_BACKOFF_SECONDS * attempt
+        assert queue.claim(conn, "mpi", "runner", 60) is None  # not before the backoff
+    conn.execute("UPDATE jobs SET lease_until = now() - interval '1 second' WHERE id = %s", (job_id,))
+    held = queue.claim(conn, "mpi", "runner", 60)
+    assert held is not None and held["attempts"] == 3
+    queue.fail(conn, held, "RuntimeError: third")
+    row = job(conn, job_id)
+    assert (row["status"], row["error"], row["lease_until"]) == ("failed", "RuntimeError: third", None)
+    assert queue.claim(conn, "mpi", "runner", 60) is None
