@@ -1094,6 +1094,7 @@ def test_the_env_contract_is_parsed_with_its_defaults() -> None:
     no_replicas = {key: value for key, value in ENV.items() if key != "POSTGRES_SLAVE_HOSTS"}
     assert Config.from_env(no_replicas).postgres_slave_hosts == ()
     assert (overridden.postgres_slave_hosts, overridden.postgres_port, overridden.dependency_timeout) == ((), 6543, 0.5)
+    assert Config.from_env({**ENV, "OUTPUTS_INTERNAL_PREFIX": "/_results/"}).outputs_internal_prefix == "/_results/"
 
 
 def test_a_missing_or_empty_variable_stops_the_backend_naming_every_one() -> None:

@@ -71,13 +71,14 @@ def test_competing_claimers_each_get_different_jobs_and_every_job_once(server: s
     ids = add_jobs(conn, 40)
     add_jobs(conn, 5, runner="backend")  # another runner's jobs are never taken
     claimed: dict[str, list[str]] = {}
-    start = threading.Barrier(4)
+    start = threading.Barrier(4, timeout=10)  # a claimer that fails early fails the rest, never hangs
 
     def claimer(name: str) -> None:
         taken: list[str] = []
         with connect(server) as own:
             start.wait()
-            while (claimed_job := queue.claim(own, "mpi", name, 60)) is not None:
+            # At most one more claim than there are jobs: a claim that hands out a job twice ends too.
+            while len(taken) <= len(ids) and (claimed_job := queue.claim(own, "mpi", name, 60)) is not None:
                 taken.append(str(claimed_job["id"]))
         claimed[name] = taken
 
@@ -85,7 +86,7 @@ def test_competing_claimers_each_get_different_jobs_and_every_job_once(server: s
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(30)
     every = [job_id for taken in claimed.values() for job_id in taken]
     assert sorted(every) == sorted(ids)  # each exactly once
     assert sum(1 for taken in claimed.values() if taken) >= 2  # really concurrent
@@ -109,7 +110,7 @@ def test_an_expired_lease_is_claimed_again_and_only_the_holder_completes(conn: A
 def complete_concurrently(server: str, claims: list[tuple[dict[str, Any], str]]) -> list[bool]:
     """Each claim's holder calls complete at the same moment, on its own connection."""
     results: list[bool] = []
-    start = threading.Barrier(len(claims))
+    start = threading.Barrier(len(claims), timeout=10)
 
     def finish(claimed: dict[str, Any], path: str) -> None:
         with connect(server) as own:
@@ -120,7 +121,7 @@ def complete_concurrently(server: str, claims: list[tuple[dict[str, Any], str]])
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(30)
     return results
 
 
@@ -150,7 +151,8 @@ def test_the_heartbeat_keeps_a_running_job_from_being_claimed(
             time.sleep(0.2)
     finally:
         heartbeat.stopped.set()
-        heartbeat.join()
+        heartbeat.join(5)
+    assert not heartbeat.is_alive()  # it stops when told
     taken = claim_until(conn, "runner-b", 60, timeout=10)  # once the beats stop, the lease runs out
     assert taken["id"] == held["id"] and taken["attempts"] == 2
 

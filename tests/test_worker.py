@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import threading
@@ -189,6 +190,7 @@ def test_the_loop_reconnects_after_an_error_and_polls_while_the_queue_is_empty(
 
     def run_once(conn: FakeConnection, conninfo: str, runner: str, name: str, execute: Any) -> bool:
         assert conn is opened[-1] and not conn.closed and runner == "mpi"
+        assert name == f"{socket.gethostname()}:{os.getpid()}"  # a claim names its process
         outcome = outcomes.pop(0)
         if isinstance(outcome, Exception):
             raise outcome
@@ -301,7 +303,7 @@ def test_a_job_runs_under_mpirun_on_every_slot_and_returns_the_result_path_it_pr
 ) -> None:
     from transvidio_jobs import runner
 
-    job = runner_job(monkeypatch, tmp_path, TRANSVIDIO_SEGMENT_ROUNDS="10")
+    job = runner_job(monkeypatch, tmp_path, TRANSVIDIO_SEGMENT_ROUNDS="10", TRANSVIDIO_SEGMENT_STEP="mod:fn")
     runs: list[tuple[list[str], dict[str, Any]]] = []
 
     def run(command: list[str], **kwargs: Any) -> Completed:
@@ -314,7 +316,7 @@ def test_a_job_runs_under_mpirun_on_every_slot_and_returns_the_result_path_it_pr
     assert rest == []
     assert command == [
         "mpirun", "--hostfile", str(tmp_path / "hostfile"), "-np", "3", "-x", "PYTHONPATH",
-        "-x", "TRANSVIDIO_SEGMENT_ROUNDS",
+        "-x", "TRANSVIDIO_SEGMENT_ROUNDS", "-x", "TRANSVIDIO_SEGMENT_STEP",
         sys.executable, "-m", "transvidio_jobs.mpi_job",
         "job-7", str(tmp_path / "uploads"), "alice", job["upload_id"], "90", "de", "/out",
     ]  # fmt: skip
