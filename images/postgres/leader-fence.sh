@@ -36,7 +36,7 @@ etcd() { etcdctl --endpoints="$endpoints" --command-timeout=1s "$@"; }
 # shellcheck disable=SC2016 # expanded by the inner shell, from its own arguments
 answers() { timeout 1 bash -c ': >"/dev/tcp/$0/$1"' "$1" "$2" 2>/dev/null; }
 
-# "leader lease_hex host pg_port api_port" of the current leader key, or nothing.
+# "leader lease_hex" of the current leader key, or nothing (no leader, or this node is it).
 leader_lease() {
     local key value lease
     key=$(etcd get "$prefix/leader" -w json 2>/dev/null) || return 1
@@ -45,26 +45,43 @@ leader_lease() {
     [ "$value" != "$PG_NODE" ] || return 1
     # The lease id is an int64: read as text, since jq may round a number that large.
     lease=$(grep -o '"lease":[0-9]*' <<<"$key" | cut -d: -f2)
-    etcd get "$prefix/members/$value" --print-value-only 2>/dev/null | jq -r --arg leader "$value" \
-        --arg lease "$(printf '%x' "$lease")" \
-        '(.conn_url | capture("//(?<host>[^:/]+):(?<port>[0-9]+)")) as $pg
-         | (.api_url | capture(":(?<port>[0-9]+)/")) as $api
-         | "\($leader) \($lease) \($pg.host) \($pg.port) \($api.port)"'
+    printf '%s %x\n' "$value" "$lease"
 }
 
+# "host pg_port api_port" of a member, from its key.
+member_ports() {
+    etcd get "$prefix/members/$1" --print-value-only 2>/dev/null | jq -r \
+        '(.conn_url | capture("//(?<host>[^:/]+):(?<port>[0-9]+)")) as $pg
+         | (.api_url | capture(":(?<port>[0-9]+)/")) as $api
+         | "\($pg.host) \($pg.port) \($api.port)"'
+}
+
+# Every check starts processes (etcdctl, jq): while the lock is renewed, the next check waits
+# until the lock could first be silent long enough, and only then runs CHECK_SECONDS apart.
 warned=""
+pause=$CHECK_SECONDS
 while true; do
-    sleep "$CHECK_SECONDS"
-    read -r leader lease host pg_port api_port < <(leader_lease) || continue
+    sleep "$pause"
+    pause=1 # no leader to watch (or etcd not answering): look again in a second
+    read -r leader lease < <(leader_lease) || continue
     lease_state=$(etcd lease timetolive "$lease" -w json 2>/dev/null) || continue
     read -r granted remaining < <(jq -r '"\(.["granted-ttl"]) \(.ttl)"' <<<"$lease_state")
     # An expired or unknown lease reports ttl -1: Patroni's own expiry is under way.
-    ((${remaining:--1} >= 0 && ${granted:-0} - remaining >= FAILOVER_DETECT_SECONDS)) || { warned=""; continue; }
+    ((${remaining:--1} >= 0)) || continue
+    silent=$((${granted:-0} - remaining))
+    if ((silent < FAILOVER_DETECT_SECONDS)); then
+        warned=""
+        pause=$((FAILOVER_DETECT_SECONDS - silent - 1))
+        ((pause > 0)) || pause=$CHECK_SECONDS
+        continue
+    fi
+    pause=$CHECK_SECONDS
+    read -r host pg_port api_port < <(member_ports "$leader") || continue
     if answers "$host" "$pg_port" || answers "$host" "$api_port"; then
-        [ -n "$warned" ] || log "$leader has not renewed its lock for $((granted - remaining))s but still answers: left to its TTL"
+        [ -n "$warned" ] || log "$leader has not renewed its lock for ${silent}s but still answers: left to its TTL"
         warned=yes
         continue
     fi
-    log "$leader has not renewed its lock for $((granted - remaining))s and answers on no port: ending its lease $lease"
+    log "$leader has not renewed its lock for ${silent}s and answers on no port: ending its lease $lease"
     etcd lease revoke "$lease" >/dev/null 2>&1 || log "lease $lease not revoked (another replica may have ended it first)"
 done
