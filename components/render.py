@@ -447,6 +447,11 @@ def redis_conf(settings: Settings, node: Node) -> str:
         "replica-read-only yes",
         "replica-serve-stale-data yes",
         "repl-diskless-sync yes",
+        # Start a full sync at once. Redis's default waits 5 s for more replicas to share the
+        # transfer, and a failover waits for the replicas to follow the new master: a replica that
+        # must resync in full (one still syncing when the master was lost) held the Sentinels'
+        # switch to the new master back until failover-timeout.
+        "repl-diskless-sync-delay 0",
         # Users and their rights; the entrypoint adds masterauth from its secret file.
         f"aclfile {REDIS_ACL_FILE}",
         f"masteruser {REDIS_REPLICATION_USER}",

@@ -205,7 +205,7 @@ def test_an_upload_or_owner_directory_that_is_a_symbolic_link_is_never_followed(
 
 def test_an_upload_that_is_not_a_regular_file_is_refused(tmp_path: pathlib.Path) -> None:
     (tmp_path / "alice" / UPLOAD).mkdir(parents=True)
-    with pytest.raises(ValueError, match="is not a regular file"):
+    with pytest.raises(ValueError, match=f"^upload {UPLOAD} is not a regular file$"):
         processing.open_upload(str(tmp_path), "alice", UPLOAD)
     os.mkfifo(tmp_path / "alice" / ("e" * 32))
     with pytest.raises(ValueError, match="is not a regular file"):

@@ -97,6 +97,7 @@ def test_an_expired_lease_is_claimed_again_and_only_the_holder_completes(conn: A
     first = queue.claim(conn, "mpi", "runner-a", 1)
     assert first is not None and first["attempts"] == 1
     assert queue.claim(conn, "mpi", "runner-b", 1) is None  # held
+    assert queue.extend(conn, first, 1) is True  # the holder's heartbeat holds it
     second = claim_until(conn, "runner-b", 60, timeout=10)  # after the lease expired
     assert (second["id"], second["attempts"], second["claimed_by"]) == (first["id"], 2, "runner-b")
     assert queue.extend(conn, first, 60) is False
@@ -179,3 +180,82 @@ def test_a_failed_attempt_waits_a_growing_backoff_and_the_last_one_fails_the_job
     row = job(conn, job_id)
     assert (row["status"], row["error"], row["lease_until"]) == ("failed", "RuntimeError: third", None)
     assert queue.claim(conn, "mpi", "runner", 60) is None
+
+
+def submit(conn: psycopg.Connection[Any], owner: str, runner: str = "mpi") -> tuple[int, dict[str, Any]]:
+    """The statements the backend's POST /api/jobs runs, in its order and in one transaction:
+    the owner's lock, the owner's active count, the insert."""
+    with conn.transaction(), conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        cur.execute(queue.OWNER_LOCK_SQL, (queue.OWNER_LOCK_SPACE, owner))
+        cur.execute(queue.ACTIVE_JOBS_SQL, (owner,))
+        counted = cur.fetchone()
+        assert counted is not None
+        cur.execute(queue.INSERT_SQL, (str(uuid.uuid4()), owner, "u" * 32, 90, "fr", runner))
+        row = cur.fetchone()
+    assert row is not None
+    return int(counted["count"]), dict(row)
+
+
+def test_a_submission_counts_only_the_owners_unfinished_jobs_and_queues_a_claimable_one(conn: Any) -> None:
+    assert submit(conn, "alice")[0] == 0
+    count, inserted = submit(conn, "alice")
+    assert count == 1  # the first one, queued
+    assert (inserted["owner"], inserted["status"], inserted["attempts"], inserted["runner"]) == (
+        "alice",
+        "queued",
+        0,
+        "mpi",
+    )
+    assert submit(conn, "bob")[0] == 0  # another owner's jobs do not count
+    running = queue.claim(conn, "mpi", "runner", 60)
+    assert running is not None and running["owner"] == "alice"
+    assert submit(conn, "alice")[0] == 2  # queued and running both count
+    assert queue.complete(conn, running, "r.json") is True
+    assert submit(conn, "alice")[0] == 2  # a finished one no longer does: 2 queued of 3
+    submit(conn, "carol", runner="backend")
+    assert queue.claim(conn, "mpi", "runner", 60)["owner"] == "alice"  # type: ignore[index]
+
+
+def test_the_owner_lock_holds_back_only_the_same_owners_submission(server: str, conn: Any) -> None:
+    with connect(server) as other:
+        other.execute("SET lock_timeout = '200ms'")
+        with conn.transaction():
+            conn.execute(queue.OWNER_LOCK_SQL, (queue.OWNER_LOCK_SPACE, "alice"))
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                submit(other, "alice")
+            assert submit(other, "bob")[0] == 0
+        assert submit(other, "alice")[0] == 0  # released with the transaction
+
+
+def test_a_failure_keeps_the_last_2000_characters_of_its_reason(conn: Any) -> None:
+    add_jobs(conn, 1)
+    held = queue.claim(conn, "mpi", "runner", 60)
+    assert held is not None
+    reason = "".join(f"{i:04d}" for i in range(750))  # 3000 characters
+    queue.fail(conn, held, reason)
+    assert job(conn, held["id"])["error"] == reason[-2000:]
+
+
+def test_backends_starting_together_create_the_schema_once_without_an_error(server: str) -> None:
+    failures: list[BaseException] = []
+    for _ in range(5):
+        with psycopg.connect(server, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+            admin.execute(f"CREATE SCHEMA {SCHEMA}")
+        start = threading.Barrier(6, timeout=10)
+
+        def create(start: threading.Barrier = start) -> None:
+            try:
+                with connect(server) as own:
+                    start.wait()
+                    queue.ensure_schema(own)
+            except (psycopg.Error, threading.BrokenBarrierError) as error:  # collected, then asserted empty
+                failures.append(error)
+
+        threads = [threading.Thread(target=create) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    # Without the advisory lock, concurrent CREATE ... IF NOT EXISTS collide in the catalog.
+    assert failures == []

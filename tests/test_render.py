@@ -126,6 +126,9 @@ def test_redis_conf_persists_and_bounds_writes() -> None:
         "replica-announce-ip 10.211.1.22",
         f"maxmemory {1024**3}",
         "maxmemory-policy allkeys-lru",
+        # A replica that must sync in full starts at once: a failover waits for it.
+        "repl-diskless-sync yes",
+        "repl-diskless-sync-delay 0",
     ):
         assert line in conf.splitlines()
     assert "requirepass" not in conf  # the password is added at start from the secret file
