@@ -16,7 +16,12 @@ INTERVAL=${UPSTREAM_CHECK_SECONDS:-1}
 
 log() { printf '%s upstreams: %s\n' "$(date -u +%FT%TZ)" "$*" >&2; }
 
-resolved() { getent ahostsv4 "$UPSTREAM_NAME" 2>/dev/null | awk '{print $1}' | sort -u; }
+# Sorted, so that a shuffled DNS answer is not a change. Runs every INTERVAL: no more
+# processes than getent and sort.
+resolved() {
+    local address _
+    getent ahostsv4 "$UPSTREAM_NAME" 2>/dev/null | while read -r address _; do echo "$address"; done | sort -u
+}
 
 answers() { curl -fsS -o /dev/null --max-time 2 "http://$1:$UPSTREAM_PORT/health"; }
 
@@ -24,7 +29,7 @@ answers() { curl -fsS -o /dev/null --max-time 2 "http://$1:$UPSTREAM_PORT/health
 select_servers() {
     local address
     for address in $(resolved); do
-        if grep -qxF "$address" <<<"$current" || answers "$address"; then
+        if [[ $'\n'$current$'\n' == *$'\n'"$address"$'\n'* ]] || answers "$address"; then
             echo "$address"
         fi
     done

@@ -35,7 +35,9 @@ serve)
     done
     ;;
 check)
-    [ "$(cat "$STORE/.generation" 2>/dev/null)" = "$(generation "$INBOX")" ] && [ "$(generation "$STORE")" = "$(generation "$INBOX")" ]
+    # Runs every few seconds: the inbox's digest once, and no process to read .generation.
+    wanted=$(generation "$INBOX")
+    [ -s "$STORE/.generation" ] && [ "$(<"$STORE/.generation")" = "$wanted" ] && [ "$(generation "$STORE")" = "$wanted" ]
     ;;
 *)
     echo "usage: credentials.sh serve|check" >&2

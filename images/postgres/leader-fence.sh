@@ -36,16 +36,35 @@ etcd() { etcdctl --endpoints="$endpoints" --command-timeout=1s "$@"; }
 # shellcheck disable=SC2016 # expanded by the inner shell, from its own arguments
 answers() { timeout 1 bash -c ': >"/dev/tcp/$0/$1"' "$1" "$2" 2>/dev/null; }
 
-# "leader lease_hex" of the current leader key, or nothing (no leader, or this node is it).
+# The values of the named fields in etcdctl's `-w fields` answer on stdin, in the order named
+# (an absent field is empty). Read by bash itself: the loop starts no parser.
+fields() {
+    local line key text name
+    local -A value=()
+    while IFS= read -r line; do
+        [[ $line =~ ^\"([A-Za-z]+)\"\ :\ (.*)$ ]] || continue
+        key=${BASH_REMATCH[1]} text=${BASH_REMATCH[2]}
+        # A string comes quoted ("Value" : "postgres-primary"); member names need no unescaping.
+        [[ $text =~ ^\"(.*)\"$ ]] && text=${BASH_REMATCH[1]}
+        value[$key]=$text
+    done
+    for name in "$@"; do
+        printf '%s ' "${value[$name]-}"
+    done
+    echo
+}
+
+# The leader's member name and its lease id (hex, as etcdctl takes it); "self" when this node
+# holds the lock; nothing (and a failure) when there is no leader or etcd does not answer.
 leader_lease() {
-    local key value lease
-    key=$(etcd get "$prefix/leader" -w json 2>/dev/null) || return 1
-    jq -e '.kvs[0]' >/dev/null 2>&1 <<<"$key" || return 1
-    value=$(jq -r '.kvs[0].value | @base64d' <<<"$key")
-    [ "$value" != "$PG_NODE" ] || return 1
-    # The lease id is an int64: read as text, since jq may round a number that large.
-    lease=$(grep -o '"lease":[0-9]*' <<<"$key" | cut -d: -f2)
-    printf '%s %x\n' "$value" "$lease"
+    local leader lease
+    read -r leader lease < <(etcd get "$prefix/leader" -w fields 2>/dev/null | fields Value Lease)
+    [ -n "$leader" ] && [ -n "$lease" ] || return 1
+    if [ "$leader" = "$PG_NODE" ]; then
+        echo self
+    else
+        printf '%s %x\n' "$leader" "$lease"
+    fi
 }
 
 # "host pg_port api_port" of a member, from its key.
@@ -56,21 +75,28 @@ member_ports() {
          | "\($pg.host) \($pg.port) \($api.port)"'
 }
 
-# Every check starts processes (etcdctl, jq): while the lock is renewed, the next check waits
-# until the lock could first be silent long enough, and only then runs CHECK_SECONDS apart.
+# Every check starts etcdctl: while the lock is renewed, the next check waits until the lock
+# could first be silent long enough, and only then runs CHECK_SECONDS apart; on the node that
+# holds the lock it waits FAILOVER_DETECT_SECONDS - 1.
 warned=""
 pause=$CHECK_SECONDS
 while true; do
     sleep "$pause"
     pause=1 # no leader to watch (or etcd not answering): look again in a second
     read -r leader lease < <(leader_lease) || continue
-    lease_state=$(etcd lease timetolive "$lease" -w json 2>/dev/null) || continue
-    read -r granted remaining < <(jq -r '"\(.["granted-ttl"]) \(.ttl)"' <<<"$lease_state")
-    # An expired or unknown lease reports ttl -1: Patroni's own expiry is under way.
+    if [ "$leader" = self ]; then
+        # Nothing to watch while this node holds the lock. A leader that takes it over has just
+        # written it, so its lock cannot be silent for FAILOVER_DETECT_SECONDS before then.
+        pause=$((FAILOVER_DETECT_SECONDS - 1))
+        continue
+    fi
+    read -r granted remaining < <(etcd lease timetolive "$lease" -w fields 2>/dev/null | fields GrantedTTL TTL)
+    # An expired or unknown lease reports TTL -1: Patroni's own expiry is under way.
     ((${remaining:--1} >= 0)) || continue
     silent=$((${granted:-0} - remaining))
     if ((silent < FAILOVER_DETECT_SECONDS)); then
         warned=""
+        # Asleep until the lock could first have been silent long enough.
         pause=$((FAILOVER_DETECT_SECONDS - silent - 1))
         ((pause > 0)) || pause=$CHECK_SECONDS
         continue
