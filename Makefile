@@ -19,7 +19,7 @@ help:
 	@echo "make test                static checks, unit tests, end-to-end tests (Docker, then the dev stack on Podman)"
 	@echo "make e2e [ENGINE=podman]  end-to-end tests only, on Docker (default) or Podman"
 	@echo "make e2e-swarm           the swarm suite, on a 3-node swarm made on this machine (root)"
-	@echo "make bench               benchmark figures (BENCH_JSON=path writes them as JSON)"
+	@echo "make bench               benchmark figures into bench/results.json and README (BENCH_MODULES=...)"
 	@echo "make mutate              mutation testing of the fast tests (slow; not in CI)"
 
 $(BIN)/.installed: requirements.txt
@@ -104,9 +104,14 @@ e2e-swarm: venv
 
 test: lint unit e2e e2e-podman-dev e2e-swarm
 
-# Benchmark figures (not tests): same engine preparation as e2e.
+# Benchmark figures (not tests): same engine preparation as e2e. Each benchmark replaces its
+# own section of BENCH_JSON (every figure with its runs), then README's performance tables are
+# made from that file. BENCH_MODULES runs some of them (about an hour for all, on 2 cores).
+BENCH_MODULES ?= data_tier pipeline backups postgres_failover security
+BENCH_JSON ?= bench/results.json
 bench: venv
-	$(call with_engine,$(BIN)/python -m bench.data_tier && $(BIN)/python -m bench.pipeline && $(BIN)/python -m bench.backups && $(BIN)/python -m bench.postgres_failover && $(BIN)/python -m bench.security)
+	$(call with_engine,( for module in $(BENCH_MODULES); do BENCH_JSON=$(abspath $(BENCH_JSON)) $(BIN)/python -m bench.$$module || exit 1; done ))
+	$(BIN)/python -m bench.readme $(BENCH_JSON) README.md
 
 # Mutation testing, not part of CI (about an hour on 2 cores): mutmut changes components/ and
 # the Python in images/ one mutation at a time, in copies of the working tree (one per shard of

@@ -6,27 +6,24 @@ kept, as after losing the database host's disks); then the stack is restored to 
 archived write through the program (`postgres.restoreTarget=latest`, `pulumi up --refresh`).
 - RPO: the age, at the moment of loss, of the newest row the restored cluster has;
 - restore time: from the apply's start to the stack healthy with its replica streaming.
-With the default archiveTimeoutSeconds (60) and a tight one (10). Prints a table; with
-BENCH_JSON=path also writes the figures as JSON.
+With the default archiveTimeoutSeconds (60) and a tight one (10). Each figure with its runs
+(bench.figure); with BENCH_JSON=path also written as JSON.
 """
 
 from __future__ import annotations
 
-import os
-import platform
 import random
-import statistics
 import threading
 import time
 from typing import Any
 
 import psycopg
 
-from bench import add_to_bench_json
+from bench import figure, record, runs_setting
 from tests.e2e import chaos
 from tests.e2e.conftest import Deployment, deployed
 
-RUNS = int(os.environ.get("BENCH_RUNS", "5"))
+RUNS = runs_setting(5)
 SETTINGS = {"default": 60, "tight": 10}
 
 
@@ -76,41 +73,33 @@ def one_run(deployment: Deployment, archive_timeout: int) -> dict[str, float]:
     return {"rpo_s": (lost_at - restorable).total_seconds(), "restore_s": restore_seconds}
 
 
-def restores(name: str, archive_timeout: int) -> dict[str, Any]:
+def restores(name: str, archive_timeout: int) -> list[dict[str, Any]]:
     overrides = {"postgres": {"archiveTimeoutSeconds": archive_timeout, "backupIncrementalIntervalMinutes": 0}}
     with deployed("dev", overrides, health_ticker=False) as deployment:
         while not chaos.pg_backups(deployment):
             time.sleep(1)
         runs = [one_run(deployment, archive_timeout) for _ in range(RUNS)]
-    rpo, restore = [r["rpo_s"] for r in runs], [r["restore_s"] for r in runs]
-    result = {
-        "archive_timeout_s": archive_timeout,
-        "runs": len(runs),
-        "rpo_median_s": round(statistics.median(rpo), 1),
-        "rpo_max_s": round(max(rpo), 1),
-        "restore_median_s": round(statistics.median(restore), 1),
-        "restore_max_s": round(max(restore), 1),
-    }
-    print(f"postgres restore ({name}): {result}", flush=True)
-    return result
+    described = f"`archiveTimeoutSeconds: {archive_timeout}` ({name})"
+    return [
+        figure(
+            f"PostgreSQL: every node and data volume lost (backup volume kept) → data lost (RPO), {described}",
+            "s",
+            [r["rpo_s"] for r in runs],
+            1,
+        ),
+        figure(
+            "the same → restored to the latest archived write and healthy, replica streaming "
+            "(`restoreTarget: latest`, `pulumi up --refresh`), dev stack",
+            "s",
+            [r["restore_s"] for r in runs],
+            1,
+        ),
+    ]
 
 
 def main() -> None:
-    machine = {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-    figures: dict[str, Any] = {"machine": machine}
-    figures["postgres_restore"] = {name: restores(name, timeout) for name, timeout in SETTINGS.items()}
-    print("\n| figure | value |\n|---|---|")
-    for name, result in figures["postgres_restore"].items():
-        print(
-            f"| PostgreSQL RPO after losing every volume, archive_timeout {result['archive_timeout_s']} s ({name}) "
-            f"| median {result['rpo_median_s']} s, max {result['rpo_max_s']} s |"
-        )
-        print(
-            f"| PostgreSQL restore to the latest write, wiped dev stack ({name}) "
-            f"| median {result['restore_median_s']} s, max {result['restore_max_s']} s |"
-        )
-    print(f"(machine {figures['machine']})")
-    add_to_bench_json("backups", figures)
+    figures = [figure for name, timeout in SETTINGS.items() for figure in restores(name, timeout)]
+    record("backups", "PostgreSQL restore after losing every volume, dev stack", figures)
 
 
 if __name__ == "__main__":

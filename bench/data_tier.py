@@ -6,14 +6,11 @@
 - PostgreSQL: replay lag on each replica while pgbench writes on the primary; pgbench
   read-only throughput on one replica vs the primary.
 
-Prints a table; with BENCH_JSON=path also writes the figures as JSON.
+Each figure with its runs (bench.figure); with BENCH_JSON=path also written as JSON.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
 import threading
 import time
@@ -21,11 +18,15 @@ from typing import Any
 
 import redis
 
+from bench import figure, record, runs_setting
 from components.topology import REDIS_MASTER_NAME
 from tests.e2e import chaos
 from tests.e2e.conftest import Deployment, deployed
 
-RUNS = int(os.environ.get("BENCH_RUNS", "5"))
+KILL_RUNS = runs_setting(10)  # the tail is the point: the issue's goal is a max over 10 runs
+CUT_RUNS = runs_setting(5)
+PG_RUNS = runs_setting(5)
+PGBENCH_SECONDS = 8
 TIGHT = {"redis": {"downAfterMs": 1000, "failoverTimeoutMs": 3000}}
 RETRYABLE = (
     redis.exceptions.ConnectionError,
@@ -65,33 +66,21 @@ def first_write_after(deployment: Deployment, fault: str) -> float:
     if fault == "kill":
         chaos.wait_restarted(deployment, master, before)
     chaos.wait_settled(deployment)
+    print(f"redis {fault}: first acknowledged write after {elapsed:.2f} s", flush=True)
     return elapsed
 
 
-def failover(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+def failover(name: str, overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """The kill and the network-cut failovers, each run KILL_RUNS / CUT_RUNS times."""
     with deployed("prod", overrides, health_ticker=False) as deployment:
         r = deployment.topology.settings.redis
-        result: dict[str, Any] = {
-            "settings": {
-                "downAfterMs": r.down_after_ms,
-                "failoverTimeoutMs": r.failover_timeout_ms,
-                "sentinels": r.sentinel_count,
-                "quorum": r.quorum,
-            },
-        }
-        for fault in ("kill", "partition"):
-            times = [first_write_after(deployment, fault) for _ in range(RUNS)]
-            result[fault] = {
-                "median_s": round(statistics.median(times), 2),
-                "max_s": round(max(times), 2),
-                "runs": [round(t, 2) for t in times],
-            }
-            print(
-                f"redis failover, {name}, {fault}: median {result[fault]['median_s']} s, "
-                f"max {result[fault]['max_s']} s",
-                flush=True,
-            )
-        return result
+        described = f"{name}: down-after {r.down_after_ms} ms, failover-timeout {r.failover_timeout_ms} ms"
+        kills = [first_write_after(deployment, "kill") for _ in range(KILL_RUNS)]
+        cuts = [first_write_after(deployment, "partition") for _ in range(CUT_RUNS)]
+    return [
+        figure(f"Redis master `kill -9` → first acknowledged write, {described}", "s", kills),
+        figure(f"Redis master cut off the network → first acknowledged write, {described}", "s", cuts),
+    ]
 
 
 def pgbench(deployment: Deployment, hostname: str, *args: str) -> str:
@@ -120,81 +109,67 @@ def tps(output: str) -> float:
     return float(line.split()[2])
 
 
-def postgres() -> dict[str, Any]:
-    with deployed("prod", health_ticker=False) as deployment:
-        pgbench(deployment, "postgres-primary", "-i", "-s", "10", "-q")
-        # Patroni's standbys report their member name (the hostname) as application_name.
-        samples: dict[str, list[float]] = {r.hostname: [] for r in deployment.topology.postgres_replicas}
-        stop = threading.Event()
+def replay_lags(deployment: Deployment, seconds: int) -> tuple[dict[str, list[float]], float]:
+    """Replay lag samples (ms) of each replica every 100 ms while pgbench writes for `seconds`,
+    and pgbench's write tps."""
+    # Patroni's standbys report their member name (the hostname) as application_name.
+    samples: dict[str, list[float]] = {r.hostname: [] for r in deployment.topology.postgres_replicas}
+    stop = threading.Event()
 
-        def sample() -> None:
-            with chaos.pg_writer(deployment) as conn:
-                while not stop.is_set():
-                    rows = conn.execute(
-                        "SELECT application_name, EXTRACT(EPOCH FROM COALESCE(replay_lag, '0'))::float "
-                        "FROM pg_stat_replication"
-                    ).fetchall()
-                    for name, lag in rows:
-                        samples.setdefault(name, []).append(lag * 1000)
-                    time.sleep(0.1)
+    def sample() -> None:
+        with chaos.pg_writer(deployment) as conn:
+            while not stop.is_set():
+                rows = conn.execute(
+                    "SELECT application_name, EXTRACT(EPOCH FROM COALESCE(replay_lag, '0'))::float "
+                    "FROM pg_stat_replication"
+                ).fetchall()
+                for replica, lag in rows:
+                    samples.setdefault(replica, []).append(lag * 1000)
+                time.sleep(0.1)
 
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        write = pgbench(deployment, "postgres-primary", "-c", "4", "-j", "2", "-T", "20")
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        write = pgbench(deployment, "postgres-primary", "-c", "4", "-j", "2", "-T", str(seconds))
+    finally:
         stop.set()
         sampler.join()
-        lag = {
-            name: {
-                "median_ms": round(statistics.median(v), 2),
-                "p99_ms": round(statistics.quantiles(v, n=100)[98], 2),
-                "samples": len(v),
-            }
-            for name, v in samples.items()
-            if len(v) > 2
+    return samples, tps(write)
+
+
+def postgres() -> list[dict[str, Any]]:
+    with deployed("prod", health_ticker=False) as deployment:
+        pgbench(deployment, "postgres-primary", "-i", "-s", "10", "-q")
+        replicas = [r.hostname for r in deployment.topology.postgres_replicas]
+        medians: dict[str, list[float]] = {name: [] for name in replicas}
+        p99s: dict[str, list[float]] = {name: [] for name in replicas}
+        writes = []
+        for _ in range(PG_RUNS):
+            samples, write_tps = replay_lags(deployment, PGBENCH_SECONDS)
+            writes.append(write_tps)
+            for name in replicas:
+                medians[name].append(statistics.median(samples[name]))
+                p99s[name].append(statistics.quantiles(samples[name], n=100)[98])
+        read_only = {
+            host: [
+                tps(pgbench(deployment, host, "-S", "-c", "4", "-j", "2", "-T", str(PGBENCH_SECONDS)))
+                for _ in range(PG_RUNS)
+            ]
+            for host in ("postgres-primary", replicas[0])
         }
-        replica = deployment.topology.postgres_replicas[0].hostname
-        reads = {
-            "primary_tps": tps(pgbench(deployment, "postgres-primary", "-S", "-c", "4", "-j", "2", "-T", "10")),
-            "replica_tps": tps(pgbench(deployment, replica, "-S", "-c", "4", "-j", "2", "-T", "10")),
-        }
-        result = {"write_tps": tps(write), "replay_lag": lag, "read_only": reads}
-        for name, figures in lag.items():
-            print(
-                f"postgres replay lag {name}: median {figures['median_ms']} ms, p99 {figures['p99_ms']} ms "
-                f"({figures['samples']} samples at {result['write_tps']:.0f} write tps)",
-                flush=True,
-            )
-        print(
-            f"postgres read-only tps: primary {reads['primary_tps']:.0f}, replica {reads['replica_tps']:.0f}",
-            flush=True,
-        )
-        return result
+    figures = [figure("PostgreSQL pgbench writes (4 clients) while the lag is sampled", "tps", writes, 0)]
+    for name in replicas:
+        lag = f"PostgreSQL replay lag of {name} under those writes"
+        figures.append(figure(f"{lag}: a run's median", "ms", medians[name]))
+        figures.append(figure(f"{lag}: a run's 99th percentile", "ms", p99s[name]))
+    for host, runs in read_only.items():
+        figures.append(figure(f"pgbench `-S` (read-only, 4 clients) on {host}", "tps", runs, 0))
+    return figures
 
 
 def main() -> None:
-    machine = {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-    redis_failover = {"prod settings": failover("prod settings", {}), "tight settings": failover("tight", TIGHT)}
-    pg = postgres()
-    figures: dict[str, Any] = {"machine": machine, "redis_failover": redis_failover, "postgres": pg}
-    print("\n| figure | value |\n|---|---|")
-    for name, result in redis_failover.items():
-        for fault in ("kill", "partition"):
-            print(
-                f"| Redis failover, {name} ({fault}) | median {result[fault]['median_s']} s, "
-                f"max {result[fault]['max_s']} s |"
-            )
-    for name, lag in pg["replay_lag"].items():
-        print(
-            f"| PostgreSQL replay lag {name} under pgbench writes | median {lag['median_ms']} ms, "
-            f"p99 {lag['p99_ms']} ms |"
-        )
-    print(
-        f"| pgbench -S tps, primary vs one replica | {pg['read_only']['primary_tps']:.0f} vs "
-        f"{pg['read_only']['replica_tps']:.0f} |"
-    )
-    if os.environ.get("BENCH_JSON"):
-        with open(os.environ["BENCH_JSON"], "w") as out:
-            json.dump(figures, out, indent=2, sort_keys=True)
+    figures = [*failover("prod settings", {}), *failover("tight settings", TIGHT), *postgres()]
+    record("data_tier", "Redis failover and PostgreSQL replication, prod stack", figures)
 
 
 if __name__ == "__main__":

@@ -8,23 +8,20 @@ killed and not restarted (a host gone). Measured:
 then the old node is started again and rejoins as a replica before the next run.
 With postgres.synchronous on (prod) and off, and on with the fence off (failoverDetectSeconds
 0: Patroni's TTL alone). Also write throughput (pgbench, 4 clients)
-with synchronous on and off. Prints a table; with BENCH_JSON=path also writes JSON.
+with synchronous on and off. Each figure with its runs (bench.figure); BENCH_JSON as there.
 """
 
 from __future__ import annotations
 
-import os
-import platform
-import statistics
 from typing import Any
 
-from bench import add_to_bench_json
+from bench import figure, record, runs_setting
 from bench.data_tier import pgbench, tps
 from tests.e2e import chaos
 from tests.e2e.apply import wait_healthy
 from tests.e2e.conftest import Deployment, deployed
 
-RUNS = int(os.environ.get("BENCH_RUNS", "5"))
+RUNS = runs_setting(5)
 
 
 def one_failover(deployment: Deployment) -> dict[str, float]:
@@ -42,13 +39,13 @@ def one_failover(deployment: Deployment) -> dict[str, float]:
     return {"failover_s": failover, "lost_writes": missing}
 
 
-def write_tps(deployment: Deployment) -> float:
+def write_tps(deployment: Deployment) -> list[float]:
     primary = chaos.pg_primary(deployment)
     pgbench(deployment, primary, "-i", "-s", "5", "-q")
-    return tps(pgbench(deployment, primary, "-c", "4", "-j", "2", "-T", "15"))
+    return [tps(pgbench(deployment, primary, "-c", "4", "-j", "2", "-T", "6")) for _ in range(RUNS)]
 
 
-def failovers(synchronous: bool, detect_seconds: int | None = None) -> dict[str, Any]:
+def failovers(described: str, synchronous: bool, detect_seconds: int | None = None) -> list[dict[str, Any]]:
     """RUNS failovers with postgres.synchronous and postgres.failoverDetectSeconds (None: the default)."""
     postgres: dict[str, Any] = {"synchronous": synchronous}
     if detect_seconds is not None:
@@ -56,41 +53,28 @@ def failovers(synchronous: bool, detect_seconds: int | None = None) -> dict[str,
     with deployed("prod", {"postgres": postgres}, health_ticker=False) as deployment:
         throughput = write_tps(deployment)
         runs = [one_failover(deployment) for _ in range(RUNS)]
-    seconds = [round(r["failover_s"], 1) for r in runs]
-    result = {
-        "synchronous": synchronous,
-        "failover_detect_seconds": deployment.topology.settings.postgres.failover_detect_seconds,
-        "runs": seconds,
-        "failover_median_s": round(statistics.median(seconds), 1),
-        "failover_min_s": min(seconds),
-        "failover_max_s": max(seconds),
-        "acknowledged_writes_lost": sum(int(r["lost_writes"]) for r in runs),
-        "write_tps": round(throughput),
-    }
-    print(f"postgres failover (synchronous {synchronous}, detect {detect_seconds}): {result}", flush=True)
-    return result
+    detect = deployment.topology.settings.postgres.failover_detect_seconds
+    name = f"`synchronous: {str(synchronous).lower()}`, `failoverDetectSeconds: {detect}`{described}"
+    return [
+        figure(
+            f"PostgreSQL primary killed, not restarted → first write on the new primary, {name}",
+            "s",
+            [r["failover_s"] for r in runs],
+            1,
+        ),
+        figure("the same: acknowledged writes missing on the new primary", "", [r["lost_writes"] for r in runs], 0),
+        figure(f"pgbench writes (4 clients, 6 s), {name}", "tps", throughput, 0),
+    ]
 
 
 def main() -> None:
-    machine = {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-    figures: dict[str, Any] = {"machine": machine}
-    figures["postgres_failover"] = {
-        "synchronous": failovers(synchronous=True),
-        "asynchronous": failovers(synchronous=False),
+    figures = [
+        *failovers(" (prod)", synchronous=True),
+        *failovers("", synchronous=False),
         # Without the fence: Patroni's own TTL decides (the figure before leader-fence.sh).
-        "synchronous_ttl_only": failovers(synchronous=True, detect_seconds=0),
-    }
-    print("\n| figure | value |\n|---|---|")
-    for name, result in figures["postgres_failover"].items():
-        print(
-            f"| PostgreSQL primary killed, not restarted → first write on the new primary, {name} "
-            f"| median {result['failover_median_s']} s, min {result['failover_min_s']} s, "
-            f"max {result['failover_max_s']} s ({result['runs']}); acknowledged writes lost: "
-            f"{result['acknowledged_writes_lost']} |"
-        )
-        print(f"| pgbench write throughput (4 clients), {name} | {result['write_tps']} tps |")
-    print(f"(machine {figures['machine']})")
-    add_to_bench_json("postgres_failover", figures)
+        *failovers(" (the fence off: Patroni's TTL alone)", synchronous=True, detect_seconds=0),
+    ]
+    record("postgres_failover", "PostgreSQL failover, prod stack", figures)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-import statistics
 import time
 from typing import Any
 
-from bench import add_to_bench_json
+from bench import figure, record, runs_setting
 from tests.e2e import traffic
 from tests.e2e.conftest import Deployment, deployed
 
-RUNS = int(os.environ.get("BENCH_RUNS", "5"))
+RUNS = runs_setting(5)
 LOAD_SECONDS = float(os.environ.get("BENCH_LOAD_SECONDS", "8"))
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "8"))
 # The limits as checks, not as a cap: high enough that the load is never delayed or refused.
@@ -59,7 +58,7 @@ print(len(latencies) / seconds, latencies[len(latencies) // 2] * 1000, latencies
 """
 
 
-def load(deployment: Deployment, host: str, port: int, path: str, token: str) -> dict[str, Any]:
+def load(deployment: Deployment, host: str, port: int, path: str, token: str) -> list[dict[str, float]]:
     """RUNS closed-loop loads from a backend container (the edge network) to host:port."""
     runs = []
     for _ in range(RUNS):
@@ -70,19 +69,19 @@ def load(deployment: Deployment, host: str, port: int, path: str, token: str) ->
         if code != 0:
             raise RuntimeError(output[-2000:])
         rps, p50, p99, failures = (float(x) for x in output.split())
-        runs.append(
-            {"requests_per_s": round(rps), "p50_ms": round(p50, 2), "p99_ms": round(p99, 2), "failed": failures}
-        )
-    rates = [r["requests_per_s"] for r in runs]
-    return {
-        "median_requests_per_s": statistics.median(rates),
-        "min_requests_per_s": min(rates),
-        "max_requests_per_s": max(rates),
-        "median_p50_ms": statistics.median(r["p50_ms"] for r in runs),
-        "median_p99_ms": statistics.median(r["p99_ms"] for r in runs),
-        "failed": sum(r["failed"] for r in runs),
-        "runs": runs,
-    }
+        runs.append({"requests_per_s": rps, "p50_ms": p50, "p99_ms": p99, "failed": failures})
+    return runs
+
+
+def load_figures(name: str, runs: list[dict[str, float]]) -> list[dict[str, Any]]:
+    return [
+        figure(
+            f"{name}, {CONCURRENCY} clients for {LOAD_SECONDS:g} s", "req/s", [r["requests_per_s"] for r in runs], 0
+        ),
+        figure("the same: p50 latency", "ms", [r["p50_ms"] for r in runs]),
+        figure("the same: p99 latency", "ms", [r["p99_ms"] for r in runs]),
+        figure("the same: failed requests", "", [r["failed"] for r in runs], 0),
+    ]
 
 
 def finished_job(deployment: Deployment) -> str:
@@ -100,8 +99,9 @@ def finished_job(deployment: Deployment) -> str:
     return job_id
 
 
-def upload_attack(deployment: Deployment) -> dict[str, Any]:
-    """A 500 MB upload processed as a one-second job; the backends' peak resident memory."""
+def upload_attack(deployment: Deployment) -> dict[str, float]:
+    """A 500 MB upload processed as a one-second job: its times, and the highest peak resident
+    memory (VmHWM, since the backend started) of any backend afterwards."""
     settings = deployment.topology.settings
     size = settings.nginx.max_body_size_mb * 1024 * 1024
     connection = socket.create_connection(("127.0.0.1", settings.nginx.http_port), timeout=120)
@@ -132,17 +132,11 @@ def upload_attack(deployment: Deployment) -> dict[str, Any]:
     ):
         time.sleep(0.5)
     job_seconds = time.monotonic() - started
-    peaks = {}
+    peaks = []
     for backend in deployment.topology.backends:
         _, output = deployment.exec(backend.hostname, ["grep", "VmHWM", "/proc/1/status"])
-        peaks[backend.hostname] = round(int(output.split()[1]) / 1024, 1)
-    return {
-        "upload_mb": size >> 20,
-        "upload_seconds": round(upload_seconds, 1),
-        "job_seconds": round(job_seconds, 1),
-        "backend_peak_rss_mb": peaks,
-        "backend_memory_limit_mb": settings.backend.memory_mb,
-    }
+        peaks.append(int(output.split()[1]) / 1024)
+    return {"upload_s": upload_seconds, "job_s": job_seconds, "peak_mb": max(peaks)}
 
 
 def main() -> None:
@@ -150,27 +144,36 @@ def main() -> None:
         topo = deployment.topology
         token = deployment.api_token()
         path = f"/api/jobs/{finished_job(deployment)}"
-        figures: dict[str, Any] = {
-            "api_read_through_nginx": load(deployment, str(topo.nginx.edge_ip), 8080, path, token),
-            "api_read_one_backend": load(deployment, str(topo.backends[1].edge_ip), 8000, path, token),
-            "health_by_nginx_itself": load(deployment, str(topo.nginx.edge_ip), 8080, "/health", ""),
-            "upload_attack": upload_attack(deployment),
-        }
-    print("\n| figure | value |\n|---|---|")
-    for name in ("api_read_through_nginx", "api_read_one_backend", "health_by_nginx_itself"):
-        f = figures[name]
-        print(
-            f"| {name.replace('_', ' ')} | median {f['median_requests_per_s']} req/s "
-            f"(min {f['min_requests_per_s']}, max {f['max_requests_per_s']}, {RUNS} runs), "
-            f"p50 {f['median_p50_ms']} ms, p99 {f['median_p99_ms']} ms, {f['failed']} failed |"
-        )
-    attack = figures["upload_attack"]
-    print(
-        f"| {attack['upload_mb']} MB upload as a 1 s job | backend peak RSS {attack['backend_peak_rss_mb']} MB "
-        f"(limit {attack['backend_memory_limit_mb']} MB); upload {attack['upload_seconds']} s, "
-        f"job {attack['job_seconds']} s |"
-    )
-    add_to_bench_json("security", figures)
+        figures = [
+            *load_figures(
+                "authenticated API read (`GET /api/jobs/<id>`: bearer token, owner check) through nginx, "
+                "its per-client limits checked",
+                load(deployment, str(topo.nginx.edge_ip), 8080, path, token),
+            ),
+            *load_figures(
+                "the same read straight to one backend (no nginx)",
+                load(deployment, str(topo.backends[1].edge_ip), 8000, path, token),
+            ),
+            *load_figures(
+                "`GET /health`, answered by nginx itself (no token, no limit)",
+                load(deployment, str(topo.nginx.edge_ip), 8080, "/health", ""),
+            ),
+        ]
+        attacks = [upload_attack(deployment) for _ in range(RUNS)]
+        limit = topo.settings.backend.memory_mb
+        size = topo.settings.nginx.max_body_size_mb
+    figures += [
+        figure(
+            f"a {size} MB upload processed as a 1 s job (the upload attack): the backends' highest peak RSS "
+            f"after the run (limit {limit} MB)",
+            "MB",
+            [a["peak_mb"] for a in attacks],
+            1,
+        ),
+        figure("the same: the upload's seconds", "s", [a["upload_s"] for a in attacks], 1),
+        figure("the same: the job's seconds", "s", [a["job_s"] for a in attacks], 1),
+    ]
+    record("security", "What the security checks cost, prod stack", figures)
 
 
 if __name__ == "__main__":
