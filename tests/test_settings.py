@@ -709,3 +709,49 @@ def test_s3_secrets_that_would_break_pgbackrests_config_are_refused(key: str, ba
             "s3CaCertificate": "-----BEGIN CERTIFICATE-----\nx\n",
         }[key],
     )
+
+
+@pytest.mark.parametrize(
+    "nodes, message",
+    [
+        (2, "must be odd, from 1 to 5 (a majority must survive a loss)"),
+        (4, "must be odd, from 1 to 5 (a majority must survive a loss)"),
+        (6, "must be a whole number from 1 to 5"),
+    ],
+)
+def test_an_even_or_too_large_etcd_count_is_refused_saying_what_is_allowed(nodes: int, message: str) -> None:
+    with pytest.raises(cfg.SettingsError) as raised:
+        parse_stack("prod", {"postgres": {"consensusNodes": nodes}})
+    assert str(raised.value) == f"transvidio:postgres.consensusNodes={nodes}: {message}"
+
+
+def test_etcd_counts_of_three_and_five_are_accepted() -> None:
+    assert [parse_stack("prod", {"postgres": {"consensusNodes": n}}).postgres.consensus_nodes for n in (3, 5)] == [3, 5]
+
+
+def test_the_leader_lock_ttl_is_bounded_at_300_seconds() -> None:
+    assert parse_stack("prod", {"postgres": {"failoverTtlSeconds": 300}}).postgres.failover_ttl_seconds == 300
+    with pytest.raises(cfg.SettingsError, match=r"failoverTtlSeconds=301: must be a whole number from 20 to 300$"):
+        parse_stack("prod", {"postgres": {"failoverTtlSeconds": 301}})
+
+
+def test_a_cpu_limit_of_nothing_is_refused_and_the_smallest_is_read_back_as_the_provider_does() -> None:
+    with pytest.raises(ValueError, match=r"^a CPU limit must be positive, not 0$"):
+        cfg.provider_cpus(0)
+    # One thousandth: nanoInt64ToDecimalString's nine-zero rule, FloatString(1).
+    assert cfg.provider_cpus(1) == "0.0"
+
+
+def test_up_to_eight_api_tokens_and_no_more() -> None:
+    names = [f"token-{i}" for i in range(9)]
+    assert cfg.token_names("backend.apiTokens", names[:8]) == tuple(names[:8])
+    with pytest.raises(cfg.SettingsError, match="must be a list of 1 to 8 distinct names"):
+        cfg.token_names("backend.apiTokens", names)
+
+
+def test_an_s3_endpoints_port_is_from_1_to_65535() -> None:
+    for endpoint in ("s3.test:1", "s3.test:65535", "s3.test"):
+        assert cfg.optional_endpoint("postgres.s3Endpoint", endpoint) == endpoint
+    for endpoint in ("s3.test:0", "s3.test:65536", "s3.test:x"):
+        with pytest.raises(cfg.SettingsError, match="must be a host name or address, optionally with :port"):
+            cfg.optional_endpoint("postgres.s3Endpoint", endpoint)
