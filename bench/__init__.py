@@ -70,7 +70,7 @@ def row(result: dict[str, Any]) -> str:
 TABLE_HEADER = "| figure | median | min | max | runs |\n|---|---|---|---|---|"
 
 
-def record(section: str, title: str, figures: list[dict[str, Any]], notes: dict[str, Any] | None = None) -> None:
+def record(section: str, title: str, figures: list[dict[str, Any]]) -> None:
     """Prints the figures as a table; with BENCH_JSON=path, stores them there under `section`
     (replacing what an earlier run of the same benchmark wrote, keeping the others)."""
     print(f"\n{title}\n{TABLE_HEADER}")
@@ -89,7 +89,6 @@ def record(section: str, title: str, figures: list[dict[str, Any]], notes: dict[
         "engine": engine_name(),
         "machine": {"cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
         "figures": figures,
-        "notes": notes or {},
     }
     with open(path, "w") as out:
         json.dump(existing, out, indent=2, sort_keys=True)
