@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from bench import MIN_RUNS_LONG, figure, record, runs_setting
+from bench.load import closed_loop
 from tests.e2e import chaos, traffic
 from tests.e2e.conftest import Deployment, deployed
 
@@ -133,40 +134,9 @@ def mpi_speedup(deployment: Deployment) -> list[dict[str, Any]]:
     return figures
 
 
-LOAD_SCRIPT = """
-import http.client, sys, threading, time
-host, port, seconds, concurrency = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-latencies, failures = [], [0]
-def client():
-    connection = http.client.HTTPConnection(host, port, timeout=10)
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        started = time.monotonic()
-        try:
-            connection.request("GET", "/health")
-            response = connection.getresponse(); response.read()
-            if response.status != 200: failures[0] += 1
-        except OSError:
-            failures[0] += 1
-            connection = http.client.HTTPConnection(host, port, timeout=10)
-        latencies.append(time.monotonic() - started)
-threads = [threading.Thread(target=client) for _ in range(concurrency)]
-[t.start() for t in threads]; [t.join() for t in threads]
-latencies.sort()
-print(len(latencies) / seconds, latencies[len(latencies) // 2] * 1000, latencies[int(len(latencies) * 0.99)] * 1000,
-      failures[0])
-"""
-
-
 def load(deployment: Deployment, host: str, port: int) -> dict[str, float]:
-    """A closed-loop load from a backend container (inside the edge network) to host:port."""
-    code, output = deployment.exec(
-        "backend-1", ["python3", "-c", LOAD_SCRIPT, host, str(port), str(LOAD_SECONDS), str(CONCURRENCY)]
-    )
-    if code != 0:
-        raise RuntimeError(output[-2000:])
-    rps, p50, p99, failures = (float(x) for x in output.split())
-    return {"requests_per_s": rps, "p50_ms": p50, "p99_ms": p99, "failed": failures}
+    """A closed-loop load of `GET /health` from a backend container to host:port."""
+    return closed_loop(deployment, host, port, "/health", "", LOAD_SECONDS, CONCURRENCY)
 
 
 # A job no one has: a backend checks the token and answers 404, a request that crosses nginx.

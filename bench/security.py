@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from bench import figure, record, runs_setting
+from bench.load import closed_loop
 from tests.e2e import traffic
 from tests.e2e.conftest import Deployment, deployed
 
@@ -31,46 +32,10 @@ CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "8"))
 # The limits as checks, not as a cap: high enough that the load is never delayed or refused.
 GENEROUS = {"nginx": {"requestsPerSecond": 100000, "requestBurst": 100000, "connectionsPerClient": 65535}}
 
-LOAD_SCRIPT = """
-import http.client, sys, threading, time
-host, port, path, token, seconds, concurrency = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], \\
-    float(sys.argv[5]), int(sys.argv[6])
-headers = {"Authorization": "Bearer " + token} if token else {}
-latencies, failures = [], [0]
-def client():
-    connection = http.client.HTTPConnection(host, port, timeout=10)
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        started = time.monotonic()
-        try:
-            connection.request("GET", path, headers=headers)
-            response = connection.getresponse(); response.read()
-            if response.status != 200: failures[0] += 1
-        except OSError:
-            failures[0] += 1
-            connection = http.client.HTTPConnection(host, port, timeout=10)
-        latencies.append(time.monotonic() - started)
-threads = [threading.Thread(target=client) for _ in range(concurrency)]
-[t.start() for t in threads]; [t.join() for t in threads]
-latencies.sort()
-print(len(latencies) / seconds, latencies[len(latencies) // 2] * 1000, latencies[int(len(latencies) * 0.99)] * 1000,
-      failures[0])
-"""
-
 
 def load(deployment: Deployment, host: str, port: int, path: str, token: str) -> list[dict[str, float]]:
     """RUNS closed-loop loads from a backend container (the edge network) to host:port."""
-    runs = []
-    for _ in range(RUNS):
-        code, output = deployment.exec(
-            "backend-1",
-            ["python3", "-c", LOAD_SCRIPT, host, str(port), path, token, str(LOAD_SECONDS), str(CONCURRENCY)],
-        )
-        if code != 0:
-            raise RuntimeError(output[-2000:])
-        rps, p50, p99, failures = (float(x) for x in output.split())
-        runs.append({"requests_per_s": rps, "p50_ms": p50, "p99_ms": p99, "failed": failures})
-    return runs
+    return [closed_loop(deployment, host, port, path, token, LOAD_SECONDS, CONCURRENCY) for _ in range(RUNS)]
 
 
 def load_figures(name: str, runs: list[dict[str, float]]) -> list[dict[str, Any]]:
