@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -14,10 +15,10 @@ from components.container import (
     ContainerSpec,
     Networks,
     VolumeMount,
-    data_volume,
     role_image,
     secret_file,
     service_container,
+    shared_volume,
 )
 from components.settings import Settings
 from components.topology import BACKEND_PORT, Node, Topology
@@ -52,11 +53,13 @@ class BackendPool(pulumi.ComponentResource):
     def __init__(self, name: str, args: BackendPoolArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("transvidio:backend:BackendPool", name, None, opts)
         s = args.settings
-        if s.images.backend:
+        if s.images.backend and s.deploy.swarm:
+            image: pulumi.Input[str] = s.images.backend  # every node pulls it from its registry
+        elif s.images.backend:
             remote = docker.RemoteImage(
                 f"{name}-image", name=s.images.backend, keep_locally=True, opts=pulumi.ResourceOptions(parent=self)
             )
-            image: pulumi.Output[str] = remote.image_id
+            image = remote.image_id
         else:
             image = role_image(f"{name}-image", COMPONENT, s, self).repo_digest
         secrets = {
@@ -69,13 +72,20 @@ class BackendPool(pulumi.ComponentResource):
         uid = SERVICE_UIDS[COMPONENT]
         secret_files = [secret_file(render.secret_path(k), v, uid) for k, v in sorted(secrets.items())]
         envs = [f"{k}={v}" for k, v in sorted(render.backend_environment(s).items())]
-        self.uploads_volume = data_volume(name, "uploads", s, COMPONENT, self)
-        self.outputs_volume = data_volume(name, "outputs", s, COMPONENT, self)
+        self.uploads_volume = shared_volume(name, "uploads", s, COMPONENT, self)
+        self.outputs_volume = shared_volume(name, "outputs", s, COMPONENT, self)
         topo = Topology(s)
         self.members = topo.backends
         # The hosts the env contract names, pinned to their fixed addresses: a lookup never
         # waits on the engine's DNS while a container restarts.
         pinned = [*topo.postgres_nodes, topo.mpi_master]
+        # On a swarm, one replicated service spread over the nodes; on one host, a container each.
+        swarm = s.deploy.swarm
+        nodes = (
+            [dataclasses.replace(self.members[0], hostname=COMPONENT, container_name=f"{s.prefix}-{COMPONENT}")]
+            if swarm
+            else self.members
+        )
         self.containers = [
             service_container(
                 name,
@@ -95,11 +105,12 @@ class BackendPool(pulumi.ComponentResource):
                     depends_on=args.depends_on,
                     extra_hosts=pinned,
                     edge_aliases=[render.BACKENDS_ALIAS],  # how nginx finds the pool
+                    replicas=s.backend.replica_count if swarm else None,
                 ),
                 s,
                 args.networks,
                 self,
             )
-            for node in self.members
+            for node in nodes
         ]
         self.register_outputs({"members": [m.hostname for m in self.members], "port": BACKEND_PORT})

@@ -1,16 +1,19 @@
-"""What every container of the stack shares: one helper, not copies.
+"""What every container of the stack shares: one spec, one helper per target, not copies.
 
-`service_container` applies the hygiene every role gets (healthcheck that replaces on
-change, restart policy, log rotation, memory limit, no-new-privileges, dropped
+A `ContainerSpec` says what a role's container is (image, command, env, files, volumes,
+ports, healthcheck, limits, placement); `service_container` turns it into the target's
+resources: here a `docker.Container` with the hygiene every role gets (healthcheck that
+replaces on change, restart policy, log rotation, memory limit, no-new-privileges, dropped
 capabilities, labels, networks with fixed addresses, delete-before-replace for fixed
-names); `role_image` builds a role's image from images/<role>; `config_file` and
-`secret_file` make the uploads.
+names), or on a swarm a `docker.Service` (components/swarm.py). `role_image` builds a
+role's image from images/<role>; `config_file` and `secret_file` make the files.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pulumi
 import pulumi_docker as docker
@@ -26,13 +29,15 @@ ROOT_UID = 0
 LOG_OPTS = {"max-file": "3", "max-size": "10m"}
 HEALTHCHECK_INTERVAL_SECONDS = 5
 HEALTHCHECK_TIMEOUT_SECONDS = 4
+HEALTHCHECK_RETRIES = 5
 RESTART_POLICY = "unless-stopped"
 LABEL_PREFIX = "io.transvidio"
 
 
 @dataclass(frozen=True)
 class Networks:
-    """The stack's networks, by Docker name (egress only when something needs a route out)."""
+    """The stack's networks, as the target refers to them: by Docker name, or on a swarm by id
+    (egress only when something needs a route out)."""
 
     edge: pulumi.Input[str]
     data: pulumi.Input[str]
@@ -41,9 +46,30 @@ class Networks:
 
 @dataclass(frozen=True)
 class VolumeMount:
-    volume_name: pulumi.Input[str]
+    volume_name: pulumi.Input[str]  # a volume's name; an absolute path is a directory on the host (a bind)
     container_path: str
     read_only: bool = False
+
+
+@dataclass(frozen=True)
+class File:
+    """A file a container gets: a rendered config, or a secret readable by its owner only.
+    A single host uploads it into the container; a swarm makes it a config or a secret."""
+
+    path: str
+    content: pulumi.Input[str]
+    mode: int
+    uid: int
+    secret: bool
+
+    def upload(self) -> docker.ContainerUploadArgs:
+        return docker.ContainerUploadArgs(
+            file=self.path,
+            content=self.content,
+            permissions=f"0{self.mode:o}",
+            owner=str(self.uid),
+            group=str(self.uid),
+        )
 
 
 @dataclass(frozen=True)
@@ -61,7 +87,7 @@ class ContainerSpec:
     entrypoint: Sequence[str] = ()
     command: Sequence[str] = ()
     volumes: Sequence[VolumeMount] = ()
-    uploads: Sequence[docker.ContainerUploadArgs] = ()
+    uploads: Sequence[File] = ()
     extra_ports: Sequence[docker.ContainerPortArgs] = ()
     capabilities: Sequence[str] = ()  # added back after dropping ALL
     extra_hosts: Sequence[Node] = ()  # written to /etc/hosts: no DNS needed to reach them
@@ -74,6 +100,10 @@ class ContainerSpec:
     stop_grace_seconds: int = 10
     wait: bool = False  # block `pulumi up` until healthy: for what others depend on
     depends_on: Sequence[pulumi.Resource] = field(default_factory=list)
+    # On a swarm: tasks of one replicated service (the node names its first; no placement
+    # pin), instead of one service per node.
+    replicas: int | None = None
+    every_node: bool = False  # on a swarm: a global service, one task on every node
 
 
 def duration(seconds: int) -> str:
@@ -119,7 +149,7 @@ def labels(settings: Settings, component: str, role: str) -> list[docker.Contain
 
 def _networks(spec: ContainerSpec, networks: Networks) -> list[docker.ContainerNetworksAdvancedArgs]:
     attached = []
-    if spec.node.data_ip:
+    if spec.node.on_data:
         attached.append(
             docker.ContainerNetworksAdvancedArgs(
                 name=networks.data, aliases=[spec.node.hostname], ipv4_address=spec.node.data_ip
@@ -128,7 +158,7 @@ def _networks(spec: ContainerSpec, networks: Networks) -> list[docker.ContainerN
     if spec.egress and networks.egress is not None:
         # No fixed address: nothing inside the stack reaches a node through this network.
         attached.append(docker.ContainerNetworksAdvancedArgs(name=networks.egress, aliases=[spec.node.hostname]))
-    if spec.node.edge_ip:
+    if spec.node.on_edge:
         attached.append(
             docker.ContainerNetworksAdvancedArgs(
                 name=networks.edge,
@@ -154,6 +184,17 @@ def _ports(spec: ContainerSpec, settings: Settings) -> list[docker.ContainerPort
     return ports
 
 
+def healthcheck_fields(spec: ContainerSpec) -> dict[str, Any]:
+    """The healthcheck every target gives a role: its command, the stack's timing."""
+    return {
+        "tests": ["CMD", *spec.healthcheck],
+        "interval": duration(HEALTHCHECK_INTERVAL_SECONDS),
+        "timeout": duration(HEALTHCHECK_TIMEOUT_SECONDS),
+        "retries": HEALTHCHECK_RETRIES,
+        "start_period": duration(spec.start_period_seconds),
+    }
+
+
 def child_name(component_name: str, hostname: str) -> str:
     """A child's resource name: the component's name, then the node (no stutter)."""
     if hostname == component_name or hostname.startswith(component_name + "-"):
@@ -163,8 +204,19 @@ def child_name(component_name: str, hostname: str) -> str:
 
 def service_container(
     component_name: str, spec: ContainerSpec, settings: Settings, networks: Networks, parent: pulumi.Resource
+) -> pulumi.CustomResource:
+    """The node's container, or on a swarm its service, with the stack's hygiene applied."""
+    if settings.deploy.swarm:
+        # Imported here: the swarm target builds on this module's spec and helpers.
+        from components.swarm import swarm_service
+
+        return swarm_service(component_name, spec, settings, networks, parent)
+    return _container(component_name, spec, settings, networks, parent)
+
+
+def _container(
+    component_name: str, spec: ContainerSpec, settings: Settings, networks: Networks, parent: pulumi.Resource
 ) -> docker.Container:
-    """The container of one node, with the stack's hygiene applied."""
     attached = _networks(spec, networks)
     return docker.Container(
         child_name(component_name, spec.node.hostname),
@@ -179,15 +231,10 @@ def service_container(
         network_mode=None if attached else "none",
         ports=_ports(spec, settings) or None,
         mounts=[volume_mount(v) for v in spec.volumes] or None,
-        uploads=list(spec.uploads) or None,
-        hosts=[docker.ContainerHostArgs(host=n.hostname, ip=str(n.data_ip)) for n in spec.extra_hosts] or None,
-        healthcheck=docker.ContainerHealthcheckArgs(
-            tests=["CMD", *spec.healthcheck],
-            interval=duration(HEALTHCHECK_INTERVAL_SECONDS),
-            timeout=duration(HEALTHCHECK_TIMEOUT_SECONDS),
-            retries=5,
-            start_period=duration(spec.start_period_seconds),
-        ),
+        uploads=[file.upload() for file in spec.uploads] or None,
+        hosts=[docker.ContainerHostArgs(host=n.hostname, ip=str(n.data_ip)) for n in spec.extra_hosts if n.data_ip]
+        or None,
+        healthcheck=docker.ContainerHealthcheckArgs(**healthcheck_fields(spec)),
         restart=RESTART_POLICY,
         log_driver="json-file",
         log_opts=LOG_OPTS,
@@ -221,29 +268,53 @@ SHARED_CONTEXT_ROLES = frozenset({"backend", "mpi"})
 
 
 def role_image(name: str, role: str, settings: Settings, parent: pulumi.Resource) -> docker.Image:
-    """Builds images/<role>/Dockerfile FROM the configured base; containers use its id."""
+    """Builds images/<role>/Dockerfile FROM the configured base; containers use its id. For a
+    swarm it is pushed to images.registry, and services use it by digest: every node pulls
+    exactly the image that was built."""
+    registry = f"{settings.images.registry}/" if settings.deploy.swarm else ""
     return docker.Image(
         name,
-        image_name=f"{settings.prefix}-{role}:latest",
+        image_name=f"{registry}{settings.prefix}-{role}:latest",
         build=docker.DockerBuildArgs(
             context="images" if role in SHARED_CONTEXT_ROLES else f"images/{role}",
             dockerfile=f"images/{role}/Dockerfile",
             args={"BASE_IMAGE": settings.images.base, "SERVICE_UID": str(SERVICE_UIDS[role])},
         ),
-        skip_push=True,
+        skip_push=not settings.deploy.swarm,
         opts=pulumi.ResourceOptions(parent=parent),
     )
 
 
+@dataclass(frozen=True)
+class NodeVolume:
+    """On a swarm, a node's volume is made by the node that runs the task (the service names it),
+    not by the program on the manager; it outlives the service, as a retained volume does."""
+
+    name: str
+
+
 def data_volume(
     component_name: str, volume: str, settings: Settings, component: str, parent: pulumi.Resource
-) -> docker.Volume:
+) -> docker.Volume | NodeVolume:
     """A named volume that outlives `pulumi destroy` and container replacement.
 
     Docker's volume create returns an existing volume of the same name, so a stack
     brought up again after a destroy finds its data where it left it.
     """
+    if settings.deploy.swarm:
+        return NodeVolume(f"{settings.prefix}-{volume}")
     return _volume(component_name, volume, settings, component, parent, retain=True)
+
+
+def shared_volume(
+    component_name: str, volume: str, settings: Settings, component: str, parent: pulumi.Resource
+) -> docker.Volume | NodeVolume:
+    """A volume several nodes mount. On one host, a named volume; on a swarm, where the nodes
+    mounting it run anywhere, a directory of the shared storage every node mounts
+    (deploy.sharedPath)."""
+    if settings.deploy.swarm:
+        return NodeVolume(f"{settings.deploy.shared_path}/{settings.prefix}-{volume}")
+    return data_volume(component_name, volume, settings, component, parent)
 
 
 def _volume(
@@ -266,13 +337,26 @@ CREDENTIALS_INBOX = "/etc/transvidio/credentials"
 
 @dataclass(frozen=True)
 class CredentialStore:
-    """A tier's secret files, kept where its nodes read them without being replaced."""
+    """A tier's secret files, kept where its nodes read them without being replaced. On a swarm,
+    the files themselves (swarm secrets, which a rotation rolls to every reader)."""
 
-    volume: docker.Volume
-    writer: docker.Container
+    volume: docker.Volume | None
+    writer: pulumi.CustomResource | None
+    secrets: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)  # on a swarm: name -> value
+    uid: int = ROOT_UID
 
-    def mount(self, path: str) -> VolumeMount:
-        return VolumeMount(self.volume.name, path, read_only=True)
+    def mounts(self, path: str) -> list[VolumeMount]:
+        """The store's volume, for a reader to mount at `path` (on one host)."""
+        return [VolumeMount(self.volume.name, path, read_only=True)] if self.volume is not None else []
+
+    def files(self, path: str) -> list[File]:
+        """The secrets themselves under `path` (on a swarm)."""
+        return [secret_file(f"{path}/{name}", value, self.uid) for name, value in sorted(self.secrets.items())]
+
+    @property
+    def before(self) -> list[pulumi.Resource]:
+        """What a reader waits for."""
+        return [self.writer] if self.writer is not None else []
 
 
 def credentials_store(
@@ -290,6 +374,8 @@ def credentials_store(
     small container that writes them there, with no network. A changed secret replaces only the
     writer; the readers, which mount the volume read-only, see the new file and apply it
     live (their images' entrypoints watch the store's `.generation`)."""
+    if settings.deploy.swarm:
+        return CredentialStore(None, None, secrets, uid)
     # Not retained: secrets do not outlive the stack; the writer fills it again at every start.
     volume = _volume(component_name, node.hostname, settings, component, parent, retain=False)
     inbox = [secret_file(f"{CREDENTIALS_INBOX}/{name}", value, uid) for name, value in sorted(secrets.items())]
@@ -319,13 +405,11 @@ CREDENTIALS_WRITER_MEMORY_MB = 32
 CREDENTIALS_WRITER_MILLICPUS = 100
 
 
-def config_file(path: str, content: pulumi.Input[str]) -> docker.ContainerUploadArgs:
+def config_file(path: str, content: pulumi.Input[str]) -> File:
     """A rendered, non-secret file, readable by the service."""
-    return docker.ContainerUploadArgs(file=path, content=content, permissions="0644", owner="0", group="0")
+    return File(path, content, mode=0o644, uid=ROOT_UID, secret=False)
 
 
-def secret_file(path: str, content: pulumi.Input[str], uid: int) -> docker.ContainerUploadArgs:
+def secret_file(path: str, content: pulumi.Input[str], uid: int) -> File:
     """A secret, readable only by the service user."""
-    return docker.ContainerUploadArgs(
-        file=path, content=pulumi.Output.secret(content), permissions="0400", owner=str(uid), group=str(uid)
-    )
+    return File(path, pulumi.Output.secret(content), mode=0o400, uid=uid, secret=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pulumi
-import pulumi_docker as docker
 import pulumi_tls as tls
 
 from components import render
@@ -17,10 +16,10 @@ from components.container import (
     VolumeMount,
     child_name,
     config_file,
-    data_volume,
     role_image,
     secret_file,
     service_container,
+    shared_volume,
 )
 from components.settings import Settings
 from components.topology import SSH_PORT, Node, Topology
@@ -69,7 +68,7 @@ class MpiCluster(pulumi.ComponentResource):
         topo = Topology(s)
         child = pulumi.ResourceOptions(parent=self)
         self.image = role_image(f"{name}-image", COMPONENT, s, self)
-        self.workspace = data_volume(name, "mpi-workspace", s, COMPONENT, self)
+        self.workspace = shared_volume(name, "mpi-workspace", s, COMPONENT, self)
         self.client_key = tls.PrivateKey(f"{name}-client-key", algorithm="ED25519", opts=child)
         self.host_keys = {
             node.hostname: tls.PrivateKey(
@@ -102,7 +101,7 @@ class MpiCluster(pulumi.ComponentResource):
         workspace = VolumeMount(self.workspace.name, render.WORKSPACE_DIR)
         runner_env = [f"{k}={v}" for k, v in sorted(render.mpi_runner_environment(s).items())]
 
-        def container(node: Node) -> docker.Container:
+        def container(node: Node) -> pulumi.CustomResource:
             host_key = secret_file(
                 "/etc/ssh/ssh_host_ed25519_key", self.host_keys[node.hostname].private_key_openssh, ROOT_UID
             )

@@ -17,7 +17,7 @@ class ClusterNetworksArgs:
 
 
 class ClusterNetworks(pulumi.ComponentResource):
-    """Deploys the bridge networks with the stack's subnets.
+    """Deploys the bridge networks with the stack's subnets (on a swarm, overlay networks).
 
     edge: nginx and the backends. data: PostgreSQL, Redis, Sentinel, MPI and the
     backends; `internal` (no route out, nothing published) unless the stack opts out
@@ -37,18 +37,27 @@ class ClusterNetworks(pulumi.ComponentResource):
             if s.postgres.backup_repository == "s3"
             else None
         )
+
+        # How the target names a network: containers by name, services by id (the provider
+        # reads a service's networks back as ids: a name would show a change on every run).
+        def ref(network: docker.Network) -> pulumi.Output[str]:
+            return network.id if s.deploy.swarm else network.name
+
         self.names = Networks(
-            edge=self.edge.name, data=self.data.name, egress=self.egress.name if self.egress else None
+            edge=ref(self.edge), data=ref(self.data), egress=ref(self.egress) if self.egress else None
         )
         self.register_outputs({"edge": self.edge.name, "data": self.data.name})
 
     def _network(
         self, resource_name: str, docker_name: str, s: Settings, subnet: str, internal: bool
     ) -> docker.Network:
+        # On a swarm, overlays spanning the nodes (IPsec between them with deploy.encryptOverlay).
+        swarm = s.deploy.swarm
         return docker.Network(
             resource_name,
             name=docker_name,
-            driver="bridge",
+            driver="overlay" if swarm else "bridge",
+            options={"encrypted": "true"} if swarm and s.deploy.encrypt_overlay else None,
             internal=internal,
             ipam_configs=[docker.NetworkIpamConfigArgs(subnet=subnet)],
             labels=[docker.NetworkLabelArgs(label=k, value=v) for k, v in stack_labels(s).items()],

@@ -77,6 +77,9 @@ class NginxLB(pulumi.ComponentResource):
                 uploads=uploads,
                 extra_ports=extra_ports,
                 depends_on=list(args.backend_containers),
+                # On a swarm, on every node: a node lost loses one of them, and with host-mode
+                # publishing (no routing mesh) each node answers on the port itself.
+                every_node=True,
             ),
             s,
             args.networks,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pulumi
-import pulumi_docker as docker
 
 from components import render
 from components.container import (
@@ -18,6 +17,7 @@ from components.container import (
     data_volume,
     role_image,
     service_container,
+    shared_volume,
 )
 from components.settings import Settings
 from components.topology import POSTGRES_PORT, Node, Topology
@@ -72,7 +72,7 @@ class PostgresReplicaSet(pulumi.ComponentResource):
         # The backup repository: pgBackRest's full and incremental backups and the WAL archive.
         # The backup repository on the host, unless backups go to an S3 bucket.
         self.backups = (
-            data_volume(name, "postgres-backups", s, COMPONENT, self)
+            shared_volume(name, "postgres-backups", s, COMPONENT, self)
             if s.postgres.backup_repository == "volume"
             else None
         )
@@ -101,10 +101,10 @@ class PostgresReplicaSet(pulumi.ComponentResource):
             config_file(f"{render.POSTGRES_CONF_DIR}/primary-setup.sql", render.primary_setup_sql()),
             config_file(render.DCS_CONF, render.patroni_dcs_json(s)),
         ]
-        before_nodes: list[pulumi.Resource] = [*self.etcd, self.credentials.writer]
+        before_nodes: list[pulumi.Resource] = [*self.etcd, *self.credentials.before]
         self.primary = self._node(name, topo.postgres_primary, wait=True, depends_on=before_nodes)
         self.replicas = [
-            self._node(name, replica, wait=False, depends_on=[self.primary, self.credentials.writer])
+            self._node(name, replica, wait=False, depends_on=[self.primary, *self.credentials.before])
             for replica in topo.postgres_replicas
         ]
         self.nodes = [self.primary, *self.replicas]
@@ -112,7 +112,7 @@ class PostgresReplicaSet(pulumi.ComponentResource):
         self.node_containers = [n.container_name for n in topo.postgres_nodes]
         self.register_outputs({"nodes": self.node_hosts, "port": POSTGRES_PORT})
 
-    def _etcd_member(self, name: str, member: Node) -> docker.Container:
+    def _etcd_member(self, name: str, member: Node) -> pulumi.CustomResource:
         s = self._args.settings
         volume = data_volume(name, f"{member.hostname}-data", s, COMPONENT, self)
         return service_container(
@@ -137,7 +137,7 @@ class PostgresReplicaSet(pulumi.ComponentResource):
             self,
         )
 
-    def _node(self, name: str, node: Node, wait: bool, depends_on: list[pulumi.Resource]) -> docker.Container:
+    def _node(self, name: str, node: Node, wait: bool, depends_on: list[pulumi.Resource]) -> pulumi.CustomResource:
         s = self._args.settings
         pg = s.postgres
         volume = data_volume(name, f"{node.hostname}-data", s, COMPONENT, self)
@@ -162,11 +162,12 @@ class PostgresReplicaSet(pulumi.ComponentResource):
             volumes=[
                 VolumeMount(volume.name, render.POSTGRES_DATA_DIR),
                 *([VolumeMount(self.backups.name, render.PGBACKREST_REPO_DIR)] if self.backups else []),
-                self.credentials.mount(render.SECRETS_DIR),
+                *self.credentials.mounts(render.SECRETS_DIR),
             ],
             uploads=[
                 config_file(f"{render.POSTGRES_CONF_DIR}/{node.hostname}.patroni.yml", render.patroni_yml(s, node)),
                 *self._uploads,
+                *self.credentials.files(render.SECRETS_DIR),
             ],
             shm_size_mb=pg.shm_size_mb,
             egress=pg.backup_repository == "s3",  # the route out to the S3 repository

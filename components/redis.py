@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pulumi
-import pulumi_docker as docker
 
 from components import render
 from components.container import (
     SERVICE_UIDS,
     ContainerSpec,
+    File,
     Networks,
     VolumeMount,
     config_file,
@@ -19,6 +19,7 @@ from components.container import (
     role_image,
     secret_file,
     service_container,
+    shared_volume,
 )
 from components.settings import Settings
 from components.topology import (
@@ -99,13 +100,13 @@ class RedisSentinelGroup(pulumi.ComponentResource):
         node_env = [
             f"REDIS_MASTER_NAME={REDIS_MASTER_NAME}",
             f"REDIS_SENTINELS={self.sentinel_addresses}",
-            f"INITIAL_MASTER={initial_master.data_ip}",
+            f"INITIAL_MASTER={initial_master.data_address}",
             f"DOWN_AFTER_MS={s.redis.down_after_ms}",
             f"FAILOVER_TIMEOUT_MS={s.redis.failover_timeout_ms}",
             f"REDIS_USER={REDIS_REPLICATION_USER}",
             f"REDIS_PASSWORD_FILE={NODE_PASSWORD_FILE}",
         ]
-        self.backups = data_volume(name, "redis-backups", s, COMPONENT, self)
+        self.backups = shared_volume(name, "redis-backups", s, COMPONENT, self)
         restore = s.redis.restore_from
         self.master = self._node(
             initial_master,
@@ -113,7 +114,7 @@ class RedisSentinelGroup(pulumi.ComponentResource):
             [
                 *node_env,
                 f"REDIS_NODE={initial_master.hostname}",
-                f"REDIS_ANNOUNCE_IP={initial_master.data_ip}",
+                f"REDIS_ANNOUNCE_IP={initial_master.data_address}",
                 *([f"RESTORE_FROM={restore}"] if restore else []),
             ],
             node_secrets,
@@ -126,7 +127,7 @@ class RedisSentinelGroup(pulumi.ComponentResource):
             self._node(
                 node,
                 render.redis_conf(s, node),
-                [*node_env, f"REDIS_NODE={node.hostname}", f"REDIS_ANNOUNCE_IP={node.data_ip}"],
+                [*node_env, f"REDIS_NODE={node.hostname}", f"REDIS_ANNOUNCE_IP={node.data_address}"],
                 node_secrets,
                 wait=False,
                 depends_on=[self.master],
@@ -198,12 +199,12 @@ class RedisSentinelGroup(pulumi.ComponentResource):
         node: Node,
         conf: str,
         envs: list[str],
-        secrets: list[docker.ContainerUploadArgs],
+        secrets: list[File],
         wait: bool,
         depends_on: list[pulumi.Resource],
         sentinel: bool = False,
         extra_volumes: Sequence[VolumeMount] = (),
-    ) -> docker.Container:
+    ) -> pulumi.CustomResource:
         s = self._args.settings
         volume = data_volume(self._name, f"{node.hostname}-data", s, COMPONENT, self)
         spec = ContainerSpec(

@@ -200,12 +200,12 @@ def patroni_yml(settings: Settings, node: Node) -> str:
         "name": node.hostname,
         "restapi": {
             "listen": f"0.0.0.0:{PATRONI_PORT}",
-            "connect_address": f"{node.data_ip}:{PATRONI_PORT}",
+            "connect_address": f"{node.data_address}:{PATRONI_PORT}",
             # Its password is added at start: switchover, restart and config changes need it.
             "authentication": {"username": PATRONI_API_USER},
         },
         "etcd3": {
-            "hosts": [f"{e.data_ip}:{ETCD_CLIENT_PORT}" for e in topo.etcd_nodes],
+            "hosts": [f"{e.data_address}:{ETCD_CLIENT_PORT}" for e in topo.etcd_nodes],
             "protocol": "http",
         },
         "bootstrap": {
@@ -218,7 +218,7 @@ def patroni_yml(settings: Settings, node: Node) -> str:
         },
         "postgresql": {
             "listen": f"0.0.0.0:{POSTGRES_PORT}",
-            "connect_address": f"{node.data_ip}:{POSTGRES_PORT}",
+            "connect_address": f"{node.data_address}:{POSTGRES_PORT}",
             "data_dir": POSTGRES_DATA_DIR,
             "custom_conf": f"{POSTGRES_CONF_DIR}/postgresql.conf",
             "pgpass": f"{POSTGRES_RUN_DIR}/patroni-pgpass",
@@ -251,16 +251,18 @@ def patroni_yml(settings: Settings, node: Node) -> str:
 
 
 def etcd_yml(settings: Settings, node: Node) -> str:
-    """One etcd member: the cluster's fixed addresses, its data on its volume."""
+    """One etcd member: the cluster's fixed addresses (on a swarm, its names), its data on its volume."""
     members = Topology(settings).etcd_nodes
+    # etcd listens on addresses only; a swarm task's address is known when it starts.
+    listen = node.data_ip or "0.0.0.0"
     config = {
         "name": node.hostname,
         "data-dir": ETCD_DATA_DIR,
-        "listen-peer-urls": f"http://{node.data_ip}:{ETCD_PEER_PORT}",
-        "initial-advertise-peer-urls": f"http://{node.data_ip}:{ETCD_PEER_PORT}",
-        "listen-client-urls": f"http://{node.data_ip}:{ETCD_CLIENT_PORT},http://127.0.0.1:{ETCD_CLIENT_PORT}",
-        "advertise-client-urls": f"http://{node.data_ip}:{ETCD_CLIENT_PORT}",
-        "initial-cluster": ",".join(f"{m.hostname}=http://{m.data_ip}:{ETCD_PEER_PORT}" for m in members),
+        "listen-peer-urls": f"http://{listen}:{ETCD_PEER_PORT}",
+        "initial-advertise-peer-urls": f"http://{node.data_address}:{ETCD_PEER_PORT}",
+        "listen-client-urls": f"http://{listen}:{ETCD_CLIENT_PORT},http://127.0.0.1:{ETCD_CLIENT_PORT}",
+        "advertise-client-urls": f"http://{node.data_address}:{ETCD_CLIENT_PORT}",
+        "initial-cluster": ",".join(f"{m.hostname}=http://{m.data_address}:{ETCD_PEER_PORT}" for m in members),
         "initial-cluster-state": "new",
         "initial-cluster-token": settings.prefix,
         # Patroni's keys are few and small: keep history short and the database small.
@@ -442,8 +444,9 @@ def redis_conf(settings: Settings, node: Node) -> str:
         f"maxmemory-policy {r.maxmemory_policy}",
         f"min-replicas-to-write {r.min_replicas_to_write}",
         f"min-replicas-max-lag {r.min_replicas_max_lag}",
-        # Fixed addresses, not names: Sentinel and clients never resolve a stopped container's name.
-        f"replica-announce-ip {node.data_ip}",
+        # Fixed addresses, not names: Sentinel and clients never resolve a stopped container's
+        # name. On a swarm there are none: names, which Sentinel resolves (announce-hostnames).
+        f"replica-announce-ip {node.data_address}",
         "replica-read-only yes",
         "replica-serve-stale-data yes",
         "repl-diskless-sync yes",
@@ -470,10 +473,11 @@ def sentinel_conf(settings: Settings, node: Node) -> str:
         "dir /data",
         # Every node keeps a fixed address (see Topology), so Sentinel works with addresses and
         # never blocks on DNS for a container that is down; names are still accepted in commands.
+        # A swarm's tasks have no fixed address: there Sentinel announces and hands out names.
         "sentinel resolve-hostnames yes",
-        "sentinel announce-hostnames no",
-        f"sentinel announce-ip {node.data_ip}",
-        f"sentinel monitor {REDIS_MASTER_NAME} {master.data_ip} {REDIS_PORT} {r.quorum}",
+        f"sentinel announce-hostnames {'yes' if settings.deploy.swarm else 'no'}",
+        f"sentinel announce-ip {node.data_address}",
+        f"sentinel monitor {REDIS_MASTER_NAME} {master.data_address} {REDIS_PORT} {r.quorum}",
         f"sentinel down-after-milliseconds {REDIS_MASTER_NAME} {r.down_after_ms}",
         f"sentinel failover-timeout {REDIS_MASTER_NAME} {r.failover_timeout_ms}",
         f"sentinel parallel-syncs {REDIS_MASTER_NAME} 1",
@@ -486,8 +490,8 @@ def sentinel_conf(settings: Settings, node: Node) -> str:
 
 
 def sentinel_addresses(settings: Settings) -> str:
-    """`ip:port,ip:port` of every Sentinel, as data nodes and backends take it."""
-    return ",".join(f"{s.data_ip}:{SENTINEL_PORT}" for s in Topology(settings).sentinels)
+    """`ip:port,ip:port` of every Sentinel (names on a swarm), as data nodes and backends take it."""
+    return ",".join(f"{s.data_address}:{SENTINEL_PORT}" for s in Topology(settings).sentinels)
 
 
 # --- MPI ------------------------------------------------------------------------------
@@ -499,20 +503,23 @@ def hostfile(settings: Settings) -> str:
 
 
 def known_hosts(settings: Settings, host_public_keys: Sequence[str]) -> str:
-    """One `name,ip key` line per MPI node, pinned to the keys the stack generated."""
+    """One `name,ip key` line per MPI node (`name key` on a swarm), pinned to the keys the stack generated."""
     nodes = Topology(settings).mpi_nodes
     if len(nodes) != len(host_public_keys):
         raise ValueError(f"{len(nodes)} MPI nodes but {len(host_public_keys)} host keys")
     return "".join(
-        f"{node.hostname},{node.data_ip} {key.strip()}\n" for node, key in zip(nodes, host_public_keys, strict=True)
+        f"{','.join(dict.fromkeys([node.hostname, node.data_address]))} {key.strip()}\n"
+        for node, key in zip(nodes, host_public_keys, strict=True)
     )
 
 
 def authorized_keys(settings: Settings, client_public_key: str) -> str:
     """A worker's authorized_keys: the stack's client key, from the master's address only,
-    for commands alone (no forwarding, no terminal)."""
+    for commands alone (no forwarding, no terminal). On a swarm the master has no fixed
+    address: from the data network's subnet, which only the stack's services join."""
     master = Topology(settings).mpi_master
-    return f'restrict,from="{master.data_ip}" {client_public_key.strip()}\n'
+    source = master.data_ip or str(settings.network.data_subnet)
+    return f'restrict,from="{source}" {client_public_key.strip()}\n'
 
 
 def openmpi_mca_params(settings: Settings) -> str:

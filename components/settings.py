@@ -197,17 +197,22 @@ _TOKEN_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 MAX_API_TOKENS = 8
 
 
+def _names(key: str, value: Any, pattern: re.Pattern[str], low: int, high: int, allowed: str) -> tuple[str, ...]:
+    """A list of `low` to `high` distinct names, each matching `pattern`."""
+    if not isinstance(value, (list, tuple)) or not low <= len(value) <= high:
+        raise _fail(key, value, allowed)
+    if len(set(value)) != len(value) or not all(isinstance(v, str) and pattern.fullmatch(v) for v in value):
+        raise _fail(key, value, allowed)
+    return tuple(value)
+
+
 def token_names(key: str, value: Any) -> tuple[str, ...]:
     """Names of the API tokens the stack generates: 1 to 8 distinct lower-case names."""
     allowed = (
         f"must be a list of 1 to {MAX_API_TOKENS} distinct names of lower-case letters, digits and '-', "
         'starting with a letter, such as ["default"]'
     )
-    if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_API_TOKENS:
-        raise _fail(key, value, allowed)
-    if len(set(value)) != len(value) or not all(isinstance(v, str) and _TOKEN_NAME_RE.fullmatch(v) for v in value):
-        raise _fail(key, value, allowed)
-    return tuple(value)
+    return _names(key, value, _TOKEN_NAME_RE, 1, MAX_API_TOKENS, allowed)
 
 
 _REDIS_BACKUP_RE = re.compile(r"redis-\d{8}T\d{6}Z\.rdb")
@@ -250,6 +255,41 @@ def optional_bucket(key: str, value: Any) -> str:
 def region(key: str, value: Any) -> str:
     if not isinstance(value, str) or not _REGION_RE.fullmatch(value):
         raise _fail(key, value, "must be a region name such as us-east-1")
+    return value
+
+
+_SWARM_NODE_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?")
+MAX_SWARM_NODES = 16
+
+
+def swarm_node_names(key: str, value: Any) -> tuple[str, ...]:
+    """The values of the `transvidio.node` label on the swarm's nodes, in placement order."""
+    allowed = (
+        f"must be a list of up to {MAX_SWARM_NODES} distinct node labels of lower-case letters, digits and '-', "
+        'such as ["n1", "n2", "n3"]'
+    )
+    return _names(key, value, _SWARM_NODE_RE, 0, MAX_SWARM_NODES, allowed)
+
+
+def optional_registry(key: str, value: Any) -> str:
+    """'' or host[:port] of the registry a swarm's nodes pull the stack's images from."""
+    if value in (None, ""):
+        return ""
+    try:
+        return optional_endpoint(key, value)
+    except SettingsError:
+        raise _fail(
+            key, value, "must be a registry host, optionally with :port, such as registry.example:5000"
+        ) from None
+
+
+def optional_absolute_path(key: str, value: Any) -> str:
+    if value in (None, ""):
+        return ""
+    if not isinstance(value, str) or not value.startswith("/") or not re.fullmatch(r"(/[A-Za-z0-9._-]+)+", value):
+        raise _fail(
+            key, value, "must be an absolute path of letters, digits, '.', '_' and '-', such as /srv/transvidio"
+        )
     return value
 
 
@@ -299,6 +339,52 @@ class ImageSettings:
     backend: str | None = _setting(
         "backend", "", optional_image_reference, "A user's backend image; unset builds images/backend."
     )
+    registry: str = _setting(
+        "registry",
+        "",
+        optional_registry,
+        "Registry (host[:port]) the built images are pushed to and a swarm's nodes pull from, by digest.",
+    )
+
+
+TARGETS = ("containers", "swarm")
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    """Where the stack runs: containers on one Docker host, or services on a Docker Swarm."""
+
+    target: str = _setting(
+        "target", "containers", choice(*TARGETS), "containers (one Docker host) or swarm (services on a swarm)."
+    )
+    swarm_nodes: tuple[str, ...] = _setting(
+        "swarmNodes",
+        [],
+        swarm_node_names,
+        "swarm: the nodes' transvidio.node labels; stateful services are pinned and spread over them in order.",
+    )
+    endpoint_mode: str = _setting(
+        "endpointMode", "vip", choice("vip", "dnsrr"), "swarm: how a service name resolves (vip, or dnsrr: its tasks)."
+    )
+    publish_mode: str = _setting(
+        "publishMode",
+        "ingress",
+        choice("ingress", "host"),
+        "swarm: how nginx publishes (ingress: the routing mesh; host: on each node running nginx).",
+    )
+    encrypt_overlay: bool = _setting(
+        "encryptOverlay", False, boolean, "swarm: encrypt the overlay networks' traffic (IPsec between nodes)."
+    )
+    shared_path: str = _setting(
+        "sharedPath",
+        "",
+        optional_absolute_path,
+        "swarm: a directory of storage every node mounts (uploads, outputs, the MPI workspace and backups live there).",
+    )
+
+    @property
+    def swarm(self) -> bool:
+        return self.target == "swarm"
 
 
 # The most PostgreSQL replicas a stack may have: the primary's slot and sender limits are
@@ -500,6 +586,7 @@ class NginxSettings:
 
 
 SECTIONS: dict[str, type] = {
+    "deploy": DeploySettings,
     "network": NetworkSettings,
     "images": ImageSettings,
     "postgres": PostgresSettings,
@@ -540,6 +627,7 @@ class Settings:
 
     project: str
     stack: str
+    deploy: DeploySettings
     network: NetworkSettings
     images: ImageSettings
     postgres: PostgresSettings
@@ -637,9 +725,59 @@ def _published_ports(s: Settings) -> list[tuple[int, str]]:
     return ports
 
 
+def spread_index(position: int, node_count: int) -> int:
+    """The swarm node (its index in deploy.swarmNodes) a role's `position`-th member is pinned to:
+    round-robin, so the members of one role are on as many nodes as there are."""
+    return position % node_count
+
+
+def _survivors_after_losing_a_node(count: int, node_count: int) -> int:
+    """Members of a role left when the node holding the most of them is lost."""
+    return count - max(sum(1 for i in range(count) if spread_index(i, node_count) == n) for n in range(node_count))
+
+
+MIN_SWARM_NODES = 3
+
+
+def _validate_swarm(s: Settings) -> None:
+    d = s.deploy
+    if len(d.swarm_nodes) < MIN_SWARM_NODES:
+        raise _fail(
+            "deploy.swarmNodes",
+            list(d.swarm_nodes),
+            f"deploy.target=swarm needs at least {MIN_SWARM_NODES} nodes (the transvidio.node label of each), so "
+            "that losing one keeps a majority of Sentinels and etcd members",
+        )
+    for key, what in (("images.registry", s.images.registry), ("deploy.sharedPath", d.shared_path)):
+        if not what:
+            needed = (
+                "the registry every node pulls the stack's images from"
+                if key == "images.registry"
+                else "a directory on storage shared by every node (NFS, CephFS...), for uploads and outputs"
+            )
+            raise SettingsError(f"{PROJECT}:{key} is empty with deploy.target=swarm: set {needed}")
+    for key, count in (
+        ("postgres.consensusNodes", s.postgres.consensus_nodes),
+        ("redis.sentinels", s.redis.sentinel_count),
+    ):
+        left = _survivors_after_losing_a_node(count, len(d.swarm_nodes))
+        if left * 2 <= count:
+            raise SettingsError(
+                f"{PROJECT}:{key}={count} over {len(d.swarm_nodes)} swarm nodes: losing one node leaves {left}, "
+                "not a majority; use at least 3, spread one per node"
+            )
+    data_ports = [key for _, key in _published_ports(s) if not key.startswith("nginx.")]
+    if data_ports:
+        raise SettingsError(
+            f"{PROJECT}:{data_ports[0]} is set with deploy.target=swarm: a swarm publishes only nginx; set it to 0"
+        )
+
+
 def _validate(s: Settings) -> None:
     r = s.redis
     pg = s.postgres
+    if s.deploy.swarm:
+        _validate_swarm(s)
     if pg.backup_incremental_interval_minutes >= pg.backup_full_interval_minutes:
         raise SettingsError(
             f"{PROJECT}:postgres.backupIncrementalIntervalMinutes={pg.backup_incremental_interval_minutes} with "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from components.settings import ADDRESS_BLOCKS, Settings
+from components.settings import ADDRESS_BLOCKS, Settings, spread_index
 
 POSTGRES_PORT = 5432
 REDIS_PORT = 6379
@@ -43,9 +43,17 @@ class Node:
     role: str
     hostname: str  # DNS name inside the stack's networks
     container_name: str  # Docker name, prefixed with the stack
-    data_ip: str | None
+    data_ip: str | None  # its fixed address on the data network (None on a swarm: tasks get theirs)
     edge_ip: str | None
     host_port: int | None = None
+    on_data: bool = False
+    on_edge: bool = False
+    swarm_node: str | None = None  # on a swarm: the transvidio.node label of the node it is pinned to
+
+    @property
+    def data_address(self) -> str:
+        """How the others reach it on the data network: its fixed address, or on a swarm its name."""
+        return self.data_ip or self.hostname
 
     @property
     def slot_name(self) -> str:
@@ -69,13 +77,21 @@ class Topology:
         self, role: str, hostname: str, block: str, index: int, edge: bool, data: bool = True, port: int | None = None
     ) -> Node:
         net = self.settings.network
+        deploy = self.settings.deploy
+        # On a swarm no task has a fixed address; the members of one role go round-robin over
+        # the nodes (a role's `index` counts from 0 within its block).
+        fixed = not deploy.swarm
+        swarm_node = deploy.swarm_nodes[spread_index(index, len(deploy.swarm_nodes))] if deploy.swarm else None
         return Node(
             role=role,
             hostname=hostname,
             container_name=f"{self.settings.prefix}-{hostname}",
-            data_ip=_address(net.data_subnet, block, index) if data else None,
-            edge_ip=_address(net.edge_subnet, block, index) if edge else None,
+            data_ip=_address(net.data_subnet, block, index) if data and fixed else None,
+            edge_ip=_address(net.edge_subnet, block, index) if edge and fixed else None,
             host_port=port,
+            on_data=data,
+            on_edge=edge,
+            swarm_node=swarm_node,
         )
 
     @property

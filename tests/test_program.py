@@ -471,9 +471,11 @@ def test_read_only_mounts_never_copy_their_image_into_a_shared_volume(stack: str
             assert bool(mount.get("readOnly")) == bool(mount.get("volumeOptions", {}).get("noCopy")), name
 
 
-def test_networks_are_replaced_delete_first() -> None:
+def test_networks_are_bridges_replaced_delete_first() -> None:
     for network in evaluated("prod").of_type("docker:index/network:Network"):
         assert network.options["delete_before_replace"] is True
+        assert network.inputs["driver"] == "bridge"
+        assert "options" not in network.inputs
 
 
 @pytest.mark.parametrize("stack", STACKS)

@@ -131,7 +131,7 @@ ERRORS = [
     (
         "dev",
         {"postgress": {"replicas": 1}},
-        "transvidio:postgress is not a setting; allowed keys: appDbPassword, backend, images, mpi, network, nginx, patroniApiPassword, postgres, postgresPassword, redis, redisAdminPassword, redisPassword, redisReplicationPassword, redisSentinelPassword, replicationPassword, rewindPassword, s3AccessKeyId, s3CaCertificate, s3SecretAccessKey, secretKey, tlsCertificate, tlsKey",
+        "transvidio:postgress is not a setting; allowed keys: appDbPassword, backend, deploy, images, mpi, network, nginx, patroniApiPassword, postgres, postgresPassword, redis, redisAdminPassword, redisPassword, redisReplicationPassword, redisSentinelPassword, replicationPassword, rewindPassword, s3AccessKeyId, s3CaCertificate, s3SecretAccessKey, secretKey, tlsCertificate, tlsKey",
     ),
     (
         "dev",
