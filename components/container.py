@@ -103,7 +103,7 @@ class ContainerSpec:
     # On a swarm: tasks of one replicated service (the node names its first; no placement
     # pin), instead of one service per node.
     replicas: int | None = None
-    every_node: bool = False  # on a swarm: a global service, one task on every node
+    every_node: bool = False  # on a swarm: one task on every node
 
 
 def duration(seconds: int) -> str:

@@ -121,7 +121,9 @@ class PostgresReplicaSet(pulumi.ComponentResource):
                 node=member,
                 component=COMPONENT,
                 image=self.image.repo_digest,
-                healthcheck=["/usr/local/bin/healthcheck.sh"],
+                # On a swarm a member's name resolves only once it is healthy: healthy there
+                # means serving, before its peers (and so a leader) can be found.
+                healthcheck=["/usr/local/bin/healthcheck.sh", *(["serving"] if s.deploy.swarm else [])],
                 memory_mb=ETCD_MEMORY_MB,
                 millicpus=ETCD_MILLICPUS,
                 envs=["PG_ROLE=etcd", f"PG_NODE={member.hostname}"],

@@ -260,7 +260,9 @@ def etcd_yml(settings: Settings, node: Node) -> str:
         "data-dir": ETCD_DATA_DIR,
         "listen-peer-urls": f"http://{listen}:{ETCD_PEER_PORT}",
         "initial-advertise-peer-urls": f"http://{node.data_address}:{ETCD_PEER_PORT}",
-        "listen-client-urls": f"http://{listen}:{ETCD_CLIENT_PORT},http://127.0.0.1:{ETCD_CLIENT_PORT}",
+        # 0.0.0.0 takes in loopback already: listing it as well is a bind that fails.
+        "listen-client-urls": f"http://{listen}:{ETCD_CLIENT_PORT}"
+        + ("" if node.data_ip is None else f",http://127.0.0.1:{ETCD_CLIENT_PORT}"),
         "advertise-client-urls": f"http://{node.data_address}:{ETCD_CLIENT_PORT}",
         "initial-cluster": ",".join(f"{m.hostname}=http://{m.data_address}:{ETCD_PEER_PORT}" for m in members),
         "initial-cluster-state": "new",

@@ -4,7 +4,7 @@ A node of the stack (a PostgreSQL node, a Redis node, a Sentinel, an MPI node, a
 is one service with one replica, pinned by a placement constraint to the swarm node its
 `Node.swarm_node` names, so its volume (made by that node when the task first starts) stays
 with it; a spec with `replicas` is one replicated service spread over the nodes, and one with
-`every_node` a global service. Files become `docker.ServiceConfig`s and secrets `docker.Secret`s
+`every_node` one task on each node. Files become `docker.ServiceConfig`s and secrets `docker.Secret`s
 (on the tasks' tmpfs, never in an environment value), named after their content: swarm configs
 and secrets are immutable, so a changed file is a new one and the service rolls to it. Updates
 go one task at a time, stop-first for a pinned node (its volume and name are its own) and
@@ -96,7 +96,13 @@ def _files(
                 )
             )
         else:
-            config = docker.ServiceConfig(resource_name, name=docker_name, data_raw=content, opts=opts)
+            config = docker.ServiceConfig(
+                resource_name,
+                name=docker_name,
+                data_raw=content,
+                labels=[docker.ServiceConfigLabelArgs(label=k, value=v) for k, v in stack_labels(settings).items()],
+                opts=opts,
+            )
             configs.append(
                 docker.ServiceTaskSpecContainerSpecConfigArgs(
                     config_id=config.id, config_name=config.name, **_file_fields(file)
@@ -183,10 +189,10 @@ def swarm_service(
                 ),
             )
         )
-    if spec.every_node:
-        mode = docker.ServiceModeArgs(global_=True)
-    else:
-        mode = docker.ServiceModeArgs(replicated=docker.ServiceModeReplicatedArgs(replicas=spec.replicas or 1))
+    # One task per node, as a replicated service of one task per node at most rather than a
+    # global one: the provider waits for a replicated service to converge, never for a global one.
+    replicas = len(settings.deploy.swarm_nodes) if spec.every_node else (spec.replicas or 1)
+    mode = docker.ServiceModeArgs(replicated=docker.ServiceModeReplicatedArgs(replicas=replicas))
     labels = stack_labels(settings, component=spec.component, role=node.role)
     ports = _ports(spec, settings)
     return docker.Service(
@@ -213,7 +219,8 @@ def swarm_service(
             networks_advanceds=_networks(spec, networks) or None,
             placement=docker.ServiceTaskSpecPlacementArgs(
                 constraints=[f"node.labels.{NODE_LABEL}=={node.swarm_node}"] if pinned else None,
-                prefs=[f"spread=node.labels.{NODE_LABEL}"] if spec.replicas is not None else None,
+                prefs=None if pinned else [f"spread=node.labels.{NODE_LABEL}"],
+                max_replicas=1 if spec.every_node else None,
             ),
             resources=docker.ServiceTaskSpecResourcesArgs(
                 limits=docker.ServiceTaskSpecResourcesLimitsArgs(
@@ -236,5 +243,10 @@ def swarm_service(
             parallelism=1, order=order, failure_action="pause", monitor=duration(UPDATE_MONITOR_SECONDS)
         ),
         converge_config=docker.ServiceConvergeConfigArgs(delay="1s", timeout=duration(CONVERGE_TIMEOUT_SECONDS)),
-        opts=pulumi.ResourceOptions(parent=parent, depends_on=list(spec.depends_on)),
+        opts=pulumi.ResourceOptions(
+            parent=parent,
+            depends_on=list(spec.depends_on),
+            # A fixed name: the old service must go before its replacement is created.
+            delete_before_replace=True,
+        ),
     )

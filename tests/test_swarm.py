@@ -113,7 +113,9 @@ def test_backends_are_one_replicated_service_spread_and_nginx_is_on_every_node_p
     edge = [n for n in backend["taskSpec"]["networksAdvanceds"] if n.get("aliases")]
     assert [n["aliases"] for n in edge] == [[render.BACKENDS_ALIAS]]
     nginx = services()[f"{s.prefix}-nginx"]
-    assert nginx["mode"] == {"global": True}
+    # One per node, replicated (not global) so that `pulumi up` waits for them.
+    assert nginx["mode"] == {"replicated": {"replicas": len(NODES)}}
+    assert nginx["taskSpec"]["placement"] == {"maxReplicas": 1, "prefs": ["spread=node.labels.transvidio.node"]}
     assert nginx["endpointSpec"] == {
         "mode": "dnsrr",
         "ports": [{"targetPort": 8080, "publishedPort": 80, "protocol": "tcp", "publishMode": "host"}],
@@ -122,6 +124,8 @@ def test_backends_are_one_replicated_service_spread_and_nginx_is_on_every_node_p
 
 
 def test_every_service_updates_one_task_at_a_time_rolls_back_by_itself_and_pulumi_waits_for_it() -> None:
+    for registration in evaluated().of_type(SERVICE):
+        assert registration.options["delete_before_replace"] is True, registration.name  # a fixed name
     for name, service in services().items():
         assert service["updateConfig"]["parallelism"] == 1, name
         assert service["updateConfig"]["failureAction"] == "rollback", name
@@ -231,7 +235,7 @@ def test_on_a_swarm_the_nodes_find_each_other_by_name() -> None:
     assert "replica-announce-ip redis-1" in render.redis_conf(s, topo.redis_nodes[1]).splitlines()
     etcd = json.loads(render.etcd_yml(s, topo.etcd_nodes[1]).split("\n", 1)[1])
     assert etcd["listen-peer-urls"] == "http://0.0.0.0:2380"
-    assert etcd["listen-client-urls"] == "http://0.0.0.0:2379,http://127.0.0.1:2379"
+    assert etcd["listen-client-urls"] == "http://0.0.0.0:2379"
     assert etcd["initial-advertise-peer-urls"] == "http://etcd-2:2380"
     assert etcd["initial-cluster"] == "etcd-1=http://etcd-1:2380,etcd-2=http://etcd-2:2380,etcd-3=http://etcd-3:2380"
     assert render.authorized_keys(s, "ssh-ed25519 KEY") == 'restrict,from="10.211.1.0/24" ssh-ed25519 KEY\n'
@@ -301,3 +305,12 @@ def test_a_swarm_publishes_only_nginx() -> None:
     assert str(raised.value) == (
         "transvidio:redis.publishPort is set with deploy.target=swarm: a swarm publishes only nginx; set it to 0"
     )
+
+
+def test_etcd_members_are_healthy_once_serving_so_that_their_peers_can_resolve_them() -> None:
+    for name, service in services().items():
+        tests = service["taskSpec"]["containerSpec"]["healthcheck"]["tests"]
+        if label_of(service, "role") == "etcd":
+            assert tests == ["CMD", "/usr/local/bin/healthcheck.sh", "serving"], name
+        else:
+            assert "serving" not in tests, name

@@ -15,6 +15,7 @@ A container or network the state does not know, but the engine has, fails the ap
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import hashlib
@@ -38,7 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from components.container import LABEL_PREFIX
-from tests.e2e import provider
+from tests.e2e import provider, swarm_target
 from tests.program import PROJECT_DIR, Evaluation, evaluate, plain
 
 HEALTH_WAIT_SECONDS = float(os.environ.get("E2E_HEALTH_TIMEOUT", "300"))
@@ -52,6 +53,9 @@ IMAGE = "docker:index/image:Image"
 REMOTE_IMAGE = "docker:index/remoteImage:RemoteImage"
 PASSWORD = "random:index/randomPassword:RandomPassword"
 PRIVATE_KEY = "tls:index/privateKey:PrivateKey"
+SERVICE = "docker:index/service:Service"
+SECRET = "docker:index/secret:Secret"
+SERVICE_CONFIG = "docker:index/serviceConfig:ServiceConfig"
 
 
 class ApplyError(RuntimeError):
@@ -263,6 +267,9 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
             CONTAINER: self._container,
             PASSWORD: self._password,
             PRIVATE_KEY: self._private_key,
+            SERVICE: self._service,
+            SECRET: self._secret,
+            SERVICE_CONFIG: self._service_config,
         }
 
     # --- one apply ------------------------------------------------------------------------
@@ -423,6 +430,8 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
         state = provider.planned(type_, inputs, {})
         if type_ == CONTAINER:
             state = provider.read_container(self.client.api.inspect_container(resource_id), state)
+        elif type_ == SERVICE:
+            state = swarm_target.read_service(self.client.api.inspect_service(resource_id), state)
         resource = self._new(type_, name, resource_id, inputs, state, outputs, meta)
         if init_errors:
             resource.init_errors = init_errors
@@ -441,6 +450,12 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
             outputs = {**old.outputs, **inputs}
         elif old.type == IMAGE:  # a changed context is rebuilt: a new image id
             resource_id, outputs = self._image(old.name, inputs)
+        elif old.type == SERVICE:
+            outputs = {**swarm_target.update_service(self.client, old.id, inputs), "id": old.id}
+            state = swarm_target.read_service(
+                self.client.api.inspect_service(old.id), provider.planned(old.type, inputs, old.state)
+            )
+            return self._new(old.type, old.name, resource_id, inputs, state, outputs, meta)
         # U does not read back: the state is the plan.
         state = provider.planned(old.type, inputs, old.state)
         return self._new(old.type, old.name, resource_id, inputs, state, outputs, meta)
@@ -495,6 +510,14 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
         elif resource.type == VOLUME:
             with contextlib.suppress(docker.errors.NotFound):
                 self.client.api.remove_volume(resource.state["name"])
+        elif resource.type == SERVICE:
+            swarm_target.remove_service(self.client, resource.id)
+        elif resource.type == SECRET:
+            with contextlib.suppress(docker.errors.NotFound):
+                self.client.api.remove_secret(resource.id)
+        elif resource.type == SERVICE_CONFIG:
+            with contextlib.suppress(docker.errors.NotFound):
+                self.client.api.remove_config(resource.id)
         # Images are kept (keep_locally); generated values have nothing live.
 
     def _read_live(self, resource: Resource) -> Resource | None:
@@ -507,6 +530,8 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
                 self.client.api.inspect_network(resource.id)
             elif resource.type == VOLUME:
                 self.client.api.inspect_volume(resource.state["name"])
+            elif resource.type == SERVICE:
+                resource.state = swarm_target.read_service(self.client.api.inspect_service(resource.id), resource.state)
         except docker.errors.NotFound:
             return None
         return resource
@@ -612,7 +637,10 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
                 image_id = chunk["aux"]["ID"]
         image_id = image_id or self.client.images.get(inputs["imageName"]).id
         self.build_seconds[name] = time.monotonic() - started
-        return str(image_id), {**inputs, "repo_digest": image_id, "image_name": inputs["imageName"]}
+        digest = image_id
+        if inputs.get("skipPush") is False:  # pushed, and used by its registry digest
+            digest = swarm_target.push(self.client, inputs["imageName"])
+        return str(image_id), {**inputs, "repo_digest": digest, "image_name": inputs["imageName"]}
 
     def _remote_image(self, name: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         _reject_unknown("RemoteImage", name, inputs, {"name", "keepLocally"})
@@ -623,6 +651,25 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
                 f"RemoteImage {name}: {inputs['name']} is not present and no registry is reachable"
             ) from None
         return str(image.id), {**inputs, "image_id": image.id}
+
+    # --- swarm services, secrets and configs (tests/e2e/swarm_target.py) ----------------------
+
+    def _service(self, name: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        _reject_unknown("Service", name, inputs, swarm_target.SERVICE_INPUTS)
+        service_id = swarm_target.create_service(self.client, inputs)
+        return service_id, {**inputs, "id": service_id}
+
+    def _secret(self, name: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        _reject_unknown("Secret", name, inputs, provider.SECRET)
+        created = self.client.api.create_secret(
+            inputs["name"], base64.b64decode(inputs["data"]), labels=_labels(inputs)
+        )
+        return str(created["ID"]), {**inputs, "data": pulumi.Output.secret(inputs["data"])}
+
+    def _service_config(self, name: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        _reject_unknown("ServiceConfig", name, inputs, provider.SERVICE_CONFIG)
+        created = self.client.api.create_config(inputs["name"], inputs["dataRaw"].encode(), labels=_labels(inputs))
+        return str(created["ID"]), inputs
 
     # --- containers --------------------------------------------------------------------------
 
@@ -765,6 +812,10 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
                     raise ApplyError(f"container {name}: upload of {upload['file']} failed: {error}") from error
             time.sleep(0.5)
         raise ApplyError(f"container {name}: upload of {upload['file']} failed")
+
+
+def _labels(inputs: dict[str, Any]) -> dict[str, str]:
+    return {item["label"]: item["value"] for item in inputs.get("labels", [])}
 
 
 def up(

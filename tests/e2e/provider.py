@@ -10,6 +10,8 @@ Docker API; `NOOP_UPDATE`: shown as an update, but Update does nothing with it;
   R = resource_docker_container_funcs.go, resourceDockerContainerRead
   U = resource_docker_container_funcs.go, resourceDockerContainerUpdate
   N = resource_docker_network.go, V = resource_docker_volume.go (every attribute ForceNew)
+  SV = resource_docker_service.go (the schema), SVF = resource_docker_service_funcs.go
+  SE = resource_docker_secret.go, SC = resource_docker_config.go
 """
 
 from __future__ import annotations
@@ -271,7 +273,66 @@ GENERATED: dict[str, Attr] = {
     for key in ("length", "special", "overrideSpecial", "algorithm")
 }
 
+# docker_service: updated in place by a ServiceUpdate (a rolling update driven by update_config),
+# except what SV marks ForceNew. Nested ForceNew attributes are rows of their own, by path:
+# `service_attributes` splits a service's inputs that way before they are diffed.
+SERVICE: dict[str, Attr] = {
+    "name": Attr(REPLACE, "SV name ForceNew; R Spec.Name"),
+    "labels": Attr(UPDATE, "SV labels set; R mapToLabelSet(Spec.Labels)", unordered=True),
+    # SV: mode is a ForceNew block of one: switching replicated <-> global replaces; the replicas
+    # count nested in it has no ForceNew of its own (SDKv2 diffList: ForceNew on the count only).
+    "mode.kind": Attr(REPLACE, "SV mode ForceNew (the block: replicated or global)"),
+    "mode.replicas": Attr(UPDATE, "SV mode.replicated.replicas, not ForceNew; SVF update scales"),
+    "taskSpec": Attr(UPDATE, "SV task_spec; SVF ServiceUpdate; R flattenTaskSpec"),
+    "taskSpec.networksAdvanceds": Attr(
+        REPLACE, "SV task_spec.networks_advanced id/aliases/driver_opts ForceNew; R id from Target", unordered=True
+    ),
+    "taskSpec.containerSpec.hosts": Attr(REPLACE, "SV container_spec.hosts ForceNew"),
+    "taskSpec.containerSpec.sysctl": Attr(REPLACE, "SV container_spec.sysctl ForceNew"),
+    "updateConfig": Attr(UPDATE, "SV update_config; R flattenServiceUpdateOrRollbackConfig"),
+    "rollbackConfig": Attr(UPDATE, "SV rollback_config; R flattenServiceUpdateOrRollbackConfig"),
+    "endpointSpec": Attr(UPDATE, "SV endpoint_spec; R flattenServiceEndpoint"),
+    "convergeConfig": Attr(STATE, "SV converge_config: how Create/Update wait, not sent to Docker"),
+    "auth": Attr(REPLACE, "SV auth ForceNew"),
+}
+# Swarm secrets and configs are immutable in Docker, and every attribute is ForceNew.
+SECRET: dict[str, Attr] = {
+    "name": Attr(REPLACE, "SE name ForceNew; R Spec.Name"),
+    "data": Attr(REPLACE, "SE data ForceNew, Sensitive; not read (Docker never returns it)"),
+    "labels": Attr(REPLACE, "SE labels ForceNew", unordered=True),
+}
+SERVICE_CONFIG: dict[str, Attr] = {
+    "name": Attr(REPLACE, "SC name ForceNew; R Spec.Name"),
+    "data": Attr(REPLACE, "SC data ForceNew; R base64 of Spec.Data"),
+    "dataRaw": Attr(REPLACE, "SC data_raw ForceNew; R Spec.Data as text"),
+    "labels": Attr(REPLACE, "SC labels ForceNew", unordered=True),
+}
+SPLIT_SERVICE_PATHS = ("taskSpec.networksAdvanceds", "taskSpec.containerSpec.hosts", "taskSpec.containerSpec.sysctl")
+
+
+def service_attributes(inputs: dict[str, Any]) -> dict[str, Any]:
+    """A service's inputs keyed as SERVICE's rows: the ForceNew paths taken out of taskSpec,
+    the mode split into its kind and its replicas."""
+    flat = {key: value for key, value in inputs.items() if key != "mode"}
+    mode = inputs.get("mode") or {"replicated": {"replicas": 1}}
+    flat["mode.kind"] = "global" if mode.get("global") else "replicated"
+    flat["mode.replicas"] = None if mode.get("global") else int(mode.get("replicated", {}).get("replicas", 1))
+    task = json.loads(json.dumps(inputs.get("taskSpec") or {}))
+    for path in SPLIT_SERVICE_PATHS:
+        parent = task
+        *parents, leaf = path.split(".")[1:]
+        for part in parents:
+            parent = parent.get(part) or {}
+        if leaf in parent:
+            flat[path] = parent.pop(leaf)
+    flat["taskSpec"] = task
+    return flat
+
+
 SCHEMAS: dict[str, dict[str, Attr]] = {
+    "docker:index/service:Service": SERVICE,
+    "docker:index/secret:Secret": SECRET,
+    "docker:index/serviceConfig:ServiceConfig": SERVICE_CONFIG,
     "docker:index/container:Container": CONTAINER,
     "docker:index/network:Network": NETWORK,
     "docker:index/volume:Volume": VOLUME,
@@ -308,6 +369,8 @@ def planned(type_: str, inputs: dict[str, Any], state: dict[str, Any]) -> dict[s
     """The state the provider plans from the program's inputs: defaults filled, and an unset
     Computed attribute keeping what the state holds."""
     schema = SCHEMAS[type_]
+    if schema is SERVICE and "taskSpec" in inputs and not isinstance(inputs.get("mode.kind"), str):
+        inputs = service_attributes(inputs)
     plan = {}
     for key, attr in schema.items():
         if key in inputs and not _empty(inputs[key]):
@@ -332,6 +395,8 @@ def planned(type_: str, inputs: dict[str, Any], state: dict[str, Any]) -> dict[s
 def diff(type_: str, inputs: dict[str, Any], state: dict[str, Any]) -> dict[str, str]:
     """Attribute -> how its change is applied, for every attribute whose planned value differs."""
     schema = SCHEMAS[type_]
+    if schema is SERVICE:
+        inputs = service_attributes(inputs)
     unknown = sorted(set(inputs) - set(schema))
     if unknown:
         raise KeyError(f"{type_}: the provider model has no row for input(s) {unknown}")
