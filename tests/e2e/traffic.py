@@ -11,16 +11,26 @@ import threading
 import time
 from collections import Counter
 from types import TracebackType
+from typing import Protocol
 
 from components import render
-from components.topology import NGINX_HTTP_PORT
+from components.topology import NGINX_HTTP_PORT, Topology
 from tests.e2e.conftest import Deployment
 
 NGINX = "127.0.0.1"
 STACK_TOKEN = "stack's first token"
 
 
-def bearer(deployment: Deployment, token: str | None = STACK_TOKEN) -> dict[str, str]:
+class Stack(Protocol):
+    """What a client needs of a deployed stack: its settings and its API tokens."""
+
+    @property
+    def topology(self) -> Topology: ...
+
+    def api_token(self, name: str | None = None) -> str: ...
+
+
+def bearer(deployment: Stack, token: str | None = STACK_TOKEN) -> dict[str, str]:
     """The Authorization header for `token` (default: the stack's first API token)."""
     if token is None:
         return {}
@@ -30,15 +40,16 @@ def bearer(deployment: Deployment, token: str | None = STACK_TOKEN) -> dict[str,
 
 
 def request(
-    deployment: Deployment,
+    deployment: Stack,
     method: str,
     path: str,
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
     timeout: float = 30,
     token: str | None = STACK_TOKEN,
+    host: str = NGINX,
 ) -> tuple[int, dict[str, str], bytes]:
-    connection = http.client.HTTPConnection(NGINX, deployment.topology.settings.nginx.http_port, timeout=timeout)
+    connection = http.client.HTTPConnection(host, deployment.topology.settings.nginx.http_port, timeout=timeout)
     try:
         connection.request(method, path, body=body, headers={**bearer(deployment, token), **(headers or {})})
         response = connection.getresponse()
@@ -81,20 +92,25 @@ def upstream_servers(deployment: Deployment) -> list[str]:
 
 class GetStream:
     """`clients` threads GETting `path` through nginx until closed; every answer other than
-    `expected`, and every connection error, is a failure. Counts which backend answered."""
+    `expected`, and every connection error, is a failure. Counts which backend answered.
+    `hosts`: the nginx addresses to spread the clients over (a swarm's nodes)."""
 
-    def __init__(self, deployment: Deployment, path: str, expected: int, clients: int = 4) -> None:
-        self.deployment, self.path, self.expected = deployment, path, expected
+    def __init__(
+        self, deployment: Stack, path: str, expected: int, clients: int = 4, hosts: tuple[str, ...] = (NGINX,)
+    ) -> None:
+        self.deployment, self.path, self.expected, self.hosts = deployment, path, expected, hosts
         self.failures: list[str] = []
         self.served: Counter[str] = Counter()
         self.lock = threading.Lock()
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+        self.threads = [
+            threading.Thread(target=self._client, args=(hosts[i % len(hosts)],), daemon=True) for i in range(clients)
+        ]
 
-    def _client(self) -> None:
+    def _client(self, host: str) -> None:
         while not self.stop.is_set():
             try:
-                status, headers, _ = request(self.deployment, "GET", self.path, timeout=10)
+                status, headers, _ = request(self.deployment, "GET", self.path, timeout=10, host=host)
                 outcome = None if status == self.expected else f"HTTP {status}"
                 backend = headers.get("x-served-by", "?")
             except OSError as error:

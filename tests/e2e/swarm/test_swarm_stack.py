@@ -8,9 +8,11 @@ provider's host would; every node runs its tasks from the registry.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ import pytest
 from components.container import LABEL_PREFIX, SERVICE_UIDS
 from components.settings import parse
 from components.topology import REDIS_ADMIN_USER, REDIS_MASTER_NAME, Topology
-from tests.e2e import apply, swarm_target
+from tests.e2e import apply, report, swarm_target, traffic
 from tests.e2e.swarm.conftest import Swarm
 from tests.e2e.swarm.test_bed import wait_for
 from tests.program import Evaluation, evaluate, plain, stack_config
@@ -62,6 +64,26 @@ class SwarmDeployment:
 
     def export(self, name: str) -> Any:
         return plain(self.evaluation.exports[name][0])
+
+    def api_token(self, name: str | None = None) -> str:
+        return str(self.export("apiTokens")[name or self.topology.settings.backend.api_tokens[0]])
+
+    @property
+    def nginx_hosts(self) -> tuple[str, ...]:
+        """Every node's address: each runs an nginx task publishing nginx.httpPort on the node."""
+        return tuple(client.info()["Swarm"]["NodeAddr"] for _, client in sorted(self.swarm.nodes.items()))
+
+    def apply(self, overrides: dict[str, Any]) -> apply.Plan:
+        """`pulumi up` again with `overrides` merged into the stack's config."""
+        config = {key: {**value} for key, value in self.overrides.items()}
+        for key, value in overrides.items():
+            config[key] = {**config.get(key, {}), **value}
+        self.evaluation, plan = apply.up(self.mocks, STACK, config)
+        self.overrides = config
+        return plan
+
+    def backend_image(self) -> str:
+        return str(self.services()[f"{self.topology.settings.prefix}-backend"]["taskSpec"]["containerSpec"]["image"])
 
     def running(self, service: str) -> dict[str, dict[str, Any]]:
         """The service's running tasks, by the label of the node each runs on."""
@@ -192,3 +214,57 @@ def test_nginx_answers_on_every_node(deployment: SwarmDeployment) -> None:
         address = client.info()["Swarm"]["NodeAddr"]
         with urllib.request.urlopen(f"http://{address}:{port}/health", timeout=10) as response:
             assert response.status == 200, node
+
+
+MISSING_JOB = "/api/jobs/00000000-0000-0000-0000-000000000000"  # a backend's own 404
+
+
+def derived_backend(deployment: SwarmDeployment, tag: str, dockerfile_tail: str) -> str:
+    """The stack's backend image with `dockerfile_tail` added, pushed to the bed's registry."""
+    name = f"{deployment.swarm.registry}/transvidio-e2e-backend:{tag}"
+    dockerfile = f"FROM {deployment.backend_image()}\n{dockerfile_tail}\n".encode()
+    deployment.swarm.manager.images.build(fileobj=io.BytesIO(dockerfile), tag=name, rm=True)
+    swarm_target.push(deployment.swarm.manager, name)
+    return name
+
+
+def test_a_new_backend_image_rolls_one_task_at_a_time_under_load_and_fails_no_request(
+    deployment: SwarmDeployment,
+) -> None:
+    service = f"{deployment.topology.settings.prefix}-backend"
+    new_image = derived_backend(deployment, "v2", "LABEL io.transvidio.e2e=v2")
+    with traffic.GetStream(deployment, MISSING_JOB, expected=404, hosts=deployment.nginx_hosts) as stream:
+        time.sleep(2)
+        started = time.monotonic()
+        plan = deployment.apply({"images": {"backend": new_image}})
+        rolled = time.monotonic() - started
+        time.sleep(2)
+    assert [(step.op, step.name) for step in plan.steps if step.type == apply.SERVICE] == [("update", "backend")]
+    images = {t["Spec"]["ContainerSpec"]["Image"] for t in swarm_target.tasks(deployment.swarm.manager, service)}
+    assert images == {new_image}
+    report.LINES.append(
+        f"swarm: backend image rolled over {deployment.topology.settings.backend.replica_count} tasks in "
+        f"{rolled:.1f}s under {stream.total} GETs: {len(stream.failures)} failed"
+    )
+    assert stream.total > 0
+    assert stream.failures == []
+
+
+def test_a_backend_image_that_never_gets_healthy_is_rolled_back_and_the_apply_fails_saying_so(
+    deployment: SwarmDeployment,
+) -> None:
+    service = f"{deployment.topology.settings.prefix}-backend"
+    before = {
+        t["ID"]: t["Spec"]["ContainerSpec"]["Image"] for t in swarm_target.tasks(deployment.swarm.manager, service)
+    }
+    broken = derived_backend(deployment, "broken", 'ENTRYPOINT ["sleep", "infinity"]')
+    with (
+        traffic.GetStream(deployment, MISSING_JOB, expected=404, hosts=deployment.nginx_hosts) as stream,
+        pytest.raises(Exception) as raised,
+    ):
+        deployment.apply({"images": {"backend": broken}})
+    assert "rollback" in str(raised.value), raised.value
+    assert service in str(raised.value)
+    running = {t["Spec"]["ContainerSpec"]["Image"] for t in swarm_target.tasks(deployment.swarm.manager, service)}
+    assert running == set(before.values())  # every task back on the image it had
+    assert stream.failures == []
