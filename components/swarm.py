@@ -159,11 +159,21 @@ def _ports(spec: ContainerSpec, settings: Settings) -> list[docker.ServiceEndpoi
     ]
 
 
+# A swarm's DNS knows a task's name only once the task is healthy; for any other name it asks the
+# upstream servers, which a task on an internal network cannot reach: glibc then waits 20 s, and
+# a Sentinel (one event loop) resolving a peer that is still starting stops answering, fails its
+# healthcheck and is restarted. One try of one second each instead (RES_OPTIONS, glibc's resolver).
+RESOLVER_OPTIONS = "timeout:1 attempts:1"
+
+
 def _env(envs: pulumi.Input[Sequence[pulumi.Input[str]]]) -> pulumi.Output[dict[str, str]]:
-    """`KEY=value` items as the service's env map, sorted (the same inputs every run)."""
+    """`KEY=value` items as the service's env map, sorted (the same inputs every run), with the
+    resolver's options."""
 
     def as_map(items: Sequence[str]) -> dict[str, str]:
-        return dict(sorted(tuple(item.split("=", 1)) for item in items))  # type: ignore[misc]
+        env = dict(item.split("=", 1) for item in items)
+        env["RES_OPTIONS"] = RESOLVER_OPTIONS
+        return dict(sorted(env.items()))
 
     return pulumi.Output.from_input(envs).apply(as_map)  # type: ignore[arg-type]
 
@@ -204,7 +214,7 @@ def swarm_service(
             container_spec=docker.ServiceTaskSpecContainerSpecArgs(
                 image=spec.image,
                 hostname=node.hostname if pinned else None,
-                env=_env(spec.envs) if spec.envs else None,
+                env=_env(spec.envs),
                 commands=list(spec.entrypoint) or None,
                 args=list(spec.command) or None,
                 mounts=mounts or None,

@@ -134,6 +134,8 @@ def test_every_service_updates_one_task_at_a_time_rolls_back_by_itself_and_pulum
         assert service["convergeConfig"]["timeout"] == "10m0s", name
         spec = service["taskSpec"]["containerSpec"]
         assert spec["capDrops"] == ["ALL"], name
+        # A name the swarm's DNS does not know (a task still starting) fails in a second.
+        assert spec["env"]["RES_OPTIONS"] == "timeout:1 attempts:1", name
         assert spec["healthcheck"]["tests"][0] == "CMD", name
         assert service["taskSpec"]["restartPolicy"]["condition"] == "any", name
         assert service["taskSpec"]["resources"]["limits"]["memoryBytes"] > 0, name

@@ -18,6 +18,7 @@ from tests.e2e import provider
 
 SERVICE_INPUTS = frozenset(provider.SERVICE) - {"mode.kind", "mode.replicas"} | {"mode"}
 RUNNING = "running"
+UPDATE_START_SECONDS = 5
 
 
 class ServiceError(RuntimeError):
@@ -205,15 +206,24 @@ def create_service(client: docker.DockerClient, inputs: dict[str, Any]) -> str:
 def update_service(client: docker.DockerClient, service_id: str, inputs: dict[str, Any]) -> dict[str, Any]:
     """SVF resourceDockerServiceUpdate: one ServiceUpdate with the whole new spec, then with
     converge_config wait for the update to complete; a rollback is an error."""
-    version = client.api.inspect_service(service_id)["Version"]["Index"]
+    before = client.api.inspect_service(service_id)
+    previous = (before.get("UpdateStatus") or {}).get("StartedAt")
     try:
-        _post(client, f"/services/{service_id}/update", service_spec(inputs), version=version)
+        _post(client, f"/services/{service_id}/update", service_spec(inputs), version=before["Version"]["Index"])
     except docker.errors.APIError as error:
         raise ServiceError(f"service {inputs['name']}: {error.explanation or error}") from error
     timeout = _timeout(inputs)
     if timeout is None:
         return inputs
     deadline = time.monotonic() + timeout
+    # The last update's status stays until the orchestrator starts this one (a change that
+    # touches no task, a label, starts none): wait for a new one a moment, as the provider
+    # first waits converge_config's delay.
+    begun = time.monotonic() + UPDATE_START_SECONDS
+    while (client.api.inspect_service(service_id).get("UpdateStatus") or {}).get("StartedAt") == previous:
+        if time.monotonic() > begun:
+            break
+        time.sleep(0.2)
     while True:
         status = (client.api.inspect_service(service_id).get("UpdateStatus") or {}).get("State")
         if status in ("rollback_completed", "rollback_paused", "paused"):

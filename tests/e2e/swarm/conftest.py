@@ -29,12 +29,17 @@ class Swarm:
 
     def node_states(self) -> dict[str, tuple[str, str]]:
         """Each node's (state, availability) as the managers see it, by its label."""
+        return self.node_states_via(sorted(self.nodes)[0])
+
+    def node_states_via(self, manager: str) -> dict[str, tuple[str, str]]:
+        """Each node's (state, availability) as the manager `manager` sees it (one that is not
+        cut off), by its label."""
         return {
             node.attrs["Spec"]["Labels"].get("transvidio.node", node.id): (
                 node.attrs["Status"]["State"],
                 node.attrs["Spec"]["Availability"],
             )
-            for node in self.manager.nodes.list()
+            for node in self.nodes[manager].nodes.list()
         }
 
     def restart_missing_nodes(self) -> None:

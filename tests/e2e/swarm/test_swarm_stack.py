@@ -85,18 +85,20 @@ class SwarmDeployment:
     def backend_image(self) -> str:
         return str(self.services()[f"{self.topology.settings.prefix}-backend"]["taskSpec"]["containerSpec"]["image"])
 
-    def running(self, service: str) -> dict[str, dict[str, Any]]:
-        """The service's running tasks, by the label of the node each runs on."""
-        labels = {n.id: n.attrs["Spec"]["Labels"].get("transvidio.node") for n in self.swarm.manager.nodes.list()}
+    def running(self, service: str, via: str | None = None) -> dict[str, dict[str, Any]]:
+        """The service's running tasks, by the label of the node each runs on, as the manager
+        `via` (default the first) sees them."""
+        manager = self.swarm.nodes[via] if via else self.swarm.manager
+        labels = {n.id: n.attrs["Spec"]["Labels"].get("transvidio.node") for n in manager.nodes.list()}
         return {
-            labels[t["NodeID"]]: t
-            for t in swarm_target.tasks(self.swarm.manager, service)
-            if t["Status"]["State"] == "running"
+            labels[t["NodeID"]]: t for t in swarm_target.tasks(manager, service) if t["Status"]["State"] == "running"
         }
 
-    def exec(self, hostname: str, command: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    def exec(
+        self, hostname: str, command: list[str], env: dict[str, str] | None = None, via: str | None = None
+    ) -> tuple[int, str]:
         """Runs `command` in the task of the node's service, on whichever node runs it."""
-        ((node, task),) = self.running(f"{self.topology.settings.prefix}-{hostname}").items()
+        ((node, task),) = self.running(f"{self.topology.settings.prefix}-{hostname}", via).items()
         container = self.swarm.nodes[node].containers.get(task["Status"]["ContainerStatus"]["ContainerID"])
         result = container.exec_run(command, environment=env or {})
         return result.exit_code, result.output.decode(errors="replace")
@@ -166,16 +168,12 @@ def test_a_second_apply_with_no_change_does_nothing(deployment: SwarmDeployment)
     assert plan.steps == [], str(plan)
 
 
+PATRONI_CLUSTER = "import urllib.request;print(urllib.request.urlopen('http://localhost:8008/cluster').read().decode())"
+
+
 def test_postgres_replicas_stream_from_the_primary_across_nodes(deployment: SwarmDeployment) -> None:
     def cluster() -> dict[str, Any] | None:
-        code, out = deployment.exec(
-            "postgres-replica-1",
-            [
-                "python3",
-                "-c",
-                "import urllib.request;print(urllib.request.urlopen('http://localhost:8008/cluster').read().decode())",
-            ],
-        )
+        code, out = deployment.exec("postgres-replica-1", ["python3", "-c", PATRONI_CLUSTER])
         if code != 0:
             return None
         members = json.loads(out)["members"]
