@@ -121,15 +121,17 @@ def test_killing_a_backend_during_a_stream_of_gets_fails_no_request(prod: Deploy
     job = wait_done(prod, submit(prod, upload(prod, video[:4096]), 5, "de")["id"])
     victim = prod.topology.backends[1].hostname
     with GetStream(prod, f"/api/jobs/{job['id']}", expected=200) as stream:
-        time.sleep(2)
+        stream.wait_answers(20)
         before = chaos.kill9(prod, victim)
-        time.sleep(6)
+        # From the kill until its restart, and 100 answers more: nginx meets the dead
+        # backend and then the one still starting, whatever the host's speed.
+        chaos.wait_restarted(prod, victim, before)
+        stream.wait_answers(100)
     report.LINES.append(
         f"prod: {stream.total} GETs through nginx while {victim} was killed: {len(stream.failures)} failed"
     )
     assert stream.failures == []
-    assert stream.total > 100 and len(stream.served) >= 2
-    chaos.wait_restarted(prod, victim, before)
+    assert len(stream.served) >= 2
 
 
 def test_killing_the_job_runner_mid_job_retries_it_and_completes_it_once(prod: Deployment, video: bytes) -> None:

@@ -124,7 +124,17 @@ class GetStream:
 
     @property
     def total(self) -> int:
-        return sum(self.served.values())
+        with self.lock:
+            return sum(self.served.values())
+
+    def wait_answers(self, more: int, timeout: float = 120) -> None:
+        """Waits until `more` further answers (of any outcome) have come: a window counted in
+        requests rather than seconds, so a slow host puts as many through it as a fast one."""
+        target = self.total + more
+        deadline = time.monotonic() + timeout
+        while (total := self.total) < target:
+            assert time.monotonic() < deadline, f"{more - (target - total)} of {more} answers in {timeout:.0f}s"
+            time.sleep(0.05)
 
     def __enter__(self) -> GetStream:
         for thread in self.threads:
