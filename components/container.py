@@ -202,6 +202,21 @@ def child_name(component_name: str, hostname: str) -> str:
     return f"{component_name}-{hostname}"
 
 
+def in_turn(
+    settings: Settings, dependencies: Sequence[pulumi.Resource], previous: pulumi.Resource | None
+) -> list[pulumi.Resource]:
+    """What a tier's node waits for: its `dependencies` and, on a swarm, the tier's node before it.
+
+    Pulumi updates resources that do not depend on each other at once, and a swarm updates a
+    service in place by restarting its task: a tier's pinned nodes updated together (a rotated
+    secret, a new image) would all be down at once, its quorum or its every replica gone. In
+    turn, each waits for the one before it to converge. On one host the tiers keep their
+    secrets in credential stores and are created side by side.
+    """
+    chained = [previous] if previous is not None and settings.deploy.swarm else []
+    return [*dependencies, *(node for node in chained if node not in dependencies)]
+
+
 def service_container(
     component_name: str, spec: ContainerSpec, settings: Settings, networks: Networks, parent: pulumi.Resource
 ) -> pulumi.CustomResource:

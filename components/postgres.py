@@ -15,6 +15,7 @@ from components.container import (
     config_file,
     credentials_store,
     data_volume,
+    in_turn,
     role_image,
     service_container,
     shared_volume,
@@ -68,7 +69,9 @@ class PostgresReplicaSet(pulumi.ComponentResource):
         self._args = args
         self.image = role_image(f"{name}-image", COMPONENT, s, self)
         uid = SERVICE_UIDS[COMPONENT]
-        self.etcd = [self._etcd_member(name, member) for member in topo.etcd_nodes]
+        self.etcd: list[pulumi.CustomResource] = []
+        for member in topo.etcd_nodes:
+            self.etcd.append(self._etcd_member(name, member, in_turn(s, [], self.etcd[-1] if self.etcd else None)))
         # The backup repository: pgBackRest's full and incremental backups and the WAL archive.
         # The backup repository on the host, unless backups go to an S3 bucket.
         self.backups = (
@@ -103,16 +106,17 @@ class PostgresReplicaSet(pulumi.ComponentResource):
         ]
         before_nodes: list[pulumi.Resource] = [*self.etcd, *self.credentials.before]
         self.primary = self._node(name, topo.postgres_primary, wait=True, depends_on=before_nodes)
-        self.replicas = [
-            self._node(name, replica, wait=False, depends_on=[self.primary, *self.credentials.before])
-            for replica in topo.postgres_replicas
-        ]
+        self.replicas: list[pulumi.CustomResource] = []
+        for replica in topo.postgres_replicas:
+            before_replica = [self.primary, *self.credentials.before]
+            previous = self.replicas[-1] if self.replicas else None
+            self.replicas.append(self._node(name, replica, wait=False, depends_on=in_turn(s, before_replica, previous)))
         self.nodes = [self.primary, *self.replicas]
         self.node_hosts = [n.hostname for n in topo.postgres_nodes]
         self.node_containers = [n.container_name for n in topo.postgres_nodes]
         self.register_outputs({"nodes": self.node_hosts, "port": POSTGRES_PORT})
 
-    def _etcd_member(self, name: str, member: Node) -> pulumi.CustomResource:
+    def _etcd_member(self, name: str, member: Node, depends_on: list[pulumi.Resource]) -> pulumi.CustomResource:
         s = self._args.settings
         volume = data_volume(name, f"{member.hostname}-data", s, COMPONENT, self)
         return service_container(
@@ -133,6 +137,7 @@ class PostgresReplicaSet(pulumi.ComponentResource):
                 ],
                 # Not waited for one by one: a member is healthy only once a majority is up.
                 wait=False,
+                depends_on=depends_on,
             ),
             s,
             self._args.networks,

@@ -16,6 +16,7 @@ from components.container import (
     VolumeMount,
     config_file,
     data_volume,
+    in_turn,
     role_image,
     secret_file,
     service_container,
@@ -105,6 +106,7 @@ class RedisSentinelGroup(pulumi.ComponentResource):
             f"FAILOVER_TIMEOUT_MS={s.redis.failover_timeout_ms}",
             f"REDIS_USER={REDIS_REPLICATION_USER}",
             f"REDIS_PASSWORD_FILE={NODE_PASSWORD_FILE}",
+            f"DATA_SUBNET={s.network.data_subnet}",
         ]
         self.backups = shared_volume(name, "redis-backups", s, COMPONENT, self)
         restore = s.redis.restore_from
@@ -114,7 +116,6 @@ class RedisSentinelGroup(pulumi.ComponentResource):
             [
                 *node_env,
                 f"REDIS_NODE={initial_master.hostname}",
-                f"REDIS_ANNOUNCE_IP={initial_master.data_address}",
                 *([f"RESTORE_FROM={restore}"] if restore else []),
             ],
             node_secrets,
@@ -123,38 +124,41 @@ class RedisSentinelGroup(pulumi.ComponentResource):
             # Only a restore reads the backups, and only the initial master restores.
             extra_volumes=[VolumeMount(self.backups.name, BACKUPS_DIR, read_only=True)] if restore else [],
         )
-        self.replicas = [
-            self._node(
-                node,
-                render.redis_conf(s, node),
-                [*node_env, f"REDIS_NODE={node.hostname}", f"REDIS_ANNOUNCE_IP={node.data_address}"],
-                node_secrets,
-                wait=False,
-                depends_on=[self.master],
+        self.replicas: list[pulumi.CustomResource] = []
+        for node in topo.redis_nodes[1:]:
+            self.replicas.append(
+                self._node(
+                    node,
+                    render.redis_conf(s, node),
+                    [*node_env, f"REDIS_NODE={node.hostname}"],
+                    node_secrets,
+                    wait=False,
+                    depends_on=in_turn(s, [self.master], self.replicas[-1] if self.replicas else None),
+                )
             )
-            for node in topo.redis_nodes[1:]
-        ]
-        self.sentinels = [
-            self._node(
-                node,
-                render.sentinel_conf(s, node),
-                [
-                    f"REDIS_MASTER_NAME={REDIS_MASTER_NAME}",
-                    f"SENTINEL_NODE={node.hostname}",
-                    f"REDIS_USER={REDIS_SENTINEL_USER}",
-                    f"REDIS_PASSWORD_FILE={SENTINEL_PASSWORD_FILE}",
-                    f"SENTINEL_ACL_FILE={render.SENTINEL_ACL_FILE}",
-                ],
-                sentinel_secrets,
-                wait=False,
-                # Not after the master: a node with data waits for a Sentinel before it
-                # starts, so when every container of the group is replaced at once (a
-                # rotated password, a new image) the Sentinels must not wait for it.
-                depends_on=[],
-                sentinel=True,
+        self.sentinels: list[pulumi.CustomResource] = []
+        for node in topo.sentinels:
+            self.sentinels.append(
+                self._node(
+                    node,
+                    render.sentinel_conf(s, node),
+                    [
+                        f"REDIS_MASTER_NAME={REDIS_MASTER_NAME}",
+                        f"SENTINEL_NODE={node.hostname}",
+                        f"REDIS_USER={REDIS_SENTINEL_USER}",
+                        f"REDIS_PASSWORD_FILE={SENTINEL_PASSWORD_FILE}",
+                        f"SENTINEL_ACL_FILE={render.SENTINEL_ACL_FILE}",
+                        f"DATA_SUBNET={s.network.data_subnet}",
+                    ],
+                    sentinel_secrets,
+                    wait=False,
+                    # Not after the master: a node with data waits for a Sentinel before it
+                    # starts, so when every container of the group is replaced at once (a
+                    # rotated password, a new image) the Sentinels must not wait for it.
+                    depends_on=in_turn(s, [], self.sentinels[-1] if self.sentinels else None),
+                    sentinel=True,
+                )
             )
-            for node in topo.sentinels
-        ]
         backup_node = topo.redis_backup
         self.backup = (
             service_container(

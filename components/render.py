@@ -446,9 +446,8 @@ def redis_conf(settings: Settings, node: Node) -> str:
         f"maxmemory-policy {r.maxmemory_policy}",
         f"min-replicas-to-write {r.min_replicas_to_write}",
         f"min-replicas-max-lag {r.min_replicas_max_lag}",
-        # Fixed addresses, not names: Sentinel and clients never resolve a stopped container's
-        # name. On a swarm there are none: names, which Sentinel resolves (announce-hostnames).
-        f"replica-announce-ip {node.data_address}",
+        # replica-announce-ip: the entrypoint adds this node's address (an address, never a
+        # name: Sentinel would stall resolving a name that is gone).
         "replica-read-only yes",
         "replica-serve-stale-data yes",
         "repl-diskless-sync yes",
@@ -473,12 +472,12 @@ def sentinel_conf(settings: Settings, node: Node) -> str:
         "bind 0.0.0.0",
         "protected-mode no",
         "dir /data",
-        # Every node keeps a fixed address (see Topology), so Sentinel works with addresses and
-        # never blocks on DNS for a container that is down; names are still accepted in commands.
-        # A swarm's tasks have no fixed address: there Sentinel announces and hands out names.
+        # Sentinel works with addresses and never blocks on DNS for a node that is down: each
+        # node announces its own (the entrypoints add `announce-ip`, which on a swarm is known
+        # only once the task runs). Names are still accepted in commands; on a swarm the
+        # initial master is one, which the entrypoint resolves when it seeds the state.
         "sentinel resolve-hostnames yes",
-        f"sentinel announce-hostnames {'yes' if settings.deploy.swarm else 'no'}",
-        f"sentinel announce-ip {node.data_address}",
+        "sentinel announce-hostnames no",
         f"sentinel monitor {REDIS_MASTER_NAME} {master.data_address} {REDIS_PORT} {r.quorum}",
         f"sentinel down-after-milliseconds {REDIS_MASTER_NAME} {r.down_after_ms}",
         f"sentinel failover-timeout {REDIS_MASTER_NAME} {r.failover_timeout_ms}",

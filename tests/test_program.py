@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 from functools import cache
 from typing import Any
@@ -328,7 +329,11 @@ def test_redis_nodes_and_sentinels(stack: str) -> None:
         env = env_of(node)
         assert env["INITIAL_MASTER"] == str(s.network.data_subnet.network_address + 20)
         assert env["REDIS_NODE"] == node.inputs["hostname"]
-        assert env["REDIS_ANNOUNCE_IP"] == networks_of(node)[f"transvidio-{stack}-data"]["ipv4Address"]
+        # The entrypoint announces its address on this network: the container's own.
+        assert env["DATA_SUBNET"] == str(s.network.data_subnet)
+        assert (
+            ipaddress.ip_address(networks_of(node)[f"transvidio-{stack}-data"]["ipv4Address"]) in s.network.data_subnet
+        )
         conf = uploads_of(node)[f"{render.REDIS_CONF_DIR}/{node.inputs['hostname']}.conf"]["content"]
         assert "appendonly yes" in conf
         for secret in (render.REDIS_ACL_FILE, redis.NODE_PASSWORD_FILE):
@@ -343,6 +348,7 @@ def test_redis_nodes_and_sentinels(stack: str) -> None:
         conf = uploads_of(sentinel)[f"{render.REDIS_CONF_DIR}/{sentinel.inputs['hostname']}.conf"]["content"]
         assert f"sentinel monitor transvidio {s.network.data_subnet.network_address + 20} 6379 {s.redis.quorum}" in conf
         assert set(mounts_of(sentinel)) == {"/data"}
+        assert env_of(sentinel)["DATA_SUBNET"] == str(s.network.data_subnet)
         assert uploads_of(sentinel)[render.SENTINEL_ACL_FILE]["content"] == render.redis_acl(
             render.SENTINEL_ACL, redis_passwords(ev)
         )
@@ -829,9 +835,9 @@ def test_each_data_tier_container_gets_exactly_the_environment_its_entrypoint_re
         "DOWN_AFTER_MS": "5000",
         "FAILOVER_TIMEOUT_MS": "60000",
         "REDIS_NODE": "redis-1",
-        "REDIS_ANNOUNCE_IP": "10.211.1.21",
         "REDIS_USER": "replica",
         "REDIS_PASSWORD_FILE": "/etc/transvidio/secrets/redis-replication-password",
+        "DATA_SUBNET": "10.211.1.0/24",
     }
     assert envs["sentinel-2"] == {
         "REDIS_MASTER_NAME": "transvidio",
@@ -839,6 +845,7 @@ def test_each_data_tier_container_gets_exactly_the_environment_its_entrypoint_re
         "REDIS_USER": "sentinel",
         "REDIS_PASSWORD_FILE": "/etc/transvidio/secrets/redis-sentinel-password",
         "SENTINEL_ACL_FILE": "/etc/transvidio/secrets/sentinel-users.acl",
+        "DATA_SUBNET": "10.211.1.0/24",
     }
     assert envs["mpi-worker-1"] == {"MPI_ROLE": "mpi-worker"}
     assert envs["mpi-master"] == {

@@ -108,7 +108,8 @@ def test_sentinel_monitor_line_uses_the_quorum_and_the_initial_master() -> None:
     s = settings(redis={"sentinels": 5, "quorum": 3})
     conf = render.sentinel_conf(s, Topology(s).sentinels[4])
     assert "sentinel monitor transvidio 10.211.1.20 6379 3" in conf  # redis-0's fixed address
-    assert "sentinel announce-ip 10.211.1.34" in conf
+    # Each Sentinel's entrypoint announces its own address; never a name.
+    assert "announce-ip" not in conf
     assert "sentinel resolve-hostnames yes" in conf and "sentinel announce-hostnames no" in conf
     assert "sentinel down-after-milliseconds transvidio 5000" in conf
     assert "sentinel failover-timeout transvidio 60000" in conf
@@ -123,7 +124,6 @@ def test_redis_conf_persists_and_bounds_writes() -> None:
         "appendonly yes",
         "min-replicas-to-write 1",
         "min-replicas-max-lag 10",
-        "replica-announce-ip 10.211.1.22",
         f"maxmemory {1024**3}",
         "maxmemory-policy allkeys-lru",
         # A replica that must sync in full starts at once: a failover waits for it.
@@ -161,6 +161,9 @@ def test_mpi_is_tcp_only_pinned_to_the_data_subnet_unbound_and_strict_about_host
         "hwloc_default_binding_policy = none\n"
         "plm_ssh_no_tree_spawn = 1\n"
         "plm_ssh_args = -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=10\n"
+        "oob_tcp_keepalive_time = 5\n"
+        "oob_tcp_keepalive_intvl = 2\n"
+        "oob_tcp_keepalive_probes = 3\n"
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import itertools
 import json
 from functools import cache
 from typing import Any
@@ -231,10 +232,11 @@ def test_on_a_swarm_the_nodes_find_each_other_by_name() -> None:
     topo = Topology(s)
     assert all(node.data_ip is None and node.edge_ip is None for node in topo.all_nodes)
     sentinel = render.sentinel_conf(s, topo.sentinels[0])
-    assert "sentinel announce-hostnames yes" in sentinel.splitlines()
-    assert "sentinel announce-ip sentinel-1" in sentinel.splitlines()
+    # The initial master by name (the entrypoint resolves it when it seeds the Sentinel's
+    # state); what Sentinel announces and hands out are addresses, found at start.
     assert "sentinel monitor transvidio redis-0 6379 2" in sentinel.splitlines()
-    assert "replica-announce-ip redis-1" in render.redis_conf(s, topo.redis_nodes[1]).splitlines()
+    assert "sentinel announce-hostnames no" in sentinel.splitlines()
+    assert "announce-ip" not in sentinel and "announce-ip" not in render.redis_conf(s, topo.redis_nodes[1])
     etcd = json.loads(render.etcd_yml(s, topo.etcd_nodes[1]).split("\n", 1)[1])
     assert etcd["listen-peer-urls"] == "http://0.0.0.0:2380"
     assert etcd["listen-client-urls"] == "http://0.0.0.0:2379"
@@ -316,3 +318,25 @@ def test_etcd_members_are_healthy_once_serving_so_that_their_peers_can_resolve_t
             assert tests == ["CMD", "/usr/local/bin/healthcheck.sh", "serving"], name
         else:
             assert "serving" not in tests, name
+
+
+def test_each_stateful_tier_updates_one_node_after_another() -> None:
+    # Pulumi updates what does not depend on each other at once: without the chain, a rotated
+    # secret or a new image would restart every node of a tier together on a swarm.
+    ev = evaluated()
+    urn_of = {r.inputs["name"]: r.urn for r in ev.of_type(SERVICE)}
+    depends = {r.inputs["name"]: set(r.options["dependencies"]) for r in ev.of_type(SERVICE)}
+    topo = Topology(parse("prod", stack_config("prod", SWARM)))
+    tiers = [
+        topo.etcd_nodes,
+        [topo.postgres_primary, *topo.postgres_replicas],
+        topo.redis_nodes,
+        topo.sentinels,
+    ]
+    for tier in tiers:
+        for before, node in itertools.pairwise(tier):
+            assert urn_of[before.container_name] in depends[node.container_name], (before.hostname, node.hostname)
+    # Sentinels and data nodes roll side by side: a node with data waits for a Sentinel.
+    assert not any(
+        urn_of[n.container_name] in depends[s.container_name] for s in topo.sentinels for n in topo.redis_nodes
+    )

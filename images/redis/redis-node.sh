@@ -8,8 +8,8 @@ set -euo pipefail
 CONF_DIR=/etc/transvidio/redis
 RUN_CONF=/var/lib/redis/run/redis.conf
 : "${REDIS_NODE:?REDIS_NODE names this node (its hostname)}"
-: "${REDIS_ANNOUNCE_IP:?REDIS_ANNOUNCE_IP is the fixed address of this node}"
-: "${INITIAL_MASTER:?INITIAL_MASTER is the address of the node that is master on first start}"
+: "${DATA_SUBNET:?DATA_SUBNET is the data network, where this node has its address}"
+: "${INITIAL_MASTER:?INITIAL_MASTER is the address or name of the node that is master on first start}"
 : "${REDIS_SENTINELS:?REDIS_SENTINELS lists host:port of every Sentinel}"
 : "${REDIS_USER:?REDIS_USER names the user this node replicates and asks the Sentinels as}"
 : "${REDIS_PASSWORD_FILE:?REDIS_PASSWORD_FILE holds the password of that user}"
@@ -32,26 +32,60 @@ failover_started() { [[ "$1" == OK || "$1" == *INPROG* ]]; }
 
 has_data() { [ -d /data/appendonlydir ] || [ -s /data/dump.rdb ]; }
 
-master=""
+# Our address, and the one this node announced before its restart (kept with its data): on
+# a swarm a restarted task has a new address, and the Sentinels may still name the old one.
+ADDRESS_FILE=/data/announced-address
+REDIS_ANNOUNCE_IP=$(own_address "$DATA_SUBNET")
+if [ -z "$REDIS_ANNOUNCE_IP" ]; then
+    log "no address of this container is in $DATA_SUBNET"
+    exit 1
+fi
+previous_address=$(cat "$ADDRESS_FILE" 2>/dev/null || true)
+is_me() { [ "$1" = "$REDIS_ANNOUNCE_IP" ] || { [ -n "$previous_address" ] && [ "$1" = "$previous_address" ]; }; }
+moved() { [ -n "$previous_address" ] && [ "$previous_address" != "$REDIS_ANNOUNCE_IP" ]; }
+
+answers() { [ "$(timeout 2 redis-cli -h "$1" -p 6379 --user "$REDIS_USER" --no-auth-warning PING 2>/dev/null)" = PONG ]; }
+
+# At most one line every 30 s for a wait that goes on.
 next_notice=0
-while :; do
-    if master=$(ask_sentinels); then
-        log "Sentinels say the master is $master"
-        break
-    fi
-    if ! has_data; then
-        master=$INITIAL_MASTER
-        log "no Sentinel answers and no data here: first start, initial master is $master"
-        break
-    fi
-    # Data and nobody to ask: starting as master could make a second master, and
-    # following a guess can close a replication loop (the guess following us). Wait,
-    # however long it takes, for a Sentinel; what it says then decides, as on any start.
-    # A guess would also make things worse later: a replica whose link to the master
-    # was down for over 10 x down-after is one Sentinel never promotes.
+notice() {
     if [ "$SECONDS" -ge "$next_notice" ]; then
-        log "no Sentinel answers and this node has data: waiting for a Sentinel before starting"
+        log "$*"
         next_notice=$((SECONDS + 30))
+    fi
+}
+
+master=""
+while :; do
+    if named=$(ask_sentinels); then
+        if is_me "$named"; then
+            master=$named
+            log "Sentinels say the master is $master: this node"
+            break
+        fi
+        # A replica at a new address (a swarm task) is one the Sentinels do not know yet: it
+        # follows only a master that answers, as one following a master that is gone would
+        # never be moved to the next. At its old address the Sentinels move it after a failover.
+        if ! moved || answers "$named"; then
+            master=$named
+            log "Sentinels say the master is $master"
+            break
+        fi
+        notice "the Sentinels name $named as master, which does not answer: waiting for a failover"
+    elif ! has_data; then
+        # On a swarm the initial master is a name, which resolves once its task is healthy.
+        if master=$(resolve_address "$INITIAL_MASTER"); then
+            log "no Sentinel answers and no data here: first start, initial master is $master"
+            break
+        fi
+        notice "first start: waiting for the initial master $INITIAL_MASTER to resolve"
+    else
+        # Data and nobody to ask: starting as master could make a second master, and
+        # following a guess can close a replication loop (the guess following us). Wait,
+        # however long it takes, for a Sentinel; what it says then decides, as on any start.
+        # A guess would also make things worse later: a replica whose link to the master
+        # was down for over 10 x down-after is one Sentinel never promotes.
+        notice "no Sentinel answers and this node has data: waiting for a Sentinel before starting"
     fi
     sleep 1
 done
@@ -79,7 +113,7 @@ replicas_up() {
     echo unknown
 }
 
-if [ "$master" = "$REDIS_ANNOUNCE_IP" ] && has_data; then
+if is_me "$master" && has_data; then
     # We were the master and went down (a crash, a kill, a replacement). Our data may lack
     # the last writes (appendfsync everysec) while a replica holds everything acknowledged
     # with WAIT: stay down, have the Sentinels promote that replica now (rather than after
@@ -98,19 +132,26 @@ if [ "$master" = "$REDIS_ANNOUNCE_IP" ] && has_data; then
         fi
     fi
     while [ "$SECONDS" -lt "$deadline" ]; do
-        if answer=$(ask_sentinels) && [ "$answer" != "$REDIS_ANNOUNCE_IP" ]; then
+        if answer=$(ask_sentinels) && ! is_me "$answer"; then
             master=$answer
             log "the Sentinels promoted $master: following it"
             break
         fi
         sleep 0.2
     done
-    [ "$master" = "$REDIS_ANNOUNCE_IP" ] && log "no replica took over: resuming as master"
+    if is_me "$master"; then
+        log "no replica took over: resuming as master"
+        if [ "$master" != "$REDIS_ANNOUNCE_IP" ]; then
+            # Our address changed (a swarm task): the Sentinels watch the old one, and only an
+            # operator can point them here (README: Deploying onto a swarm).
+            log "the Sentinels name $master, this node's address before its restart; it is now $REDIS_ANNOUNCE_IP"
+        fi
+    fi
 fi
 
 # A restore (RESTORE_FROM: a backup's file name, or latest) is for an empty node that is to
 # be master: the cluster's first start on wiped volumes. Its data set is the backup's.
-if [ -n "${RESTORE_FROM:-}" ] && [ "$master" = "$REDIS_ANNOUNCE_IP" ] && ! has_data; then
+if [ -n "${RESTORE_FROM:-}" ] && is_me "$master" && ! has_data; then
     if [ "$RESTORE_FROM" = latest ]; then
         backup=$(find /backups -maxdepth 1 -name 'redis-*.rdb' -printf '%f\n' | sort | tail -n 1)
     else
@@ -150,9 +191,12 @@ umask 077
     # The rendered config names the ACL file and masteruser; only the password is added.
     cat "$CONF_DIR/$REDIS_NODE.conf"
     printf 'masterauth "%s"\n' "$password"
-    if [ "$master" != "$REDIS_ANNOUNCE_IP" ]; then
+    # An address, not a name: Sentinel never resolves a name that may be gone.
+    printf 'replica-announce-ip %s\n' "$REDIS_ANNOUNCE_IP"
+    if ! is_me "$master"; then
         printf 'replicaof %s 6379\n' "$master"
     fi
 } >"$RUN_CONF"
+printf '%s\n' "$REDIS_ANNOUNCE_IP" >"$ADDRESS_FILE"
 unset password REDISCLI_AUTH
 exec redis-server "$RUN_CONF"

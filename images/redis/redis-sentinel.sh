@@ -9,10 +9,23 @@ set -euo pipefail
 : "${REDIS_MASTER_NAME:=transvidio}"
 : "${REDIS_PASSWORD_FILE:?REDIS_PASSWORD_FILE holds the password of the sentinel user}"
 : "${SENTINEL_ACL_FILE:?SENTINEL_ACL_FILE holds the users of the Sentinel}"
+: "${DATA_SUBNET:?DATA_SUBNET is the data network, where this Sentinel has its address}"
 TEMPLATE=/etc/transvidio/redis/$SENTINEL_NODE.conf
 STATE=/data/sentinel.conf
 
 log() { printf '%s sentinel[%s]: %s\n' "$(date -u +%FT%TZ)" "$SENTINEL_NODE" "$*" >&2; }
+
+# shellcheck source=sentinels.sh
+. /usr/local/lib/transvidio/sentinels.sh
+
+# Sentinel works with addresses only: announced, monitored, handed out. A name it had to
+# resolve could be one that is gone (a swarm task on a lost node), and each lookup of such a
+# name stalls its one event loop until it tilts instead of failing over.
+address=$(own_address "$DATA_SUBNET")
+if [ -z "$address" ]; then
+    log "no address of this container is in $DATA_SUBNET"
+    exit 1
+fi
 
 password=$(cat "$REDIS_PASSWORD_FILE")
 umask 077
@@ -28,9 +41,18 @@ next=$(mktemp /data/sentinel.conf.XXXXXX)
         # What Sentinel learned: its id, epochs, known replicas and Sentinels.
         awk '$1 == "sentinel" && ($2 == "myid" || $2 ~ /epoch$/ || $2 ~ /^known-/)' "$STATE"
     else
-        log "no state: seeding from the template"
-        grep -v '^#' "$TEMPLATE"
+        # The initial master, by name on a swarm: wait until it resolves (once it is healthy).
+        read -r initial port quorum < <(awk -v name="$REDIS_MASTER_NAME" \
+            '$1 == "sentinel" && $2 == "monitor" && $3 == name {print $4, $5, $6}' "$TEMPLATE")
+        until master=$(resolve_address "$initial"); do
+            [ $((SECONDS % 30)) -eq 0 ] && log "waiting for the initial master $initial to resolve"
+            sleep 1
+        done
+        log "no state: seeding from the template, master $initial at $master"
+        awk '!($1 == "sentinel" && $2 == "monitor")' "$TEMPLATE" | grep -v '^#'
+        printf 'sentinel monitor %s %s %s %s\n' "$REDIS_MASTER_NAME" "$master" "$port" "$quorum"
     fi
+    printf 'sentinel announce-ip %s\n' "$address"
     # The users (what Sentinel rewrote into its state is dropped above: these are current),
     # and this Sentinel's own password, for the data nodes and the other Sentinels.
     cat "$SENTINEL_ACL_FILE"

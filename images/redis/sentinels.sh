@@ -45,3 +45,24 @@ first_streaming() {
 
 # One replica that streams from the master now; fails when no Sentinel names one.
 streaming_replica() { sentinel_query first_streaming is_set replicas "$REDIS_MASTER_NAME"; }
+
+# This container's address in the network CIDR $1 (the data network), read from the kernel's
+# table of local addresses: on a swarm a task's address is known only once it runs.
+own_address() {
+    awk -v cidr="$1" '
+        function number(address, parts) { split(address, parts, "."); return ((parts[1] * 256 + parts[2]) * 256 + parts[3]) * 256 + parts[4] }
+        BEGIN { split(cidr, c, "/"); size = 2 ^ (32 - c[2]); network = number(c[1]) - number(c[1]) % size }
+        /\/32 host LOCAL/ && !found && number(previous) - number(previous) % size == network { print previous; found = 1 }
+        { previous = $2 }' /proc/net/fib_trie
+}
+
+# The first IPv4 address of a name (an address is its own, even where the resolver would
+# refuse it: getent asks with AI_ADDRCONFIG); fails when it does not resolve.
+resolve_address() {
+    local address
+    if [[ "$1" =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ ]]; then
+        printf '%s\n' "$1"
+        return 0
+    fi
+    address=$(getent ahostsv4 "$1" | awk 'NR == 1 { print $1 }') && [ -n "$address" ] && printf '%s\n' "$address"
+}

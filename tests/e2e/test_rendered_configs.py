@@ -305,8 +305,10 @@ def test_each_sentinel_starts_on_its_config_and_monitors_the_master_as_rendered(
             "! grep -n '^# ???' /data/sentinel.conf\n"
             "echo '=== rewritten'; cat /data/sentinel.conf\n"
         )
+        # With no network here, the Sentinel finds and announces its address on loopback.
+        env = [e for e in plain(sentinel.inputs["envs"]) if not e.startswith("DATA_SUBNET=")]
         output = run_check(
-            client, images, sentinel, script, env=[*plain(sentinel.inputs["envs"]), *admin_env(evaluation)]
+            client, images, sentinel, script, env=[*env, "DATA_SUBNET=127.0.0.0/8", *admin_env(evaluation)]
         )
         reported, rewritten = output.split("=== rewritten\n", 1)
         acl = uploads_of(sentinel)[render.SENTINEL_ACL_FILE]["content"]
@@ -331,6 +333,7 @@ def test_each_sentinel_starts_on_its_config_and_monitors_the_master_as_rendered(
         assert len(masters) == 1, masters
         assert {key: masters[0][key] for key in expected_master} == expected_master, sentinel.inputs["name"]
         assert {key: options[key] for key in expected_options} == expected_options, sentinel.inputs["name"]
+        assert options["announce-ip"] == "127.0.0.1", sentinel.inputs["name"]  # its own address, found at start
 
 
 def loaded_users(acl_list: str) -> set[str]:
