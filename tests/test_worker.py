@@ -285,11 +285,28 @@ class Completed:
         self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
 
-def runner_job(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, **env: str) -> dict[str, Any]:
+@pytest.fixture
+def ssh_port(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A port that accepts connections on 127.0.0.1 only: the runner's probe of an MPI node's SSH."""
+    from transvidio_jobs import runner
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    monkeypatch.setattr(runner, "SSH_PORT", listener.getsockname()[1])
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+# Two nodes that answer (127.0.0.1 and localhost) and one that refuses (nothing listens on 127.0.0.3).
+HOSTFILE = "127.0.0.1 slots=1\n\n127.0.0.3 slots=4\nlocalhost slots=2\n"
+
+
+def runner_job(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, hostfile: str = HOSTFILE, **env: str
+) -> dict[str, Any]:
     upload_id = "0123456789abcdef" * 2
     (tmp_path / "uploads" / "alice").mkdir(parents=True)
     (tmp_path / "uploads" / "alice" / upload_id).write_bytes(b"video")
-    (tmp_path / "hostfile").write_text("mpi-master slots=1\nmpi-worker-1 slots=2\n")
+    (tmp_path / "hostfile").write_text(hostfile)
     for name in ("MPI_RANKS", "TRANSVIDIO_SEGMENT_ROUNDS", "TRANSVIDIO_SEGMENT_STEP"):
         monkeypatch.delenv(name, raising=False)
     base = {"MPI_HOSTFILE": str(tmp_path / "hostfile"), "UPLOADS_DIR": str(tmp_path / "uploads"), "OUTPUTS_DIR": "/out"}
@@ -298,36 +315,85 @@ def runner_job(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, **env: s
     return {"id": "job-7", "owner": "alice", "upload_id": upload_id, "duration_seconds": 90, "target_language": "de"}
 
 
-def test_a_job_runs_under_mpirun_on_every_slot_and_returns_the_result_path_it_printed(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+class Mpirun:
+    """subprocess.run for mpirun: records each command and the hostfile it was given, as it was then."""
+
+    def __init__(self, answer: Completed) -> None:
+        self.answer = answer
+        self.runs: list[tuple[list[str], dict[str, Any], str]] = []
+
+    def __call__(self, command: list[str], **kwargs: Any) -> Completed:
+        hostfile = pathlib.Path(command[command.index("--hostfile") + 1]).read_text()
+        self.runs.append((command, kwargs, hostfile))
+        return self.answer
+
+
+def test_a_job_runs_under_mpirun_on_every_slot_of_the_nodes_that_answer_and_returns_its_result_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, ssh_port: int
 ) -> None:
     from transvidio_jobs import runner
 
     job = runner_job(monkeypatch, tmp_path, TRANSVIDIO_SEGMENT_ROUNDS="10", TRANSVIDIO_SEGMENT_STEP="mod:fn")
-    runs: list[tuple[list[str], dict[str, Any]]] = []
-
-    def run(command: list[str], **kwargs: Any) -> Completed:
-        runs.append((command, kwargs))
-        return Completed(0, stdout="rank chatter\njob-7/result.json\n")
-
-    monkeypatch.setattr(subprocess, "run", run)
+    mpirun = Mpirun(Completed(0, stdout="rank chatter\njob-7/result.json\n"))
+    monkeypatch.setattr(subprocess, "run", mpirun)
     assert runner.execute(job) == "job-7/result.json"
-    (command, kwargs), *rest = runs
+    (command, kwargs, hostfile), *rest = mpirun.runs
     assert rest == []
+    assert hostfile == "127.0.0.1 slots=1\nlocalhost slots=2\n"  # 127.0.0.3 refused: left out
+    given = command[command.index("--hostfile") + 1]
+    assert not pathlib.Path(given).exists()  # the run's own copy, removed after it
     assert command == [
-        "mpirun", "--hostfile", str(tmp_path / "hostfile"), "-np", "3", "-x", "PYTHONPATH",
+        "mpirun", "--hostfile", given, "-np", "3", "-x", "PYTHONPATH",
         "-x", "TRANSVIDIO_SEGMENT_ROUNDS", "-x", "TRANSVIDIO_SEGMENT_STEP",
         sys.executable, "-m", "transvidio_jobs.mpi_job",
         "job-7", str(tmp_path / "uploads"), "alice", job["upload_id"], "90", "de", "/out",
     ]  # fmt: skip
     assert kwargs == {"capture_output": True, "text": True, "timeout": runner.MPI_TIMEOUT_SECONDS, "check": False}
-    monkeypatch.setenv("MPI_RANKS", "2")  # a setting overrides the hostfile's slots
+    monkeypatch.setenv("MPI_RANKS", "2")  # a setting asks for fewer ranks than slots
     runner.execute(job)
-    assert runs[-1][0][runs[-1][0].index("-np") + 1] == "2"
+    assert mpirun.runs[-1][0][mpirun.runs[-1][0].index("-np") + 1] == "2"
+    monkeypatch.setenv("MPI_RANKS", "7")  # and never gets more than the slots that answer
+    runner.execute(job)
+    assert mpirun.runs[-1][0][mpirun.runs[-1][0].index("-np") + 1] == "3"
+
+
+def test_with_no_node_answering_the_attempt_fails_before_mpirun(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, ssh_port: int
+) -> None:
+    from transvidio_jobs import runner
+
+    job = runner_job(monkeypatch, tmp_path, hostfile="127.0.0.3 slots=2\n127.0.0.4\n")
+    mpirun = Mpirun(Completed(0))
+    monkeypatch.setattr(subprocess, "run", mpirun)
+    with pytest.raises(RuntimeError, match=r"^no MPI node answers$"):
+        runner.execute(job)
+    assert mpirun.runs == []
+
+
+def test_the_nodes_are_probed_side_by_side_within_the_probe_time(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    from transvidio_jobs import runner
+
+    # A node that never answers (a lost swarm node: its packets dropped) costs the probe's
+    # time once, not once per node: they are probed at once.
+    probed: list[float] = []
+    barrier = threading.Barrier(3, timeout=5)
+
+    def answers(host: str) -> bool:
+        barrier.wait()  # all three probes are under way together, or this times out
+        probed.append(1.0)
+        return host != "lost"
+
+    monkeypatch.setattr(runner, "answers", answers)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("a slots=1\nlost slots=1\nb slots=2\n")
+    assert runner.answering_lines(str(hostfile)) == ["a slots=1\n", "b slots=2\n"]
+    assert len(probed) == 3
 
 
 def test_a_failed_mpirun_fails_the_attempt_with_the_tail_of_its_output(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, ssh_port: int
 ) -> None:
     from transvidio_jobs import runner
 

@@ -183,26 +183,48 @@ def test_jobs_complete_while_a_replica_and_the_redis_master_are_down(prod: Deplo
         time.sleep(1)
 
 
-def test_a_failed_mpi_run_is_retried_and_a_hopeless_job_fails_with_its_reason(prod: Deployment, video: bytes) -> None:
-    # mpirun cannot reach a stopped worker: the attempt fails with mpirun's own words and the
-    # job is queued again after a backoff (10 s), by which time the worker is back: the retry
-    # completes it, once.
+def rank_runs_on(deployment: Deployment, hostname: str) -> bool:
+    """Whether an MPI rank of a job runs in the node's container now."""
+    # A pattern that does not match this very command line.
+    code, _ = deployment.exec(hostname, ["bash", "-c", "grep -qs 'transvidio_jobs[.]mpi_job' /proc/[0-9]*/cmdline"])
+    return code == 0
+
+
+def test_a_stopped_worker_is_left_out_a_lost_rank_is_retried_and_a_hopeless_job_fails_with_its_reason(
+    prod: Deployment, video: bytes
+) -> None:
     worker = prod.topology.mpi_workers[-1].hostname
+    upload_id = upload(prod, video[:65536])
+    # A worker that is down when the job starts is left out: the job runs on the others, at
+    # its first attempt.
     prod.client.containers.get(prod.name(worker)).stop(timeout=5)
     try:
-        job = submit(prod, upload(prod, video[:65536]), 90, "sv")
-        deadline = time.monotonic() + 90
-        while not (api(prod, "GET", f"/api/jobs/{job['id']}")[1]["error"] or "").startswith("RuntimeError: mpirun"):
-            assert time.monotonic() < deadline, api(prod, "GET", f"/api/jobs/{job['id']}")[1]
-            time.sleep(0.5)
-        assert api(prod, "GET", f"/api/jobs/{job['id']}")[1]["status"] in ("queued", "running")  # retried
+        done = wait_done(prod, submit(prod, upload_id, 90, "sv")["id"])
     finally:
         prod.client.containers.get(prod.name(worker)).start()
+    assert (done["status"], done["attempts"], done["completions"]) == ("succeeded", 1, 1), done
+    result = fetch_result(prod, done)
+    others = [n.hostname for n in prod.topology.mpi_nodes if n.hostname != worker]
+    assert sorted({s["host"] for s in result["segments"]}) == sorted(others)
+    assert result["ranks"] == len(others) * prod.topology.settings.mpi.slots_per_node
     wait_healthy(prod.client, prod.name(worker), timeout=60)
+    # A worker lost while its rank runs fails the attempt with mpirun's own words; the job is
+    # queued again after a backoff (10 s), by which time the worker is back: the retry
+    # completes it, once.
+    job = submit(prod, upload_id, 90, "sv")
+    chaos.wait_for(lambda: rank_runs_on(prod, worker), 90, f"a rank running on {worker}", interval=0.2)
+    before = chaos.kill9(prod, worker)
+    chaos.wait_for(
+        lambda: (api(prod, "GET", f"/api/jobs/{job['id']}")[1]["error"] or "").startswith("RuntimeError: mpirun"),
+        90,
+        "the attempt failed by mpirun",
+        interval=0.5,
+    )
+    chaos.wait_restarted(prod, worker, before)
     done = wait_done(prod, job["id"])
     assert (done["status"], done["completions"], done["error"]) == ("succeeded", 1, None), done
-    assert done["attempts"] >= 2
-    report.LINES.append(f"prod: job whose first mpirun failed: {done['status']} after {done['attempts']} attempts")
+    assert done["attempts"] >= 2 and fetch_result(prod, done)["digest"]
+    report.LINES.append(f"prod: job whose worker was lost mid-run: {done['status']} after {done['attempts']} attempts")
     # An upload that disappeared can never succeed: after its attempts, failed with the reason.
     upload_id = upload(prod, video[:4096])
     job = submit(prod, upload_id, 90, "sv")

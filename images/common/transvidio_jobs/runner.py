@@ -1,22 +1,33 @@
-"""The MPI master's job runner: claims long jobs and runs each with mpirun over the hostfile.
+"""The MPI master's job runner: claims long jobs and runs each with mpirun over the nodes of
+the hostfile that answer.
 
-A failed mpirun marks the attempt failed with the tail of its output; the job is queued
-again while attempts remain. If this process dies, the container restarts it and the
-job's lease expires, so another attempt takes it.
+One dead rank kills an MPI job, so each run starts only on the nodes whose SSH port answers
+at that moment (a worker stopped, a swarm node lost): the job runs on the others rather than
+failing every attempt until the node is back. A failed mpirun (a node lost mid-run) marks
+the attempt failed with the tail of its output; the job is queued again while attempts
+remain. If this process dies, the container restarts it and the job's lease expires, so
+another attempt takes it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from transvidio_jobs import processing
 from transvidio_jobs.worker import run_forever
 
 MPI_TIMEOUT_SECONDS = int(os.environ.get("MPI_JOB_TIMEOUT_SECONDS", "3600"))
+SSH_PORT = 22
+PROBE_SECONDS = 2.0  # a node on the data network answers in milliseconds, or never
+
+log = logging.getLogger("transvidio.runner")
 
 
 def slots(hostfile: str) -> int:
@@ -29,13 +40,45 @@ def slots(hostfile: str) -> int:
     return total
 
 
+def answers(host: str) -> bool:
+    """Whether the host's SSH port accepts a connection within PROBE_SECONDS."""
+    try:
+        with socket.create_connection((host, SSH_PORT), timeout=PROBE_SECONDS):
+            return True
+    except OSError:
+        return False
+
+
+def answering_lines(hostfile: str) -> list[str]:
+    """The hostfile's lines whose host answers now, in the hostfile's order (probed side by side)."""
+    with open(hostfile) as lines:
+        entries = [line for line in lines if line.strip()]
+    with ThreadPoolExecutor(max_workers=max(1, len(entries))) as pool:
+        up = list(pool.map(lambda line: answers(line.split()[0]), entries))
+    left_out = [line.split()[0] for line, ok in zip(entries, up, strict=True) if not ok]
+    if left_out:
+        log.warning("MPI nodes that do not answer, left out of this run: %s", " ".join(left_out))
+    return [line for line, ok in zip(entries, up, strict=True) if ok]
+
+
 def execute(job: dict[str, Any]) -> str:
-    hostfile = os.environ["MPI_HOSTFILE"]
     uploads_dir = os.environ["UPLOADS_DIR"]
     owner, upload_id = str(job["owner"]), str(job["upload_id"])
     # Checked here as every rank checks it: a bad reference fails the job before mpirun starts.
     os.close(processing.open_upload(uploads_dir, owner, upload_id))
-    ranks = int(os.environ.get("MPI_RANKS") or slots(hostfile))
+    lines = answering_lines(os.environ["MPI_HOSTFILE"])
+    if not lines:
+        raise RuntimeError("no MPI node answers")
+    with tempfile.NamedTemporaryFile("w", prefix="hostfile-", suffix=".txt") as hostfile:
+        hostfile.writelines(lines)
+        hostfile.flush()
+        return _run(job, hostfile.name, uploads_dir, owner, upload_id)
+
+
+def _run(job: dict[str, Any], hostfile: str, uploads_dir: str, owner: str, upload_id: str) -> str:
+    # MPI_RANKS (the benchmark's setting) asks for fewer ranks than slots, never for more than answer.
+    available = slots(hostfile)
+    ranks = min(int(os.environ.get("MPI_RANKS") or available), available)
     command = [
         "mpirun",
         "--hostfile",
