@@ -251,6 +251,11 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
         self._registering: dict[Key, dict[str, Any]] = {}
         self._declared: set[Key] = set()
         self._replace_dependents: set[Key] = set()
+        # What a create-before-delete replacement left behind: deleted at the end of the
+        # apply, once its dependents use the replacement (Pulumi's step generator condemns the
+        # old resource and deletes it with the deletes, in GenerateDeletes). A swarm secret or
+        # config still used by a service cannot be removed before that service is updated.
+        self._replaced: list[Resource] = []
         # Steps in flight, and the first failure: after one, the engine starts no new step
         # and waits for those in flight (it does not continue on error by default).
         self._steps = threading.Condition()
@@ -282,6 +287,10 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
         self._registering.clear()
         self._declared.clear()
         self._replace_dependents.clear()
+        # What an apply that failed left pending deletion goes first, as Pulumi deletes a
+        # snapshot's pending deletes before the next plan (tests/integration/double_pending_delete).
+        while self._replaced:
+            self._delete(self._replaced.pop())
 
     def registering(
         self,
@@ -300,7 +309,8 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
             }
 
     def finish(self) -> Plan:
-        """Deletes what the program no longer declares, dependents first."""
+        """Deletes what the program no longer declares, dependents first, then what
+        replacements left behind."""
         gone = {key for key in self.state if key not in self._declared}
         if self.refresh:
             for key in sorted(gone):
@@ -315,6 +325,8 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
                 self._delete(self.state.pop(key))
                 self.plan.steps.append(Step("delete", *key))
                 gone.discard(key)
+        while self._replaced:
+            self._delete(self._replaced.pop())
         return self.plan
 
     # --- dispatch -------------------------------------------------------------------------
@@ -477,7 +489,8 @@ class DockerApplyMocks(pulumi.runtime.Mocks):
             resource = self._create(old.type, old.name, inputs, meta)
         else:
             resource = self._create(old.type, old.name, inputs, meta)
-            self._delete(old)
+            with self.lock:
+                self._replaced.append(old)
         self._record("replace", key, attributes)
         return resource
 
