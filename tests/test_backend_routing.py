@@ -238,3 +238,7 @@ def test_writes_connect_to_whichever_node_is_primary_and_reads_to_each_node() ->
         assert {k: reader[k] for k in worker.CONNECTION_TIMEOUTS} == worker.CONNECTION_TIMEOUTS
     assert int(worker.CONNECTION_TIMEOUTS["tcp_user_timeout"]) <= 10000
     assert {k: writer[k] for k in worker.CONNECTION_TIMEOUTS} == worker.CONNECTION_TIMEOUTS
+    # No request waits on a lock or a query longer than on any dependency, or than 5 s.
+    for conninfo in (writer, *(conninfo_to_dict(str(database.replicas[n].conninfo)) for n in nodes)):
+        expected = f"-c lock_timeout={int(config.dependency_timeout * 1000)} -c statement_timeout=5000"
+        assert conninfo["options"] == expected

@@ -69,6 +69,12 @@ def test_nginx_conf_carries_the_proxy_contract() -> None:
         assert "proxy_pass http://backends;" in location
         assert "proxy_next_upstream error timeout http_502 http_504;" in location
     assert "http_503" not in conf and "non_idempotent" not in conf
+    # An API answer stuck on a gone backend (a kept-alive connection to a lost node) is given
+    # up, and a GET retried elsewhere, after 10 s; an upload's answer may wait for its body.
+    read_timeouts = [
+        line.strip() for location in api_locations for line in location.splitlines() if "read_timeout" in line
+    ]
+    assert read_timeouts == ["proxy_read_timeout 10s;", "proxy_read_timeout 300s;", "proxy_read_timeout 10s;"]
     assert "proxy_set_header Upgrade $http_upgrade;" in conf
     assert "proxy_set_header Connection $connection_upgrade;" in conf
     assert f"alias {render.OUTPUTS_DIR}/;" in conf
@@ -204,6 +210,12 @@ def test_postgresql_conf_holds_the_sizes_and_nothing_patroni_owns() -> None:
     }
     assert values["password_encryption"] == "'scram-sha-256'"
     assert values["hot_standby_feedback"] == "on"
+    # A client gone without a word loses its transaction and locks within about 11 s.
+    assert {k: values[k] for k in values if k.startswith("tcp_keepalives")} == {
+        "tcp_keepalives_idle": "5",
+        "tcp_keepalives_interval": "2",
+        "tcp_keepalives_count": "3",
+    }
     assert not set(values) & PATRONI_OWNED
     assert not set(values) & {"primary_conninfo", "primary_slot_name", "hba_file", "unix_socket_directories"}
 

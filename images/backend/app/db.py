@@ -31,6 +31,12 @@ T = TypeVar("T")
 
 DOWN_SECONDS = 5.0
 MAX_LAG_SECONDS = float(os.environ.get("REPLICA_MAX_LAG_SECONDS", "5"))
+STATEMENT_TIMEOUT_MS = 5000  # the API's queries are lookups and one insert: milliseconds
+
+
+def lock_timeout_ms(config: Config) -> int:
+    """How long a request waits for a lock: as long as for any dependency."""
+    return int(config.dependency_timeout * 1000)
 
 
 class DependencyDownError(Exception):
@@ -61,6 +67,10 @@ class Database:
             user=c.postgres_user,
             password=c.postgres_password,
             connect_timeout=str(max(1, int(c.dependency_timeout))),
+            # A request never waits long on the database: the owner's lock held by a
+            # transaction whose client is gone (a node lost) or a query that does not finish
+            # is a 503 naming PostgreSQL, not a request hanging until nginx gives up.
+            options=f"-c lock_timeout={lock_timeout_ms(c)} -c statement_timeout={STATEMENT_TIMEOUT_MS}",
             **worker.CONNECTION_TIMEOUTS,
         )
         return AsyncConnectionPool(
