@@ -14,12 +14,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from transvidio_jobs import processing
 
 from tests.e2e import chaos, report, traffic
 from tests.e2e.apply import wait_healthy
 from tests.e2e.conftest import Deployment, deployed
-from tests.e2e.traffic import GetStream, request
+from tests.e2e.traffic import GetStream, api, check_result, fetch_result, request, submit, upload, wait_done
 
 STACK = "prod"
 NGINX = "127.0.0.1"
@@ -40,63 +39,10 @@ def port(deployment: Deployment) -> int:
     return deployment.topology.settings.nginx.http_port
 
 
-def api(deployment: Deployment, method: str, path: str, document: Any = None) -> tuple[int, Any]:
-    body = json.dumps(document).encode() if document is not None else None
-    status, _, raw = request(deployment, method, path, body, {"Content-Type": "application/json"})
-    return status, json.loads(raw) if raw else None
-
-
 def readiness(deployment: Deployment) -> tuple[int, Any]:
     """/api/health through nginx, from inside the cluster (the only place that may ask)."""
     status, raw = traffic.from_inside(deployment, "/api/health")
     return status, json.loads(raw)
-
-
-def upload(deployment: Deployment, data: bytes) -> str:
-    status, _, raw = request(deployment, "POST", "/api/uploads", data, {"Content-Type": "application/octet-stream"})
-    assert status == 201, raw
-    document = json.loads(raw)
-    assert document["size"] == len(data)
-    return str(document["upload_id"])
-
-
-def submit(deployment: Deployment, upload_id: str, duration: int, language: str) -> dict[str, Any]:
-    status, job = api(
-        deployment,
-        "POST",
-        "/api/jobs",
-        {"upload_id": upload_id, "duration_seconds": duration, "target_language": language},
-    )
-    assert status == 201, job
-    return dict(job)
-
-
-def wait_done(deployment: Deployment, job_id: str, timeout: float = 240) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status, job = api(deployment, "GET", f"/api/jobs/{job_id}")
-        assert status == 200, job
-        if job["status"] in ("succeeded", "failed"):
-            return dict(job)
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} not done within {timeout}s: {job}")
-
-
-def fetch_result(deployment: Deployment, job: dict[str, Any]) -> dict[str, Any]:
-    """The result through its signed link, as a browser handed the link would get it."""
-    status, headers, raw = request(deployment, "GET", job["result_url"], token=None)
-    assert status == 200 and headers["content-type"] == "application/json", (status, raw)
-    return dict(json.loads(raw))
-
-
-def check_result(result: dict[str, Any], data: bytes, job: dict[str, Any]) -> None:
-    """Recomputes every segment from the uploaded bytes with the same processing code."""
-    duration, language = job["duration_seconds"], job["target_language"]
-    assert [s["index"] for s in result["segments"]] == list(range(duration))
-    for segment in result["segments"]:
-        start, end = processing.segment_bounds(len(data), duration, segment["index"])
-        assert segment["digest"] == processing.reference_step([data[start:end]], segment["index"], language)["digest"]
-    assert result["digest"] == processing.assemble(job["id"], language, result["segments"])["digest"]
 
 
 def test_upload_then_a_short_and_a_long_job_complete_with_checked_results(prod: Deployment, video: bytes) -> None:

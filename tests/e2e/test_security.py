@@ -25,9 +25,9 @@ import redis
 
 from components import render
 from components.topology import REDIS_MASTER_NAME
-from tests.e2e import chaos, report, traffic
+from tests.e2e import chaos, report
 from tests.e2e.conftest import Deployment, deployed
-from tests.e2e.traffic import request
+from tests.e2e.traffic import request, upload, wait_done
 from tests.program import plain
 
 STACK = "prod"
@@ -43,26 +43,8 @@ def prod() -> Iterator[Deployment]:
         yield deployment
 
 
-def upload(deployment: Deployment, data: bytes, token: str | None = traffic.STACK_TOKEN) -> str:
-    status, _, raw = request(deployment, "POST", "/api/uploads", data, token=token)
-    assert status == 201, raw
-    return str(json.loads(raw)["upload_id"])
-
-
 def job_body(upload_id: str, duration: int = 5) -> bytes:
     return json.dumps({"upload_id": upload_id, "duration_seconds": duration, "target_language": "fr"}).encode()
-
-
-def wait_done(deployment: Deployment, job_id: str, token: str | None = traffic.STACK_TOKEN) -> dict[str, Any]:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        status, _, raw = request(deployment, "GET", f"/api/jobs/{job_id}", token=token)
-        assert status == 200, raw
-        job = json.loads(raw)
-        if job["status"] in ("succeeded", "failed"):
-            return dict(job)
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} not done")
 
 
 # --- who may ask --------------------------------------------------------------------------

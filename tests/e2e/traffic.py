@@ -7,11 +7,14 @@ caller passes another, or `token=None` for a request without one.
 from __future__ import annotations
 
 import http.client
+import json
 import threading
 import time
 from collections import Counter
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
+
+from transvidio_jobs import processing
 
 from components import render
 from components.topology import NGINX_HTTP_PORT, Topology
@@ -58,6 +61,79 @@ def request(
         connection.close()
 
 
+def api(
+    deployment: Stack,
+    method: str,
+    path: str,
+    document: Any = None,
+    token: str | None = STACK_TOKEN,
+    host: str = NGINX,
+) -> tuple[int, Any]:
+    """A JSON request to the API and its decoded answer."""
+    body = json.dumps(document).encode() if document is not None else None
+    status, _, raw = request(
+        deployment, method, path, body, {"Content-Type": "application/json"}, token=token, host=host
+    )
+    return status, json.loads(raw) if raw else None
+
+
+def upload(deployment: Stack, data: bytes, token: str | None = STACK_TOKEN, host: str = NGINX) -> str:
+    """POST /api/uploads: the new upload's id."""
+    headers = {"Content-Type": "application/octet-stream"}
+    status, _, raw = request(deployment, "POST", "/api/uploads", data, headers, token=token, host=host)
+    assert status == 201, raw
+    document = json.loads(raw)
+    assert document["size"] == len(data)
+    return str(document["upload_id"])
+
+
+def submit(
+    deployment: Stack,
+    upload_id: str,
+    duration: int,
+    language: str,
+    token: str | None = STACK_TOKEN,
+    host: str = NGINX,
+) -> dict[str, Any]:
+    """POST /api/jobs: the accepted job."""
+    document = {"upload_id": upload_id, "duration_seconds": duration, "target_language": language}
+    status, job = api(deployment, "POST", "/api/jobs", document, token=token, host=host)
+    assert status == 201, job
+    return dict(job)
+
+
+def wait_done(
+    deployment: Stack, job_id: str, timeout: float = 240, token: str | None = STACK_TOKEN, host: str = NGINX
+) -> dict[str, Any]:
+    """The job once it succeeded or failed; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    job: Any = None
+    while time.monotonic() < deadline:
+        status, job = api(deployment, "GET", f"/api/jobs/{job_id}", token=token, host=host)
+        assert status == 200, job
+        if job["status"] in ("succeeded", "failed"):
+            return dict(job)
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} not done within {timeout}s: {job}")
+
+
+def fetch_result(deployment: Stack, job: dict[str, Any], host: str = NGINX) -> dict[str, Any]:
+    """The result through its signed link, as a browser handed the link would get it."""
+    status, headers, raw = request(deployment, "GET", job["result_url"], token=None, host=host)
+    assert status == 200 and headers["content-type"] == "application/json", (status, raw)
+    return dict(json.loads(raw))
+
+
+def check_result(result: dict[str, Any], data: bytes, job: dict[str, Any]) -> None:
+    """Recomputes every segment from the uploaded bytes with the same processing code."""
+    duration, language = job["duration_seconds"], job["target_language"]
+    assert [s["index"] for s in result["segments"]] == list(range(duration))
+    for segment in result["segments"]:
+        start, end = processing.segment_bounds(len(data), duration, segment["index"])
+        assert segment["digest"] == processing.reference_step([data[start:end]], segment["index"], language)["digest"]
+    assert result["digest"] == processing.assemble(job["id"], language, result["segments"])["digest"]
+
+
 # Run in a backend: an HTTP request to nginx from inside the cluster, printed as status + body.
 _INSIDE = """
 import sys, urllib.error, urllib.request
@@ -96,10 +172,19 @@ class GetStream:
     `hosts`: the nginx addresses to spread the clients over (a swarm's nodes)."""
 
     def __init__(
-        self, deployment: Stack, path: str, expected: int, clients: int = 4, hosts: tuple[str, ...] = (NGINX,)
+        self,
+        deployment: Stack,
+        path: str,
+        expected: int,
+        clients: int = 4,
+        hosts: tuple[str, ...] = (NGINX,),
+        timeout: float = 10,
     ) -> None:
         self.deployment, self.path, self.expected, self.hosts = deployment, path, expected, hosts
+        self.timeout = timeout  # how long a client waits for each answer
         self.failures: list[str] = []
+        self.failure_times: list[float] = []  # time.monotonic() of each failure
+        self.slowest = 0.0  # the longest a request took, answered or not
         self.served: Counter[str] = Counter()
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -109,16 +194,19 @@ class GetStream:
 
     def _client(self, host: str) -> None:
         while not self.stop.is_set():
+            started = time.monotonic()
             try:
-                status, headers, _ = request(self.deployment, "GET", self.path, timeout=10, host=host)
+                status, headers, _ = request(self.deployment, "GET", self.path, timeout=self.timeout, host=host)
                 outcome = None if status == self.expected else f"HTTP {status}"
                 backend = headers.get("x-served-by", "?")
             except OSError as error:
                 outcome, backend = repr(error), "-"
             with self.lock:
+                self.slowest = max(self.slowest, time.monotonic() - started)
                 self.served[backend] += 1
                 if outcome:
                     self.failures.append(outcome)
+                    self.failure_times.append(time.monotonic())
             if outcome:
                 time.sleep(0.05)
 

@@ -84,7 +84,12 @@ def probe(swarm: Swarm, probe_image: str) -> Iterator[str]:
         yield "bed-probe"
     finally:
         service.remove()
-        wait_for(lambda: not [c for n in swarm.nodes.values() for c in n.containers.list(all=True)], 60, "no task")
+        probes = {"label": "com.docker.swarm.service.name=bed-probe"}
+        wait_for(
+            lambda: not [c for n in swarm.nodes.values() for c in n.containers.list(all=True, filters=probes)],
+            60,
+            "no probe task left",
+        )
         network.remove()
 
 

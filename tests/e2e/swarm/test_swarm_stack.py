@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import shutil
+import subprocess
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import docker.errors
@@ -23,9 +26,9 @@ import pytest
 
 from components.container import LABEL_PREFIX, SERVICE_UIDS
 from components.settings import parse
-from components.topology import REDIS_ADMIN_USER, REDIS_MASTER_NAME, Topology
+from components.topology import REDIS_ADMIN_USER, REDIS_APP_USER, REDIS_MASTER_NAME, REDIS_PORT, SENTINEL_PORT, Topology
 from tests.e2e import apply, report, swarm_target, traffic
-from tests.e2e.swarm.conftest import Swarm
+from tests.e2e.swarm.conftest import SWARM_SH, Swarm
 from tests.e2e.swarm.test_bed import wait_for
 from tests.program import Evaluation, evaluate, plain, stack_config
 
@@ -54,6 +57,7 @@ class SwarmDeployment:
     mocks: apply.DockerApplyMocks
     overrides: dict[str, Any]
     evaluation: Evaluation
+    converge_seconds: float = 0.0
 
     @property
     def topology(self) -> Topology:
@@ -73,26 +77,43 @@ class SwarmDeployment:
         """Every node's address: each runs an nginx task publishing nginx.httpPort on the node."""
         return tuple(client.info()["Swarm"]["NodeAddr"] for _, client in sorted(self.swarm.nodes.items()))
 
-    def apply(self, overrides: dict[str, Any]) -> apply.Plan:
-        """`pulumi up` again with `overrides` merged into the stack's config."""
+    secret_config: dict[str, str] = field(default_factory=dict)  # `pulumi config set --secret` values
+
+    def apply(self, overrides: dict[str, Any], secret_config: dict[str, str] | None = None) -> apply.Plan:
+        """`pulumi up` again with `overrides` merged into the stack's config, and `secret_config`
+        added to the secrets set so far."""
         config = {key: {**value} for key, value in self.overrides.items()}
         for key, value in overrides.items():
             config[key] = {**config.get(key, {}), **value}
-        self.evaluation, plan = apply.up(self.mocks, STACK, config)
-        self.overrides = config
+        secrets = {**self.secret_config, **(secret_config or {})}
+        self.evaluation, plan = apply.up(self.mocks, STACK, config, secret_config=secrets or None)
+        self.overrides, self.secret_config = config, secrets
         return plan
 
     def backend_image(self) -> str:
         return str(self.services()[f"{self.topology.settings.prefix}-backend"]["taskSpec"]["containerSpec"]["image"])
 
-    def running(self, service: str, via: str | None = None) -> dict[str, dict[str, Any]]:
-        """The service's running tasks, by the label of the node each runs on, as the manager
-        `via` (default the first) sees them."""
+    def running_tasks(self, service: str, via: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """The service's running tasks, each with the label of the node it runs on, as the
+        manager `via` (default the first) sees them."""
         manager = self.swarm.nodes[via] if via else self.swarm.manager
         labels = {n.id: n.attrs["Spec"]["Labels"].get("transvidio.node") for n in manager.nodes.list()}
-        return {
-            labels[t["NodeID"]]: t for t in swarm_target.tasks(manager, service) if t["Status"]["State"] == "running"
-        }
+        return [
+            (labels[t["NodeID"]], t) for t in swarm_target.tasks(manager, service) if t["Status"]["State"] == "running"
+        ]
+
+    def running(self, service: str, via: str | None = None) -> dict[str, dict[str, Any]]:
+        """The service's running tasks by the node each runs on (at most one task per node)."""
+        tasks = self.running_tasks(service, via)
+        assert len({node for node, _ in tasks}) == len(tasks), (service, [node for node, _ in tasks])
+        return dict(tasks)
+
+    def data_address(self, hostname: str, via: str | None = None) -> str:
+        """The address of the node's running task on the data network."""
+        prefix = self.topology.settings.prefix
+        ((_, task),) = self.running(f"{prefix}-{hostname}", via).items()
+        (attachment,) = [a for a in task["NetworksAttachments"] if a["Network"]["Spec"]["Name"] == f"{prefix}-data"]
+        return str(attachment["Addresses"][0].split("/")[0])
 
     def exec(
         self, hostname: str, command: list[str], env: dict[str, str] | None = None, via: str | None = None
@@ -119,6 +140,8 @@ def shared_directories(evaluation: Evaluation) -> dict[str, int]:
 
 def clean(swarm: Swarm) -> None:
     label = f"{LABEL_PREFIX}.stack={STACK}"
+    # A node back from a cut can start an election: wait for a leader first.
+    wait_for(lambda: swarm.manager.nodes.list(), 120, "a swarm leader")
     swarm_target.teardown(swarm.manager, label)
     for client in swarm.nodes.values():  # what each node made for its tasks: containers, volumes
         for container in client.api.containers(all=True, filters={"label": label}):
@@ -139,28 +162,46 @@ def deployment(swarm: Swarm) -> Iterator[SwarmDeployment]:
         os.chown(path, uid, uid)
     mocks = apply.DockerApplyMocks(swarm.manager, STACK)
     try:
+        started = time.monotonic()
         evaluation, plan = apply.up(mocks, STACK, overrides)
         assert plan.counts()["create"] == len(mocks.state), str(plan)
-        yield SwarmDeployment(swarm, mocks, overrides, evaluation)
+        yield SwarmDeployment(swarm, mocks, overrides, evaluation, converge_seconds=time.monotonic() - started)
     finally:
         if not os.environ.get("E2E_KEEP"):
             clean(swarm)
 
 
+def misplaced(deployment: SwarmDeployment, via: str | None = None, spread: bool = True) -> list[str]:
+    """Every service whose running tasks are not where its placement puts them, as the manager
+    `via` sees it: a pinned one on its node, one per node on every node, a replicated one with
+    its replicas (spread over the nodes, unless `spread` is False: Swarm does not move tasks
+    back to a node that returns). Empty when the stack has converged as declared."""
+    problems = []
+    for name, service in deployment.services().items():
+        nodes = sorted(node for node, _ in deployment.running_tasks(name, via))
+        constraints = service["taskSpec"].get("placement", {}).get("constraints")
+        if constraints:
+            wanted: Any = [constraints[0].split("==")[1]]
+            placed: Any = nodes
+        elif service["taskSpec"]["placement"].get("maxReplicas") == 1:  # one on each node
+            wanted, placed = sorted(deployment.swarm.nodes), nodes
+        else:
+            replicas = service["mode"]["replicated"]["replicas"]
+            wanted = (replicas, min(replicas, len(deployment.swarm.nodes)) if spread else None)
+            placed = (len(nodes), len(set(nodes)) if spread else None)
+        if placed != wanted:
+            problems.append(f"{name}: {placed}, not {wanted}")
+    return problems
+
+
 def test_every_service_converges_on_the_node_its_placement_names(deployment: SwarmDeployment) -> None:
     services = deployment.services()
     assert len(services) == len(deployment.topology.all_nodes) - deployment.topology.settings.backend.replica_count
-    for name, service in services.items():
-        running = deployment.running(name)
-        constraints = service["taskSpec"].get("placement", {}).get("constraints")
-        if constraints:
-            assert list(running) == [constraints[0].split("==")[1]], name
-        elif service["taskSpec"]["placement"].get("maxReplicas") == 1:  # one on each node
-            assert sorted(running) == sorted(deployment.swarm.nodes), name
-        else:
-            replicas = service["mode"]["replicated"]["replicas"]
-            assert len(running) == replicas, name
-            assert len(set(running)) == min(replicas, len(deployment.swarm.nodes)), name  # spread
+    assert misplaced(deployment) == []
+    report.LINES.append(
+        f"swarm: the prod stack converged on {len(deployment.swarm.nodes)} nodes "
+        f"{deployment.converge_seconds:.0f}s after the apply started"
+    )
 
 
 def test_a_second_apply_with_no_change_does_nothing(deployment: SwarmDeployment) -> None:
@@ -171,22 +212,27 @@ def test_a_second_apply_with_no_change_does_nothing(deployment: SwarmDeployment)
 PATRONI_CLUSTER = "import urllib.request;print(urllib.request.urlopen('http://localhost:8008/cluster').read().decode())"
 
 
-def test_postgres_replicas_stream_from_the_primary_across_nodes(deployment: SwarmDeployment) -> None:
-    def cluster() -> dict[str, Any] | None:
-        code, out = deployment.exec("postgres-replica-1", ["python3", "-c", PATRONI_CLUSTER])
-        if code != 0:
-            return None
-        members = json.loads(out)["members"]
-        streaming = [m for m in members if m["role"] != "leader" and m.get("state") == "streaming"]
-        return members if len(streaming) == deployment.topology.settings.postgres.replica_count else None
+def cluster_streaming(deployment: SwarmDeployment, member: str, via: str | None = None) -> list[dict[str, Any]] | None:
+    """Patroni's members as `member` sees them, once every replica streams (None before)."""
+    try:
+        code, out = deployment.exec(member, ["python3", "-c", PATRONI_CLUSTER], via=via)
+    except (ValueError, docker.errors.APIError):  # its task is not running, or its node does not answer
+        return None
+    if code != 0:
+        return None
+    members: list[dict[str, Any]] = json.loads(out)["members"]
+    streaming = [m for m in members if m["role"] != "leader" and m.get("state") == "streaming"]
+    return members if len(streaming) == deployment.topology.settings.postgres.replica_count else None
 
-    members = wait_for(cluster, 120, "every replica streaming")
+
+def test_postgres_replicas_stream_from_the_primary_across_nodes(deployment: SwarmDeployment) -> None:
+    members = wait_for(lambda: cluster_streaming(deployment, "postgres-replica-1"), 120, "every replica streaming")
     assert sorted(m["name"] for m in members) == sorted(n.hostname for n in deployment.topology.postgres_nodes)
     assert [m["name"] for m in members if m["role"] == "leader"] == ["postgres-primary"]
     assert {m["host"] for m in members} == {n.hostname for n in deployment.topology.postgres_nodes}  # names
 
 
-def test_every_sentinel_names_the_same_master_by_name_and_has_its_quorum(deployment: SwarmDeployment) -> None:
+def test_every_sentinel_names_the_same_master_by_its_address_and_has_its_quorum(deployment: SwarmDeployment) -> None:
     auth = {"REDISCLI_AUTH": str(deployment.export("redisAdminPassword"))}
     command = ["redis-cli", "-p", "26379", "--user", REDIS_ADMIN_USER]
     for sentinel in deployment.topology.sentinels:
@@ -202,7 +248,8 @@ def test_every_sentinel_names_the_same_master_by_name_and_has_its_quorum(deploym
             60,
             f"{sentinel.hostname} knows the master",
         )
-        assert master.split() == ["redis-0", "6379"], sentinel.hostname
+        # An address, never a name: a Sentinel resolving a name that is gone stalls and tilts.
+        assert master.split() == [deployment.data_address("redis-0"), "6379"], sentinel.hostname
         assert (answer("SENTINEL", "ckquorum", REDIS_MASTER_NAME) or "").startswith("OK"), sentinel.hostname
 
 
@@ -212,6 +259,21 @@ def test_nginx_answers_on_every_node(deployment: SwarmDeployment) -> None:
         address = client.info()["Swarm"]["NodeAddr"]
         with urllib.request.urlopen(f"http://{address}:{port}/health", timeout=10) as response:
             assert response.status == 200, node
+
+
+def test_an_upload_and_a_long_job_through_nginx_run_ranks_on_every_node(deployment: SwarmDeployment) -> None:
+    first, last = deployment.nginx_hosts[0], deployment.nginx_hosts[-1]
+    data = os.urandom(256 * 1024)
+    upload_id = traffic.upload(deployment, data, host=last)
+    job = traffic.submit(deployment, upload_id, 90, "fr", host=last)
+    assert job["runner"] == "mpi"
+    done = traffic.wait_done(deployment, job["id"], host=first)  # any node's nginx knows every job
+    assert (done["status"], done["completions"]) == ("succeeded", 1), done
+    result = traffic.fetch_result(deployment, done, host=first)  # the outputs are on the shared storage
+    traffic.check_result(result, data, done)
+    node_of = {node.hostname: node.swarm_node for node in deployment.topology.mpi_nodes}
+    assert {node_of[segment["host"]] for segment in result["segments"]} == set(deployment.swarm.nodes)
+    assert result["ranks"] == len(node_of) * deployment.topology.settings.mpi.slots_per_node
 
 
 MISSING_JOB = "/api/jobs/00000000-0000-0000-0000-000000000000"  # a backend's own 404
@@ -265,4 +327,197 @@ def test_a_backend_image_that_never_gets_healthy_is_rolled_back_and_the_apply_fa
     assert service in str(raised.value)
     running = {t["Spec"]["ContainerSpec"]["Image"] for t in swarm_target.tasks(deployment.swarm.manager, service)}
     assert running == set(before.values())  # every task back on the image it had
+    assert stream.failures == []
+
+
+ADMIN_CLI = ["redis-cli", "--user", REDIS_ADMIN_USER, "--no-auth-warning"]
+
+
+def sentinel_master(deployment: SwarmDeployment, sentinel: str, via: str | None = None) -> str | None:
+    """The master's address as the Sentinel `sentinel` names it now (None if it does not answer)."""
+    env = {"REDISCLI_AUTH": str(deployment.export("redisAdminPassword"))}
+    command = [*ADMIN_CLI, "-p", "26379", "SENTINEL", "get-master-addr-by-name", REDIS_MASTER_NAME]
+    try:
+        code, out = deployment.exec(sentinel, command, env=env, via=via)
+    except (ValueError, docker.errors.APIError):  # its task is not running, or its node does not answer
+        return None
+    return out.split()[0] if code == 0 and out.strip() else None
+
+
+def update_windows(deployment: SwarmDeployment, hostnames: list[str]) -> list[tuple[str, str, str]]:
+    """(started, completed, hostname) of each node's service's last update, in start order."""
+    windows = []
+    for hostname in hostnames:
+        status = deployment.swarm.manager.api.inspect_service(f"{deployment.topology.settings.prefix}-{hostname}")
+        update = status.get("UpdateStatus") or {}
+        windows.append((update.get("StartedAt", ""), update.get("CompletedAt", ""), hostname))
+    return sorted(windows)
+
+
+def as_app(deployment: SwarmDeployment, hostname: str, port: int, password: str, *command: str) -> str:
+    """What the node answers the app's user with `password`."""
+    cli = ["redis-cli", "-p", str(port), "--user", REDIS_APP_USER, "--no-auth-warning"]
+    _, out = deployment.exec(hostname, [*cli, *command], env={"REDISCLI_AUTH": password})
+    return out.strip()
+
+
+def secrets_of(deployment: SwarmDeployment) -> dict[str, Any]:
+    """Each service's swarm secrets, as the program declares them now."""
+    return {name: spec["taskSpec"]["containerSpec"].get("secrets") for name, spec in deployment.services().items()}
+
+
+def test_a_rotated_redis_password_rolls_to_every_service_that_uses_it_a_node_at_a_time(
+    deployment: SwarmDeployment,
+) -> None:
+    topology = deployment.topology
+    prefix = topology.settings.prefix
+    before = secrets_of(deployment)
+    old = str(deployment.export("redisPassword"))
+    rotated = f"rotated-{uuid.uuid4().hex}"
+    with traffic.GetStream(deployment, MISSING_JOB, expected=404, hosts=deployment.nginx_hosts) as stream:
+        stream.wait_answers(20)
+        started = time.monotonic()
+        plan = deployment.apply({}, secret_config={"redisPassword": rotated})
+        rolled = time.monotonic() - started
+        stream.wait_answers(20)
+    # Exactly the services that hold the password (or the ACL made from it) got a new secret,
+    # each by an update in place: a rolling update.
+    using = {n.container_name for n in [*topology.redis_nodes, *topology.sentinels]} | {f"{prefix}-backend"}
+    after = secrets_of(deployment)
+    assert {name for name in after if after[name] != before[name]} == using
+    assert sorted(step.op for step in plan.steps if step.type == apply.SERVICE) == ["update"] * len(using)
+    # Each tier's nodes one after another: no update began before the one before it completed.
+    for tier in (topology.redis_nodes, topology.sentinels):
+        windows = update_windows(deployment, [n.hostname for n in tier])
+        for (_, completed, first), (begun, _, second) in itertools.pairwise(windows):
+            assert completed and begun >= completed, (first, second, windows)
+    # The new password opens the app's keys on the master and discovery on every Sentinel; the old one nothing.
+    master = sentinel_master(deployment, topology.sentinels[0].hostname)
+    (master_host,) = [n.hostname for n in topology.redis_nodes if deployment.data_address(n.hostname) == master]
+    assert as_app(deployment, master_host, REDIS_PORT, rotated, "PING") == "PONG"
+    assert "WRONGPASS" in as_app(deployment, master_host, REDIS_PORT, old, "PING")
+    for sentinel in topology.sentinels:
+        ask = ("SENTINEL", "get-master-addr-by-name", REDIS_MASTER_NAME)
+        assert as_app(deployment, sentinel.hostname, SENTINEL_PORT, rotated, *ask).split()[0] == master
+        assert "WRONGPASS" in as_app(deployment, sentinel.hostname, SENTINEL_PORT, old, *ask)
+    report.LINES.append(
+        f"swarm: the Redis password rotated by config rolled to {len(using)} services in {rolled:.0f}s "
+        f"under {stream.total} GETs: {len(stream.failures)} failed"
+    )
+    assert stream.failures == []
+
+
+def patroni_leader(deployment: SwarmDeployment, member: str, via: str) -> str | None:
+    """The Patroni leader's name as the member `member` sees the cluster (None if it does not answer)."""
+    try:
+        code, out = deployment.exec(member, ["python3", "-c", PATRONI_CLUSTER], via=via)
+    except (ValueError, docker.errors.APIError):
+        return None
+    leaders = [m["name"] for m in json.loads(out)["members"] if m["role"] == "leader"] if code == 0 else []
+    return str(leaders[0]) if leaders else None
+
+
+def swarm_node_of(topology: Topology, hostname: str) -> str | None:
+    return next(node.swarm_node for node in topology.all_nodes if node.hostname == hostname)
+
+
+def redis_settled(deployment: SwarmDeployment, sentinel: str, via: str | None = None) -> bool:
+    """Whether the Sentinel `sentinel` sees every other data node streaming from the master: that
+    many replicas up (flags just `slave`) with their link ok. A task restarted at a new address
+    leaves its old one listed, down."""
+    env = {"REDISCLI_AUTH": str(deployment.export("redisAdminPassword"))}
+    command = [*ADMIN_CLI, "--json", "-p", str(SENTINEL_PORT), "SENTINEL", "replicas", REDIS_MASTER_NAME]
+    code, out = deployment.exec(sentinel, command, env=env, via=via)
+    if code != 0:
+        return False
+    replicas: list[dict[str, str]] = json.loads(out)  # Redis 8 answers each replica as a map
+    up = [r for r in replicas if r["flags"] == "slave" and r["master-link-status"] == "ok"]
+    return len(up) == deployment.topology.settings.redis.replica_count
+
+
+def accepted(deployment: SwarmDeployment, upload_id: str, duration: int, host: str) -> dict[str, Any] | None:
+    """The job if the API accepts it now; None while it answers 503 (a dependency down)."""
+    document = {"upload_id": upload_id, "duration_seconds": duration, "target_language": "it"}
+    status, job = traffic.api(deployment, "POST", "/api/jobs", document, host=host)
+    assert status in (201, 503), (status, job)
+    return dict(job) if status == 201 else None
+
+
+def test_a_lost_node_under_load_fails_over_keeps_answering_runs_jobs_and_returns(deployment: SwarmDeployment) -> None:
+    topology = deployment.topology
+    # The node to lose: the one the Redis master runs on now (node n1 at first, with the
+    # PostgreSQL primary, an etcd member, a Sentinel, the MPI master, a backend and an nginx).
+    master = sentinel_master(deployment, topology.sentinels[0].hostname)
+    (master_host,) = [n.hostname for n in topology.redis_nodes if deployment.data_address(n.hostname) == master]
+    (lost,) = deployment.running(f"{topology.settings.prefix}-{master_host}")
+    survivors = sorted(node for node in deployment.swarm.nodes if node != lost)
+    via = survivors[0]  # a manager the cut leaves with the others
+    nodes = sorted(deployment.swarm.nodes)
+    hosts = tuple(address for node, address in zip(nodes, deployment.nginx_hosts, strict=True) if node != lost)
+    surviving_sentinel = next(s.hostname for s in topology.sentinels if s.swarm_node != lost)
+    surviving_member = next(n.hostname for n in topology.postgres_nodes if n.swarm_node != lost)
+    data = os.urandom(64 * 1024)
+    upload_id = traffic.upload(deployment, data, host=hosts[0])
+    known = traffic.submit(deployment, upload_id, 5, "it", host=hosts[0])
+    # Clients reading a job (a replica answers: reads need no primary) that wait 30 s for an
+    # answer: one in flight on the lost node's backend when the link goes is retried by nginx
+    # on another after its API read timeout (10 s).
+    path = f"/api/jobs/{known['id']}"
+    with traffic.GetStream(deployment, path, expected=200, hosts=hosts, timeout=30) as stream:
+        stream.wait_answers(20)
+        cut = time.monotonic()
+        subprocess.run(["bash", SWARM_SH, "link", lost, "down"], check=True)
+        try:
+            promoted = wait_for(
+                lambda: (m := sentinel_master(deployment, surviving_sentinel, via)) not in (None, master) and m,
+                90,
+                "a Redis replica promoted by the Sentinels that remain",
+            )
+            redis_seconds = time.monotonic() - cut
+            leader = wait_for(
+                lambda: (
+                    (name := patroni_leader(deployment, surviving_member, via))
+                    and swarm_node_of(topology, name) != lost
+                    and name
+                ),
+                120,
+                "a PostgreSQL leader on a node that remains",
+            )
+            postgres_seconds = time.monotonic() - cut
+            # Writes come back once the backends reach the new leader (until then a submission
+            # is a 503 naming PostgreSQL, which a client retries). Jobs go on: a short one runs
+            # in a backend now; a long one runs on the MPI nodes that answer (or, with the MPI
+            # master on the lost node, once it is back).
+            short_job = wait_for(lambda: accepted(deployment, upload_id, 20, hosts[0]), 120, "a job accepted")
+            writes_seconds = time.monotonic() - cut
+            short = traffic.wait_done(deployment, short_job["id"], host=hosts[0])
+            assert short["status"] == "succeeded", short
+            long = traffic.submit(deployment, upload_id, 90, "it", host=hosts[0])
+            stream.wait_answers(200)
+        finally:
+            subprocess.run(["bash", SWARM_SH, "link", lost, "up"], check=True)
+        back = time.monotonic()
+        wait_for(lambda: deployment.swarm.node_states_via(via)[lost][0] == "ready", 120, f"{lost} ready again")
+        # Every service back where its placement puts it, the lost node's included (a backend
+        # task that moved away stays where it went: Swarm does not rebalance).
+        wait_for(lambda: not misplaced(deployment, via, spread=False), 300, "every service placed as declared again")
+        returned = time.monotonic() - back
+        stream.wait_answers(50)
+    done = traffic.wait_done(deployment, long["id"], timeout=300, host=hosts[0])
+    assert (done["status"], done["completions"]) == ("succeeded", 1), done
+    traffic.check_result(traffic.fetch_result(deployment, done, host=hosts[0]), data, done)
+    # The data tiers whole again: every Redis replica streaming from the one master, every
+    # PostgreSQL replica streaming from the leader.
+    wait_for(lambda: redis_settled(deployment, surviving_sentinel, via), 120, "every Redis replica streaming")
+    wait_for(lambda: cluster_streaming(deployment, surviving_member, via), 120, "every PostgreSQL replica streaming")
+    failures = stream.failure_times
+    disruption = (max(failures) - min(failures)) if failures else 0.0
+    report.LINES.append(
+        f"swarm: {lost} lost under {stream.total} GETs through the other nodes' nginx: {len(failures)} failed "
+        f"({disruption:.1f}s from the first to the last), the slowest answered in {stream.slowest:.1f}s; "
+        f"Redis master {master_host} -> {promoted} in "
+        f"{redis_seconds:.1f}s, PostgreSQL leader {leader} within {postgres_seconds:.1f}s, a job accepted after "
+        f"{writes_seconds:.1f}s; every service back "
+        f"{returned:.0f}s after the link"
+    )
     assert stream.failures == []
