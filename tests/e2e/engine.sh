@@ -148,31 +148,40 @@ host() {
     fi
 }
 
+# The debootstrapped root as a tarball, shared by the engines one `make test` prepares in
+# turn (Docker, Podman, the swarm's first node): one debootstrap a day, not one per engine.
+BASE_CACHE=${BASE_CACHE:-/tmp/transvidio-base}
+
 base() {
     local image=$1
     if engine_cmd image inspect "$image" >/dev/null 2>&1; then
         return 0
     fi
-    local root
-    root=$(mktemp -d)
-    mkdir -p "$ENGINE_DIR"
-    log "debootstrapping $SUITE into $root for $image"
-    debootstrap --variant=minbase "$SUITE" "$root" "$MIRROR" >"$ENGINE_DIR/debootstrap.log" 2>&1 || {
-        tail -20 "$ENGINE_DIR/debootstrap.log" >&2
-        exit 1
-    }
-    # The proxy between these machines and PyPI intercepts TLS: trust its CA
-    # in this locally made base only; the Dockerfiles stay as shipped.
-    if [ -f "$CA_BUNDLE" ]; then
-        mkdir -p "$root/etc/ssl/certs"
-        cp "$CA_BUNDLE" "$root/etc/ssl/certs/ca-certificates.crt"
+    local tarball="$BASE_CACHE/$SUITE.tar"
+    mkdir -p "$ENGINE_DIR" "$BASE_CACHE"
+    if [ -z "$(find "$tarball" -mtime -1 2>/dev/null)" ]; then
+        local root
+        root=$(mktemp -d)
+        log "debootstrapping $SUITE into $root for $image"
+        debootstrap --variant=minbase "$SUITE" "$root" "$MIRROR" >"$ENGINE_DIR/debootstrap.log" 2>&1 || {
+            tail -20 "$ENGINE_DIR/debootstrap.log" >&2
+            exit 1
+        }
+        # The proxy between these machines and PyPI intercepts TLS: trust its CA
+        # in this locally made base only; the Dockerfiles stay as shipped.
+        if [ -f "$CA_BUNDLE" ]; then
+            mkdir -p "$root/etc/ssl/certs"
+            cp "$CA_BUNDLE" "$root/etc/ssl/certs/ca-certificates.crt"
+        fi
+        rm -rf "$root/var/cache/apt/archives/"*.deb "$root/var/lib/apt/lists/"*
+        tar -C "$root" -cf "$tarball.part" .
+        mv "$tarball.part" "$tarball"
+        rm -rf "$root"
     fi
-    rm -rf "$root/var/cache/apt/archives/"*.deb "$root/var/lib/apt/lists/"*
-    tar -C "$root" -c . | engine_cmd import \
+    engine_cmd import \
         --change 'ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt' \
         --change 'ENV LANG=C.UTF-8' \
-        --change 'CMD ["/bin/bash"]' - "$image" >/dev/null
-    rm -rf "$root"
+        --change 'CMD ["/bin/bash"]' "$tarball" "$image" >/dev/null
     log "made $image"
 }
 
