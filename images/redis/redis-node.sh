@@ -46,15 +46,6 @@ moved() { [ -n "$previous_address" ] && [ "$previous_address" != "$REDIS_ANNOUNC
 
 answers() { [ "$(timeout 2 redis-cli -h "$1" -p 6379 --user "$REDIS_USER" --no-auth-warning PING 2>/dev/null)" = PONG ]; }
 
-# At most one line every 30 s for a wait that goes on.
-next_notice=0
-notice() {
-    if [ "$SECONDS" -ge "$next_notice" ]; then
-        log "$*"
-        next_notice=$((SECONDS + 30))
-    fi
-}
-
 master=""
 while :; do
     if named=$(ask_sentinels); then

@@ -45,7 +45,7 @@ next=$(mktemp /data/sentinel.conf.XXXXXX)
         read -r initial port quorum < <(awk -v name="$REDIS_MASTER_NAME" \
             '$1 == "sentinel" && $2 == "monitor" && $3 == name {print $4, $5, $6}' "$TEMPLATE")
         until master=$(resolve_address "$initial"); do
-            [ $((SECONDS % 30)) -eq 0 ] && log "waiting for the initial master $initial to resolve"
+            notice "waiting for the initial master $initial to resolve"
             sleep 1
         done
         log "no state: seeding from the template, master $initial at $master"

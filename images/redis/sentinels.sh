@@ -1,7 +1,8 @@
 # shellcheck shell=bash
-# Questions to the Sentinels, shared by the data nodes' entrypoint and the backup job.
-# Needs REDIS_SENTINELS (host:port,...), REDIS_MASTER_NAME, REDIS_USER, and the user's
-# password in REDISCLI_AUTH.
+# Questions to the Sentinels, shared by the data nodes' entrypoint and the backup job, and
+# what the entrypoints share. The questions need REDIS_SENTINELS (host:port,...),
+# REDIS_MASTER_NAME, REDIS_USER, and the user's password in REDISCLI_AUTH; the sourcing script
+# defines log().
 
 # Sends `SENTINEL <args>` to each Sentinel in turn, passes its whole answer through the
 # reducer (first argument: a filter from stdin to stdout) and prints the first result that
@@ -65,4 +66,13 @@ resolve_address() {
         return 0
     fi
     address=$(getent ahostsv4 "$1" | awk 'NR == 1 { print $1 }') && [ -n "$address" ] && printf '%s\n' "$address"
+}
+
+# log(), at most once every 30 s, for a wait that goes on.
+next_notice=0
+notice() {
+    if [ "$SECONDS" -ge "$next_notice" ]; then
+        log "$*"
+        next_notice=$((SECONDS + 30))
+    fi
 }
