@@ -8,7 +8,10 @@ pools are real, so the bounds they set are the server's to enforce.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -90,3 +93,68 @@ def test_a_query_that_does_not_finish_is_a_503_not_a_hang(server: dict[str, str]
     with pytest.raises(db.DependencyDownError) as raised:
         run(write_under(database(server), slow))
     assert "statement timeout" in raised.value.reason
+
+
+class FreezingProxy:
+    """A TCP proxy to the server that can stop forwarding while keeping every connection
+    open: what a client meets when the server's node is cut off (its kernel's ACKs gone
+    too, which only makes the client's wait longer)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.frozen = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.target)
+                self.sockets += [client, server]
+                for source, sink in ((client, server), (server, client)):
+                    threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not self.frozen.is_set():
+                    sink.sendall(data)
+
+    def close(self) -> None:
+        for each in self.sockets:
+            each.close()
+
+
+def test_a_primary_that_stops_answering_mid_connection_is_a_503_within_the_deadline(
+    server: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Neither lock_timeout nor statement_timeout can help here (the server never sees the
+    # query) and the kernel's timeouts do not fire (the proxy's kernel ACKs): only the
+    # backend's own deadline ends the request.
+    monkeypatch.setattr(db, "DEADLINE_SECONDS", 1.0)
+    proxy = FreezingProxy(server["host"], int(server["port"]))
+
+    async def one(conn: psycopg.AsyncConnection[Any]) -> int:
+        cursor = await conn.execute("SELECT 1")
+        row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def before_and_after_the_freeze(backend: db.Database) -> tuple[int, db.DependencyDownError]:
+        await backend.open()
+        try:
+            answered = await asyncio.wait_for(backend.write(one), HANG_SECONDS)
+            proxy.frozen.set()
+            with pytest.raises(db.DependencyDownError) as raised:
+                await asyncio.wait_for(backend.write(one), HANG_SECONDS)
+            return answered, raised.value
+        finally:
+            proxy.close()
+            await asyncio.wait_for(backend.close(), HANG_SECONDS)
+
+    backend = database(dict(server, host="127.0.0.1", port=str(proxy.port)))
+    answered, refused = run(before_and_after_the_freeze(backend))
+    assert answered == 1
+    assert (refused.name, refused.reason) == ("postgres-primary", "no answer within 1.0 s")

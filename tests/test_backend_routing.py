@@ -242,3 +242,56 @@ def test_writes_connect_to_whichever_node_is_primary_and_reads_to_each_node() ->
     for conninfo in (writer, *(conninfo_to_dict(str(database.replicas[n].conninfo)) for n in nodes)):
         expected = f"-c lock_timeout={int(config.dependency_timeout * 1000)} -c statement_timeout=5000"
         assert conninfo["options"] == expected
+
+
+def stall(pool: FakePool) -> None:
+    """The node takes the connection and never answers: a node cut off mid-query."""
+    pool.failure = None
+
+    @contextlib.asynccontextmanager
+    async def connection() -> AsyncIterator[FakePool]:
+        pool.uses += 1
+        await asyncio.Event().wait()
+        yield pool
+
+    pool.connection = connection  # type: ignore[method-assign]
+
+
+def test_a_replica_that_stops_answering_is_skipped_and_rested_and_the_read_is_served(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(db, "REPLICA_ATTEMPT_SECONDS", 0.2)
+    database, primary, (first, second) = make_database()
+    stall(first)
+    assert run(asyncio.wait_for(database.read(which_host), 5)) == "postgres-replica-2"
+    assert first.uses == 1 and database.down_until["postgres-replica-1"] > time.monotonic()
+    # Both stalled: the primary serves, within the request's deadline.
+    database.down_until.clear()
+    stall(second)
+    assert run(asyncio.wait_for(database.read(which_host), 5)) == "postgres-primary"
+    assert primary.uses == 1
+
+
+def test_a_primary_that_stops_answering_is_a_503_within_the_deadline_not_a_hang(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(db, "DEADLINE_SECONDS", 0.3)
+    monkeypatch.setattr(db, "REPLICA_ATTEMPT_SECONDS", 0.1)
+    database, primary, replicas = make_database(rows={})
+    stall(primary)
+
+    async def submit_and_read() -> tuple[db.DependencyDownError, db.DependencyDownError]:
+        with pytest.raises(db.DependencyDownError) as written:
+            await asyncio.wait_for(database.write(lookup("job")), 5)
+        # A read that misses on the replicas asks the primary with what is left of its deadline.
+        with pytest.raises(db.DependencyDownError) as read:
+            await asyncio.wait_for(database.read(lookup("job")), 5)
+        # What was given up on is cancelled, not left running.
+        await asyncio.sleep(0.05)
+        assert not database._abandoned
+        return written.value, read.value
+
+    written, read = run(submit_and_read())
+    assert (written.name, written.reason) == ("postgres-primary", "no answer within 0.3 s")
+    assert read.name == "postgres-primary" and read.reason.startswith("no answer within 0.")
+    assert replicas[0].uses == 1 and primary.uses == 2

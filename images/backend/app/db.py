@@ -32,6 +32,13 @@ T = TypeVar("T")
 DOWN_SECONDS = 5.0
 MAX_LAG_SECONDS = float(os.environ.get("REPLICA_MAX_LAG_SECONDS", "5"))
 STATEMENT_TIMEOUT_MS = 5000  # the API's queries are lookups and one insert: milliseconds
+# A request's database work ends within this, under nginx's API read timeout (10 s): a
+# server that stops answering mid-query (a node cut off: the kernel's retransmissions are
+# all that is left) or a pool walking dead connections is a 503 from here, never a 504
+# from nginx with the request's fate unknown.
+DEADLINE_SECONDS = 7.0
+# A replica slower than this is skipped (and rested) for the next one, or the primary.
+REPLICA_ATTEMPT_SECONDS = 3.0
 
 
 def lock_timeout_ms(config: Config) -> int:
@@ -56,6 +63,8 @@ class Database:
         self._order = itertools.cycle(list(self.replicas) or [""])
         self.down_until: dict[str, float] = {}
         self.lagging: set[str] = set()
+        # Work given up on, still cancelling: asyncio holds tasks only weakly.
+        self._abandoned: set[asyncio.Future[Any]] = set()
 
     def _pool(self, host: str, target_session_attrs: str = "any") -> AsyncConnectionPool:
         c = self.config
@@ -89,6 +98,12 @@ class Database:
             await pool.open(wait=False)
 
     async def close(self) -> None:
+        # Work still cancelling on a server that does not answer is cut short: a second
+        # cancel closes its connection.
+        for task in list(self._abandoned):
+            task.cancel()
+        if self._abandoned:
+            await asyncio.wait(set(self._abandoned), timeout=1)
         for pool in (self.primary, *self.replicas.values()):
             await pool.close()
 
@@ -104,7 +119,33 @@ class Database:
         index = healthy.index(start)
         return healthy[index:] + healthy[:index]
 
-    async def write(self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+    async def _bounded(self, name: str, work: Awaitable[T], seconds: float) -> T:
+        """`work`'s result, or DependencyDownError naming `name` once `seconds` have passed.
+
+        Work given up on is cancelled in the background, not awaited: psycopg cancels the
+        query on the server, which a lost server never confirms (seconds more)."""
+        task = asyncio.ensure_future(work)
+        done, _ = await asyncio.wait({task}, timeout=max(seconds, 0.0))
+        if not done:
+            task.cancel()
+            self._abandoned.add(task)
+            task.add_done_callback(self._forget)
+            raise DependencyDownError(name, f"no answer within {max(seconds, 0.0):.1f} s")
+        return task.result()
+
+    def _forget(self, task: asyncio.Future[Any]) -> None:
+        self._abandoned.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("abandoned database work ended: %s", task.exception())
+
+    async def write(
+        self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]], seconds: float | None = None
+    ) -> T:
+        """`work` on the primary, within `seconds` (DEADLINE_SECONDS unless given)."""
+        deadline = DEADLINE_SECONDS if seconds is None else seconds
+        return await self._bounded("postgres-primary", self._write(work), deadline)
+
+    async def _write(self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
         try:
             async with self.primary.connection() as conn:
                 return await work(conn)
@@ -115,22 +156,29 @@ class Database:
                 "postgres-primary", str(error).splitlines()[0] if str(error) else "timeout"
             ) from error
 
+    async def _read_on(
+        self, host: str, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T | None]]
+    ) -> T | None:
+        async with self.replicas[host].connection() as conn:
+            return await work(conn)
+
     async def read(
         self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T | None]], primary_on_miss: bool = True
     ) -> T | None:
+        deadline = time.monotonic() + DEADLINE_SECONDS
         for host in self.read_order():
+            seconds = min(REPLICA_ATTEMPT_SECONDS, deadline - time.monotonic())
             try:
-                async with self.replicas[host].connection() as conn:
-                    found = await work(conn)
+                found = await self._bounded(host, self._read_on(host, work), seconds)
                 if found is not None or not primary_on_miss:
                     return found
                 break  # a miss: the row may not have replayed yet, ask the primary
             except psycopg.errors.UndefinedTable:
                 break  # the schema has not replayed here yet: a miss
-            except (psycopg.OperationalError, PoolTimeout) as error:
+            except (psycopg.OperationalError, PoolTimeout, DependencyDownError) as error:
                 log.warning("replica %s skipped for %ss: %s", host, DOWN_SECONDS, error)
                 self.down_until[host] = time.monotonic() + DOWN_SECONDS
-        return await self.write(work)
+        return await self.write(work, deadline - time.monotonic())
 
     async def watch_replicas(self) -> None:
         """Every 2 s, asks the primary which replicas stream and how far behind they are."""
