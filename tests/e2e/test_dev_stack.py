@@ -231,6 +231,40 @@ def test_a_degraded_dependency_never_takes_the_backends_out_of_nginx(dev: Deploy
         dev.apply({"backend": {"replicas": 1}})
 
 
+def test_a_backend_that_stops_answering_leaves_nginx_and_posts_go_to_the_others(dev: Deployment) -> None:
+    # A paused backend still resolves and still takes connections (its kernel does), the way
+    # a backend on a node cut off still resolves: nginx would send it a POST and, as POSTs are
+    # not retried elsewhere, answer 504 after its read timeout. The entrypoint's probes take
+    # it out instead, and put it back once it answers.
+    dev.apply({"backend": {"replicas": 2}})
+    dev.wait_all_healthy()
+    deadline = time.monotonic() + 30
+    while len(traffic.upstream_servers(dev)) < 2:
+        assert time.monotonic() < deadline, "nginx never took the second backend"
+        time.sleep(1)
+    def balanced() -> list[str]:
+        return [server.rsplit(":", 1)[0] for server in traffic.upstream_servers(dev)]
+
+    backend = dev.client.containers.get(dev.name("backend-2"))
+    address = backend.attrs["NetworkSettings"]["Networks"]["transvidio-dev-edge"]["IPAddress"]
+    assert address in balanced()
+    backend.pause()
+    try:
+        deadline = time.monotonic() + 30
+        while address in balanced():
+            assert time.monotonic() < deadline, "nginx kept the backend that stopped answering"
+            time.sleep(0.5)
+        statuses = [traffic.request(dev, "POST", "/api/uploads", b"to the one that answers")[0] for _ in range(10)]
+        assert statuses == [201] * 10
+    finally:
+        backend.unpause()
+    deadline = time.monotonic() + 30
+    while address not in balanced():
+        assert time.monotonic() < deadline, "nginx never took back the backend that answers again"
+        time.sleep(0.5)
+    dev.apply({"backend": {"replicas": 1}})
+
+
 def test_a_second_apply_with_no_change_plans_nothing(dev: Deployment) -> None:
     before = {c.name: c.id for c in dev.client.containers.list(all=True, filters={"label": "io.transvidio.stack=dev"})}
     plan = dev.apply()

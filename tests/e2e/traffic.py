@@ -163,7 +163,13 @@ def upstream_servers(deployment: Deployment) -> list[str]:
     """The backends nginx balances over now, from the file its entrypoint keeps."""
     code, output = deployment.exec("nginx", ["cat", render.NGINX_UPSTREAMS_FILE])
     assert code == 0, output
-    return [line.split()[1] for line in output.splitlines() if line.startswith("server ") and " down;" not in line]
+    return servers_in(output)
+
+
+def servers_in(upstreams_file: str) -> list[str]:
+    """The addresses (with port) of the servers the nginx entrypoint's upstream file lists."""
+    lines = upstreams_file.splitlines()
+    return [line.split()[1] for line in lines if line.startswith("server ") and " down;" not in line]
 
 
 class GetStream:

@@ -24,6 +24,7 @@ from typing import Any
 import docker.errors
 import pytest
 
+from components import render
 from components.container import LABEL_PREFIX, SERVICE_UIDS
 from components.settings import parse
 from components.topology import REDIS_ADMIN_USER, REDIS_APP_USER, REDIS_MASTER_NAME, REDIS_PORT, SENTINEL_PORT, Topology
@@ -443,6 +444,25 @@ def accepted(deployment: SwarmDeployment, upload_id: str, duration: int, host: s
     return dict(job) if status == 201 else None
 
 
+def upstreams_on(deployment: SwarmDeployment, node: str) -> list[str] | None:
+    """The backend addresses the nginx task on `node` balances over now (None if it does not answer)."""
+    service = f"{deployment.topology.settings.prefix}-nginx"
+    try:
+        (container,) = deployment.swarm.nodes[node].containers.list(
+            filters={"label": f"com.docker.swarm.service.name={service}"}
+        )
+        result = container.exec_run(["cat", render.NGINX_UPSTREAMS_FILE])
+    except (ValueError, docker.errors.APIError):
+        return None
+    return [server.rsplit(":", 1)[0] for server in traffic.servers_in(result.output.decode())]
+
+
+def edge_address(task: dict[str, Any], deployment: SwarmDeployment) -> str:
+    edge = f"{deployment.topology.settings.prefix}-edge"
+    (attachment,) = [a for a in task["NetworksAttachments"] if a["Network"]["Spec"]["Name"] == edge]
+    return str(attachment["Addresses"][0].split("/")[0])
+
+
 def test_a_lost_node_under_load_fails_over_keeps_answering_runs_jobs_and_returns(deployment: SwarmDeployment) -> None:
     topology = deployment.topology
     # The node to lose: the one the Redis master runs on now (node n1 at first, with the
@@ -456,6 +476,8 @@ def test_a_lost_node_under_load_fails_over_keeps_answering_runs_jobs_and_returns
     hosts = tuple(address for node, address in zip(nodes, deployment.nginx_hosts, strict=True) if node != lost)
     surviving_sentinel = next(s.hostname for s in topology.sentinels if s.swarm_node != lost)
     surviving_member = next(n.hostname for n in topology.postgres_nodes if n.swarm_node != lost)
+    backend_there = deployment.running(f"{topology.settings.prefix}-backend").get(lost)
+    lost_backend = edge_address(backend_there, deployment) if backend_there else None
     data = os.urandom(64 * 1024)
     upload_id = traffic.upload(deployment, data, host=hosts[0])
     known = traffic.submit(deployment, upload_id, 5, "it", host=hosts[0])
@@ -474,6 +496,18 @@ def test_a_lost_node_under_load_fails_over_keeps_answering_runs_jobs_and_returns
                 "a Redis replica promoted by the Sentinels that remain",
             )
             redis_seconds = time.monotonic() - cut
+            # The lost node's backend still resolves (Swarm's DNS keeps a task on a node it
+            # cannot reach) but no longer answers: every nginx that remains drops it, or a POST
+            # sent there is a 504 (nginx retries no POST elsewhere).
+            wait_for(
+                lambda: (
+                    lost_backend is None
+                    or all(lost_backend not in (upstreams_on(deployment, node) or [lost_backend]) for node in survivors)
+                ),
+                30,
+                f"the lost node's backend {lost_backend} out of every remaining nginx",
+            )
+            unbalanced_seconds = time.monotonic() - cut
             leader = wait_for(
                 lambda: (
                     (name := patroni_leader(deployment, surviving_member, via))
@@ -516,7 +550,8 @@ def test_a_lost_node_under_load_fails_over_keeps_answering_runs_jobs_and_returns
         f"swarm: {lost} lost under {stream.total} GETs through the other nodes' nginx: {len(failures)} failed "
         f"({disruption:.1f}s from the first to the last), the slowest answered in {stream.slowest:.1f}s; "
         f"Redis master {master_host} -> {promoted} in "
-        f"{redis_seconds:.1f}s, PostgreSQL leader {leader} within {postgres_seconds:.1f}s, a job accepted after "
+        f"{redis_seconds:.1f}s, its backend out of every nginx within {unbalanced_seconds:.1f}s, "
+        f"PostgreSQL leader {leader} within {postgres_seconds:.1f}s, a job accepted after "
         f"{writes_seconds:.1f}s; every service back "
         f"{returned:.0f}s after the link"
     )
