@@ -205,16 +205,25 @@ def test_a_large_json_body_is_refused_and_the_backend_stays_healthy(dev: Deploym
     dev.assert_all_healthy()
 
 
+def balanced(dev: Deployment) -> list[str]:
+    """The backend addresses nginx balances over now."""
+    return [server.rsplit(":", 1)[0] for server in traffic.upstream_servers(dev)]
+
+
+def scale_to_two_backends_in_nginx(dev: Deployment) -> None:
+    dev.apply({"backend": {"replicas": 2}})
+    dev.wait_all_healthy()
+    deadline = time.monotonic() + 30
+    while len(balanced(dev)) < 2:
+        assert time.monotonic() < deadline, "nginx never took the second backend"
+        time.sleep(1)
+
+
 def test_a_degraded_dependency_never_takes_the_backends_out_of_nginx(dev: Deployment) -> None:
     # The app answers 503 while a replica is down; nginx must not count that against the
     # backends, or a few readiness calls would make every /api/ request a 502. nginx never
     # rests the only server of an upstream: this needs two backends.
-    dev.apply({"backend": {"replicas": 2}})
-    dev.wait_all_healthy()
-    deadline = time.monotonic() + 30
-    while len(traffic.upstream_servers(dev)) < 2:
-        assert time.monotonic() < deadline, "nginx never took the second backend"
-        time.sleep(1)
+    scale_to_two_backends_in_nginx(dev)
     replica = dev.client.containers.get(dev.name("postgres-replica-1"))
     replica.stop(timeout=30)
     try:
@@ -236,22 +245,14 @@ def test_a_backend_that_stops_answering_leaves_nginx_and_posts_go_to_the_others(
     # a backend on a node cut off still resolves: nginx would send it a POST and, as POSTs are
     # not retried elsewhere, answer 504 after its read timeout. The entrypoint's probes take
     # it out instead, and put it back once it answers.
-    dev.apply({"backend": {"replicas": 2}})
-    dev.wait_all_healthy()
-    deadline = time.monotonic() + 30
-    while len(traffic.upstream_servers(dev)) < 2:
-        assert time.monotonic() < deadline, "nginx never took the second backend"
-        time.sleep(1)
-    def balanced() -> list[str]:
-        return [server.rsplit(":", 1)[0] for server in traffic.upstream_servers(dev)]
-
+    scale_to_two_backends_in_nginx(dev)
     backend = dev.client.containers.get(dev.name("backend-2"))
     address = backend.attrs["NetworkSettings"]["Networks"]["transvidio-dev-edge"]["IPAddress"]
-    assert address in balanced()
+    assert address in balanced(dev)
     backend.pause()
     try:
         deadline = time.monotonic() + 30
-        while address in balanced():
+        while address in balanced(dev):
             assert time.monotonic() < deadline, "nginx kept the backend that stopped answering"
             time.sleep(0.5)
         statuses = [traffic.request(dev, "POST", "/api/uploads", b"to the one that answers")[0] for _ in range(10)]
@@ -259,7 +260,7 @@ def test_a_backend_that_stops_answering_leaves_nginx_and_posts_go_to_the_others(
     finally:
         backend.unpause()
     deadline = time.monotonic() + 30
-    while address not in balanced():
+    while address not in balanced(dev):
         assert time.monotonic() < deadline, "nginx never took back the backend that answers again"
         time.sleep(0.5)
     dev.apply({"backend": {"replicas": 1}})
