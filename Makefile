@@ -125,7 +125,7 @@ MUTATE_SHARDS ?= components/ images/backend/app/,images/common/transvidio_jobs/
 MUTATE_DIR ?= build/mutate
 MUTATE_TESTS ?= tests/test_settings.py tests/test_render.py tests/test_provider_model.py \
 	tests/test_backend_routing.py tests/test_backend_api.py tests/test_backend_db.py tests/test_jobs.py tests/test_worker.py tests/test_queue.py \
-	tests/test_program.py
+	tests/test_program.py tests/test_swarm.py
 mutate: venv
 	rm -rf $(MUTATE_DIR) && mkdir -p $(MUTATE_DIR)/pristine
 	git ls-files | tar -T - -c | tar -C $(MUTATE_DIR)/pristine -x
