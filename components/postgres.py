@@ -111,7 +111,6 @@ class PostgresReplicaSet(pulumi.ComponentResource):
             before_replica = [self.primary, *self.credentials.before]
             previous = self.replicas[-1] if self.replicas else None
             self.replicas.append(self._node(name, replica, wait=False, depends_on=in_turn(s, before_replica, previous)))
-        self.nodes = [self.primary, *self.replicas]
         self.node_hosts = [n.hostname for n in topo.postgres_nodes]
         self.node_containers = [n.container_name for n in topo.postgres_nodes]
         self.register_outputs({"nodes": self.node_hosts, "port": POSTGRES_PORT})
