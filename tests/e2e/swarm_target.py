@@ -18,7 +18,6 @@ from tests.e2e import provider
 
 SERVICE_INPUTS = frozenset(provider.SERVICE) - {"mode.kind", "mode.replicas"} | {"mode"}
 RUNNING = "running"
-UPDATE_START_SECONDS = 5
 
 
 class ServiceError(RuntimeError):
@@ -216,13 +215,15 @@ def update_service(client: docker.DockerClient, service_id: str, inputs: dict[st
     if timeout is None:
         return inputs
     deadline = time.monotonic() + timeout
-    # The last update's status stays until the orchestrator starts this one (a change that
-    # touches no task, a label, starts none): wait for a new one a moment, as the provider
-    # first waits converge_config's delay.
-    begun = time.monotonic() + UPDATE_START_SECONDS
-    while (client.api.inspect_service(service_id).get("UpdateStatus") or {}).get("StartedAt") == previous:
-        if time.monotonic() > begun:
-            break
+    # The last update's status stays until the orchestrator starts this one. A change to the
+    # task template always starts one (however long a busy manager takes to): wait for it,
+    # or the last update's `completed` is read as this one's. A change that touches no task
+    # (a label, the replica count) starts none.
+    after = client.api.inspect_service(service_id)
+    rolls = after["Spec"]["TaskTemplate"] != before["Spec"]["TaskTemplate"]
+    while rolls and (client.api.inspect_service(service_id).get("UpdateStatus") or {}).get("StartedAt") == previous:
+        if time.monotonic() > deadline:
+            raise ServiceError(f"service {inputs['name']}: its update did not begin in {timeout:.0f}s")
         time.sleep(0.2)
     while True:
         status = (client.api.inspect_service(service_id).get("UpdateStatus") or {}).get("State")
