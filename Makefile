@@ -120,7 +120,9 @@ bench: venv
 # survivor are printed, each survivor with its reason from tests/mutation_survivors.txt or marked
 # unexplained. MUTATE_SHARDS narrows it (space between shards, commas within one); MUTATE_TESTS
 # picks the tests (an end-to-end module needs DOCKER_HOST pointing at a running engine with the
-# images, and runs for every mutant).
+# images, and runs for every mutant). Do not read a shard's .mutmut-cache while it runs: a read
+# lock makes mutmut 2.5 fail a status write ("database is locked", or "Mutant.line is
+# required") and hang; `mutmut run` again in the shard's directory goes on where it stopped.
 MUTATE_SHARDS ?= components/ images/backend/app/,images/common/transvidio_jobs/
 MUTATE_DIR ?= build/mutate
 MUTATE_TESTS ?= tests/test_settings.py tests/test_render.py tests/test_provider_model.py \
