@@ -153,6 +153,17 @@ def test_images_are_pushed_to_the_registry_and_services_run_them_by_digest() -> 
         assert service["taskSpec"]["containerSpec"]["image"] in digests, name
 
 
+def test_a_backend_image_named_in_config_is_run_as_named_and_not_built_or_pulled_by_the_program() -> None:
+    # A swarm's nodes pull it from its registry themselves: a release rolls by naming its image.
+    named = "registry.example:5000/transvidio-backend:v2"
+    ev = evaluate("prod", {**SWARM, "images": {**SWARM["images"], "backend": named}})
+    backend = next(plain(r.inputs) for r in ev.of_type(SERVICE) if r.inputs["name"] == "transvidio-prod-backend")
+    assert backend["taskSpec"]["containerSpec"]["image"] == named
+    built = {plain(r.inputs)["imageName"] for r in ev.of_type("docker:index/image:Image")}
+    assert not any("backend" in name for name in built), built
+    assert list(ev.of_type("docker:index/remoteImage:RemoteImage")) == []
+
+
 def files_of(service: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
     return {f["fileName"]: f for f in service["taskSpec"]["containerSpec"].get(kind, [])}
 
