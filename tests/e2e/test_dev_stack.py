@@ -207,7 +207,7 @@ def test_a_large_json_body_is_refused_and_the_backend_stays_healthy(dev: Deploym
 
 def balanced(dev: Deployment) -> list[str]:
     """The backend addresses nginx balances over now."""
-    return [server.rsplit(":", 1)[0] for server in traffic.upstream_servers(dev)]
+    return traffic.addresses_in(traffic.upstreams_file(dev))
 
 
 def scale_to_two_backends_in_nginx(dev: Deployment) -> None:

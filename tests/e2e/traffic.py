@@ -161,15 +161,25 @@ def from_inside(deployment: Deployment, path: str, token: str | None = STACK_TOK
 
 def upstream_servers(deployment: Deployment) -> list[str]:
     """The backends nginx balances over now, from the file its entrypoint keeps."""
+    return servers_in(upstreams_file(deployment))
+
+
+def upstreams_file(deployment: Deployment) -> str:
+    """The upstream file nginx's entrypoint keeps, as it is now."""
     code, output = deployment.exec("nginx", ["cat", render.NGINX_UPSTREAMS_FILE])
     assert code == 0, output
-    return servers_in(output)
+    return output
 
 
 def servers_in(upstreams_file: str) -> list[str]:
     """The addresses (with port) of the servers the nginx entrypoint's upstream file lists."""
     lines = upstreams_file.splitlines()
     return [line.split()[1] for line in lines if line.startswith("server ") and " down;" not in line]
+
+
+def addresses_in(upstreams_file: str) -> list[str]:
+    """The backend addresses (no port) of the servers the upstream file lists."""
+    return [server.rsplit(":", 1)[0] for server in servers_in(upstreams_file)]
 
 
 class GetStream:

@@ -113,8 +113,13 @@ class SwarmDeployment:
         """The address of the node's running task on the data network."""
         prefix = self.topology.settings.prefix
         ((_, task),) = self.running(f"{prefix}-{hostname}", via).items()
-        (attachment,) = [a for a in task["NetworksAttachments"] if a["Network"]["Spec"]["Name"] == f"{prefix}-data"]
-        return str(attachment["Addresses"][0].split("/")[0])
+        return address_on(task, f"{prefix}-data")
+
+    def containers_on(self, node: str, hostname: str) -> list[Any]:
+        """The running containers of the node's service on `node`, as that node's own engine
+        lists them (no manager asked)."""
+        label = f"com.docker.swarm.service.name={self.topology.settings.prefix}-{hostname}"
+        return list(self.swarm.nodes[node].containers.list(filters={"label": label}))
 
     def exec(
         self,
@@ -128,15 +133,19 @@ class SwarmDeployment:
         manager `via` says), or with `on_node`, in its container on that node as the node's own
         engine lists it: no manager is asked, so a raft election (the leader's node lost) does
         not delay what is timed."""
-        service = f"{self.topology.settings.prefix}-{hostname}"
         if on_node is not None:
-            label = f"com.docker.swarm.service.name={service}"
-            (container,) = self.swarm.nodes[on_node].containers.list(filters={"label": label})
+            (container,) = self.containers_on(on_node, hostname)
         else:
-            ((node, task),) = self.running(service, via).items()
+            ((node, task),) = self.running(f"{self.topology.settings.prefix}-{hostname}", via).items()
             container = self.swarm.nodes[node].containers.get(task["Status"]["ContainerStatus"]["ContainerID"])
         result = container.exec_run(command, environment=env or {})
         return result.exit_code, result.output.decode(errors="replace")
+
+
+def address_on(task: dict[str, Any], network: str) -> str:
+    """A swarm task's address on the network named `network`."""
+    (attachment,) = [a for a in task["NetworksAttachments"] if a["Network"]["Spec"]["Name"] == network]
+    return str(attachment["Addresses"][0].split("/")[0])
 
 
 def shared_directories(evaluation: Evaluation) -> dict[str, int]:
@@ -472,10 +481,7 @@ def sentinels_seen(deployment: SwarmDeployment, lost: str) -> str:
                 out = f"no answer: {error}"
             report_lines.append(f"--- {sentinel.hostname} {' '.join(ask)}:\n{out}")
         assert sentinel.swarm_node is not None
-        service = f"{deployment.topology.settings.prefix}-{sentinel.hostname}"
-        for container in deployment.swarm.nodes[sentinel.swarm_node].containers.list(
-            filters={"label": f"com.docker.swarm.service.name={service}"}
-        ):
+        for container in deployment.containers_on(sentinel.swarm_node, sentinel.hostname):
             report_lines.append(f"--- {sentinel.hostname} log:\n{container.logs(tail=40).decode(errors='replace')}")
     return "\n".join(report_lines)
 
@@ -490,21 +496,11 @@ def accepted(deployment: SwarmDeployment, upload_id: str, duration: int, host: s
 
 def upstreams_on(deployment: SwarmDeployment, node: str) -> list[str] | None:
     """The backend addresses the nginx task on `node` balances over now (None if it does not answer)."""
-    service = f"{deployment.topology.settings.prefix}-nginx"
     try:
-        (container,) = deployment.swarm.nodes[node].containers.list(
-            filters={"label": f"com.docker.swarm.service.name={service}"}
-        )
-        result = container.exec_run(["cat", render.NGINX_UPSTREAMS_FILE])
+        code, output = deployment.exec("nginx", ["cat", render.NGINX_UPSTREAMS_FILE], on_node=node)
     except (ValueError, docker.errors.APIError):
         return None
-    return [server.rsplit(":", 1)[0] for server in traffic.servers_in(result.output.decode())]
-
-
-def edge_address(task: dict[str, Any], deployment: SwarmDeployment) -> str:
-    edge = f"{deployment.topology.settings.prefix}-edge"
-    (attachment,) = [a for a in task["NetworksAttachments"] if a["Network"]["Spec"]["Name"] == edge]
-    return str(attachment["Addresses"][0].split("/")[0])
+    return traffic.addresses_in(output) if code == 0 else None
 
 
 def test_a_lost_node_under_load_fails_over_keeps_answering_runs_jobs_and_returns(deployment: SwarmDeployment) -> None:
@@ -526,7 +522,8 @@ def test_a_lost_node_under_load_fails_over_keeps_answering_runs_jobs_and_returns
     )
     # Backend tasks are not rebalanced after a rolled-back update: the lost node may run none, or two.
     backends = deployment.running_tasks(f"{topology.settings.prefix}-backend")
-    lost_backends = {edge_address(task, deployment) for node, task in backends if node == lost}
+    edge = f"{topology.settings.prefix}-edge"
+    lost_backends = {address_on(task, edge) for node, task in backends if node == lost}
     data = os.urandom(64 * 1024)
     upload_id = traffic.upload(deployment, data, host=hosts[0])
     known = traffic.submit(deployment, upload_id, 5, "it", host=hosts[0])
