@@ -405,6 +405,10 @@ def test_a_failed_mpirun_fails_the_attempt_with_the_tail_of_its_output(
     monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: Completed(1, "only stdout", ""))
     with pytest.raises(RuntimeError, match=r"^mpirun exited 1: only stdout$"):
         runner.execute(job)
+    # Exit 0 with nothing printed is a failed attempt too, in the same words.
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: Completed(0, "\x00\n", "prted lost"))
+    with pytest.raises(RuntimeError, match=r"^mpirun exited 0 without a result: prted lost$"):
+        runner.execute(job)
 
 
 def test_a_bad_upload_reference_fails_the_job_before_mpirun_starts(

@@ -160,6 +160,7 @@ def test_a_stopped_worker_is_left_out_a_lost_rank_is_retried_and_a_hopeless_job_
     since = time.time()
     job = submit(prod, upload_id, 300, "sv")  # each rank works for 10 s or more: the kill lands mid-run
     chaos.wait_for(lambda: rank_runs_on(prod, worker), 90, f"a rank running on {worker}", interval=0.2)
+    time.sleep(2)  # past the ranks' start-up: a kill during it can leave mpirun exiting 0, silent
     before = chaos.kill9(prod, worker)
     chaos.wait_logged(prod, "mpi-master", since, f"job {job['id']} failed: mpirun exited", timeout=90)
     chaos.wait_restarted(prod, worker, before)

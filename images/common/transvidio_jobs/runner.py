@@ -105,9 +105,15 @@ def _run(job: dict[str, Any], hostfile: str, uploads_dir: str, owner: str, uploa
         os.environ["OUTPUTS_DIR"],
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=MPI_TIMEOUT_SECONDS, check=False)
+    tail = (done.stderr or done.stdout)[-1500:]
     if done.returncode != 0:
-        raise RuntimeError(f"mpirun exited {done.returncode}: {(done.stderr or done.stdout)[-1500:]}")
-    return processing.last_output_line(done.stdout)
+        raise RuntimeError(f"mpirun exited {done.returncode}: {tail}")
+    try:
+        return processing.last_output_line(done.stdout)
+    except ValueError:
+        # Seen on Docker: a worker killed while its rank starts up can leave PRRTE exiting 0
+        # with no rank's output. The attempt failed all the same, and is retried.
+        raise RuntimeError(f"mpirun exited 0 without a result: {tail}") from None
 
 
 if __name__ == "__main__":
