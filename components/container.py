@@ -357,8 +357,8 @@ class CredentialStore:
 
     volume: docker.Volume | None
     writer: pulumi.CustomResource | None
-    secrets: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)  # on a swarm: name -> value
-    uid: int = ROOT_UID
+    secrets: Mapping[str, pulumi.Input[str]]  # on a swarm: name -> value, each readable only by `uid`
+    uid: int
 
     def mounts(self, path: str) -> list[VolumeMount]:
         """The store's volume, for a reader to mount at `path` (on one host)."""
@@ -412,7 +412,7 @@ def credentials_store(
         networks,
         parent,
     )
-    return CredentialStore(volume, writer)
+    return CredentialStore(volume, writer, {}, uid)
 
 
 CREDENTIALS_STORE_DIR = "/srv/credentials"  # the volume, as the writer mounts it

@@ -45,10 +45,10 @@ class Node:
     container_name: str  # Docker name, prefixed with the stack
     data_ip: str | None  # its fixed address on the data network (None on a swarm: tasks get theirs)
     edge_ip: str | None
-    host_port: int | None = None
-    on_data: bool = False
-    on_edge: bool = False
-    swarm_node: str | None = None  # on a swarm: the transvidio.node label of the node it is pinned to
+    host_port: int | None
+    on_data: bool
+    on_edge: bool
+    swarm_node: str | None  # on a swarm: the transvidio.node label of the node it is pinned to
 
     @property
     def data_address(self) -> str:

@@ -27,7 +27,12 @@ import pytest
 TESTS_BY_SOURCE: dict[str, tuple[str, ...]] = {
     "components/render.py": ("tests/test_render.py", "tests/test_program.py", "tests/test_settings.py"),
     "components/settings.py": ("tests/test_settings.py", "tests/test_render.py", "tests/test_program.py"),
-    "components/topology.py": ("tests/test_render.py", "tests/test_program.py", "tests/test_settings.py"),
+    "components/topology.py": (
+        "tests/test_render.py",
+        "tests/test_program.py",
+        "tests/test_settings.py",
+        "tests/test_swarm.py",
+    ),
     "components/swarm.py": ("tests/test_swarm.py", "tests/test_program.py"),
     "components/": ("tests/test_program.py", "tests/test_swarm.py", "tests/test_settings.py", "tests/test_render.py"),
     "images/backend/app/": ("tests/test_backend_api.py", "tests/test_backend_routing.py", "tests/test_backend_db.py"),

@@ -177,3 +177,16 @@ def evaluate(
 
     pulumi_mocks.test(program)()
     return Evaluation(stack=stack, registrations=monitor.registrations, exports=exports)
+
+
+def assert_children_parented(ev: Evaluation) -> None:
+    """Every resource is the child of the component its name starts with, and every URN is unique."""
+    components = {r.name: r.type for r in ev.registrations if r.type.startswith("transvidio:")}
+    for registration in ev.registrations:
+        if registration.type.startswith("transvidio:"):
+            continue
+        parent_type = registration.urn.split("::")[2].split("$")[0]
+        assert parent_type.startswith("transvidio:"), registration.urn
+        parent_name = next(n for n, t in components.items() if t == parent_type)
+        assert registration.name.startswith(parent_name), (registration.name, parent_name)
+    assert len({r.urn for r in ev.registrations}) == len(ev.registrations)

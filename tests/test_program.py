@@ -15,7 +15,7 @@ from components.container import SERVICE_UIDS
 from components.secrets import GENERATED
 from components.settings import parse
 from components.topology import Topology
-from tests.program import Evaluation, Registration, evaluate, is_secret, plain, stack_config
+from tests.program import Evaluation, Registration, assert_children_parented, evaluate, is_secret, plain, stack_config
 
 CONTAINER = "docker:index/container:Container"
 STACKS = ("dev", "prod")
@@ -83,14 +83,7 @@ def test_components_have_typed_tokens_and_parent_their_children(stack: str) -> N
         "backend": "transvidio:backend:BackendPool",
         "nginx": "transvidio:nginx:NginxLB",
     }
-    for registration in ev.registrations:
-        if registration.type.startswith("transvidio:"):
-            continue
-        parent_type = registration.urn.split("::")[2].split("$")[0]
-        assert parent_type.startswith("transvidio:"), registration.urn
-        parent_name = next(n for n, t in components.items() if t == parent_type)
-        assert registration.name.startswith(parent_name), (registration.name, parent_name)
-    assert len({r.urn for r in ev.registrations}) == len(ev.registrations)
+    assert_children_parented(ev)
 
 
 @pytest.mark.parametrize("stack", STACKS)

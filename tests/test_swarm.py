@@ -6,16 +6,19 @@ import base64
 import collections
 import itertools
 import json
+import re
 from functools import cache
 from typing import Any
 
 import pytest
 
 from components import render
-from components.container import SERVICE_UIDS
+from components.container import SERVICE_UIDS, config_file, duration
 from components.settings import SettingsError, parse
+from components.swarm import file_docker_name
 from components.topology import Topology
-from tests.program import Evaluation, evaluate, is_secret, plain, stack_config
+from tests.program import Evaluation, assert_children_parented, evaluate, is_secret, plain, stack_config
+from tests.test_program import S3_CONFIG, S3_SECRETS
 
 SERVICE = "docker:index/service:Service"
 SECRET = "docker:index/secret:Secret"
@@ -132,6 +135,8 @@ def test_every_service_updates_one_task_at_a_time_rolls_back_by_itself_and_pulum
         assert service["updateConfig"]["failureAction"] == "rollback", name
         assert service["rollbackConfig"]["parallelism"] == 1, name
         assert service["rollbackConfig"]["order"] == service["updateConfig"]["order"], name
+        # A rollback that fails too stops for an operator, rather than rolling back and forth.
+        assert service["rollbackConfig"]["failureAction"] == "pause", name
         assert service["convergeConfig"]["timeout"] == "10m0s", name
         spec = service["taskSpec"]["containerSpec"]
         assert spec["capDrops"] == ["ALL"], name
@@ -351,3 +356,117 @@ def test_each_stateful_tier_updates_one_node_after_another() -> None:
     assert not any(
         urn_of[n.container_name] in depends[s.container_name] for s in topo.sentinels for n in topo.redis_nodes
     )
+
+
+def network_names(ev: Evaluation) -> dict[str, str]:
+    """A network's id (as a service names it) -> its name (as a container names it)."""
+    return {f"{r.name}-id": r.inputs["name"] for r in ev.of_type("docker:index/network:Network")}
+
+
+def test_each_service_runs_what_its_node_runs_as_a_container_on_one_host() -> None:
+    # The swarm target changes where a node runs, not what it runs: command, environment,
+    # files, mounts, limits, capabilities, healthcheck and logs are the one-host container's,
+    # translated field by field. Compared with the S3 repository on, for the egress network.
+    swarm_ev = evaluate("prod", {**SWARM, **S3_CONFIG}, secret_config=S3_SECRETS)
+    host_ev = evaluate("prod", S3_CONFIG, secret_config=S3_SECRETS)
+    on_host = {name: plain(r.inputs) for name, r in host_ev.containers.items()}
+    ids = network_names(swarm_ev)
+    by_address: dict[str, str] = {
+        str(n.data_ip): n.hostname for n in Topology(parse("prod", stack_config("prod"))).all_nodes
+    }
+    compared = set()
+
+    def as_name(address: re.Match[str]) -> str:
+        return by_address.get(address.group(), address.group())
+
+    for registration in swarm_ev.of_type(SERVICE):
+        service = plain(registration.inputs)
+        name = service["name"]
+        replicated = name in ("transvidio-prod-backend", "transvidio-prod-nginx")
+        container = on_host["transvidio-prod-backend-1" if name == "transvidio-prod-backend" else name]
+        task, spec = service["taskSpec"], service["taskSpec"]["containerSpec"]
+        assert spec.get("commands") == container.get("entrypoints"), name
+        assert spec.get("args") == container.get("command"), name
+        # On one host the nodes are addresses, on a swarm names (see test_on_a_swarm_the_nodes_find...).
+        env = {
+            key: re.sub(r"\d+\.\d+\.\d+\.\d+", as_name, value)
+            for key, value in (str(item).split("=", 1) for item in container.get("envs", []))
+        }
+        assert spec["env"] == {**env, "RES_OPTIONS": "timeout:1 attempts:1"}, name
+        assert (spec["capDrops"], spec.get("capAdds")) == (
+            container["capabilities"]["drops"],
+            container["capabilities"].get("adds"),
+        ), name
+        health = container["healthcheck"]
+        if label_of(service, "role") == "etcd":  # see test_etcd_members_are_healthy_once_serving...
+            health = {**health, "tests": [*health["tests"], "serving"]}
+        assert spec["healthcheck"] == health, name
+        assert spec["stopGracePeriod"] == duration(int(container["destroyGraceSeconds"])), name
+        assert task["logDriver"] == {"name": container["logDriver"], "options": container["logOpts"]}, name
+        assert task["resources"]["limits"] == {
+            "memoryBytes": container["memory"] * 1024 * 1024,
+            "nanoCpus": round(float(container["cpus"]) * 1e9),
+        }, name
+        files = {
+            f["fileName"]: (f["fileUid"], f["fileGid"], f["fileMode"])
+            for f in [*spec.get("secrets", []), *spec.get("configs", [])]
+            # On one host a PostgreSQL node's secrets are the credentials writer's volume.
+            if not (label_of(service, "component") == "postgres" and f["fileName"].startswith(render.SECRETS_DIR))
+        }
+        assert files == {
+            u["file"]: (u["owner"], u["group"], int(u["permissions"], 8)) for u in container.get("uploads", [])
+        }, name
+        mounts = {m["target"]: m for m in spec.get("mounts", [])}
+        shm = mounts.pop("/dev/shm", None)
+        if container.get("shmSize"):
+            size = {"sizeBytes": container["shmSize"] * 1024 * 1024}
+            assert shm == {"target": "/dev/shm", "type": "tmpfs", "tmpfsOptions": size}, name
+        else:
+            assert shm is None, name
+        assert {t: m["readOnly"] for t, m in mounts.items()} == {
+            # On one host the credentials writer's volume; on a swarm, swarm secrets (tested above).
+            m["target"]: m.get("readOnly", False)
+            for m in container.get("mounts", [])
+            if m["target"] != render.SECRETS_DIR
+        }, name
+        for target, mount in mounts.items():
+            # A read-only volume is not filled from the image: it is what another node wrote.
+            no_copy = mount.get("volumeOptions", {}).get("noCopy")
+            assert no_copy is (True if mount["readOnly"] and mount["type"] == "volume" else None), (name, target)
+        attached = [(ids[n["id"]], n.get("aliases")) for n in task["networksAdvanceds"]]
+        expected = [
+            (n["name"], [a for a in n.get("aliases", []) if not replicated or a != container["hostname"]] or None)
+            for n in container["networksAdvanced"]
+        ]
+        assert sorted(attached, key=str) == sorted(expected, key=str), name
+        compared.add(name)
+    assert len(compared) == len(swarm_ev.of_type(SERVICE))
+
+
+def test_only_nginx_publishes_a_port_on_a_swarm() -> None:
+    published = {name for name, s in services().items() if s.get("endpointSpec", {}).get("ports")}
+    assert published == {"transvidio-prod-nginx"}
+
+
+def test_swarm_configs_and_secrets_are_children_of_their_component() -> None:
+    assert_children_parented(evaluated())
+
+
+def test_a_swarm_file_is_named_for_its_node_and_file_in_64_characters_and_a_new_content_is_a_new_name() -> None:
+    s = parse("prod", stack_config("prod", SWARM))
+    file = config_file("/etc/transvidio/a dir/odd name+1.conf", "")
+    name = file_docker_name(s, "redis-0", file, "one")
+    readable, digest = name.rsplit("-", 1)
+    assert readable == "transvidio-prod-redis-0-odd-name-1.conf"
+    assert re.fullmatch(r"[0-9a-f]{12}", digest), name
+    assert file_docker_name(s, "redis-0", file, "one") == name  # the same version: the same name
+    assert file_docker_name(s, "redis-0", file, "two") != name
+    moved = config_file("/etc/other/odd name+1.conf", "")
+    assert file_docker_name(s, "redis-0", moved, "one") != name  # same base name, another file
+    # Docker refuses a config or secret name over 64 characters: the readable part is cut.
+    long_file = config_file("/etc/" + "x" * 80 + ".conf", "")
+    long_name = file_docker_name(s, "postgres-replica-12", long_file, "one")
+    assert len(long_name) == 64 - 3 and long_name.startswith("transvidio-prod-postgres-replica-12-xxx"), long_name
+    names = [ref["secretName"] for service in services().values() for ref in files_of(service, "secrets").values()]
+    names += [ref["configName"] for service in services().values() for ref in files_of(service, "configs").values()]
+    assert all(len(n) <= 64 and re.fullmatch(r"[A-Za-z0-9_.-]+", n) for n in names), names
