@@ -571,6 +571,10 @@ def test_results_are_only_served_through_the_internal_location() -> None:
     assert "location /outputs/" not in conf
     assert block(conf, "location /").splitlines()[1].strip() == "return 404;"
     assert render.backend_environment(settings())["OUTPUTS_INTERNAL_PREFIX"] == render.OUTPUTS_INTERNAL_PREFIX
+    # A URI prefix of its own: alias maps what follows it onto the outputs directory, and no
+    # API route falls under it.
+    prefix = render.OUTPUTS_INTERNAL_PREFIX
+    assert prefix.startswith("/") and prefix.endswith("/") and not prefix.startswith("/api/"), prefix
 
 
 def test_what_nginx_answers_itself_is_a_json_reason() -> None:
