@@ -35,21 +35,51 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@contextlib.contextmanager
-def running() -> Iterator[str]:
-    """A started server; yields its conninfo (the superuser, database postgres)."""
+def _binaries() -> pathlib.Path:
     binaries = server_binaries()
     if binaries is None:
         if os.environ.get("CI"):
             pytest.fail(f"no PostgreSQL server binaries: {INSTALL}")
         pytest.skip(f"no PostgreSQL server binaries: {INSTALL}")
-    # initdb refuses to run as root: as root, the server runs as Debian's postgres user.
-    as_user: list[str] = []
+    return binaries
+
+
+def _own_directory() -> tuple[pathlib.Path, list[str]]:
+    """A temporary directory, and the command prefix that runs the server's binaries in it:
+    initdb and postgres refuse to run as root, so as root they run as Debian's postgres user."""
     directory = pathlib.Path(tempfile.mkdtemp(prefix="transvidio-pg-"))
-    if os.geteuid() == 0:
-        account = pwd.getpwnam("postgres")
-        os.chown(directory, account.pw_uid, account.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
+    if os.geteuid() != 0:
+        return directory, []
+    account = pwd.getpwnam("postgres")
+    os.chown(directory, account.pw_uid, account.pw_gid)
+    return directory, ["runuser", "-u", "postgres", "--"]
+
+
+def config_errors(conf: str) -> str | None:
+    """What the server's own parser says of a postgresql.conf (an unknown name, a bad value),
+    or None when it takes every line. `postgres -C` reads the file and exits: no cluster runs."""
+    binaries = _binaries()
+    directory, as_user = _own_directory()
+    try:
+        (directory / "data").mkdir(mode=0o700)
+        (directory / "postgresql.conf").write_text(conf)
+        if as_user:
+            shutil.chown(directory / "data", "postgres", "postgres")
+        done = subprocess.run(
+            [*as_user, str(binaries / "postgres"), "-D", str(directory / "data"),
+             f"--config-file={directory / 'postgresql.conf'}", "-C", "server_version"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        return None if done.returncode == 0 else done.stderr
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running() -> Iterator[str]:
+    """A started server; yields its conninfo (the superuser, database postgres)."""
+    binaries = _binaries()
+    directory, as_user = _own_directory()
     data, port = directory / "data", free_port()
     try:
         subprocess.run(

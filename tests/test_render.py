@@ -15,6 +15,7 @@ import yaml
 from components import render
 from components.settings import TLS_SECRETS, Settings, SettingsError, parse
 from components.topology import Topology
+from tests import pg_server
 from tests.program import PROJECT_DIR, stack_config
 
 
@@ -218,6 +219,14 @@ def test_postgresql_conf_holds_the_sizes_and_nothing_patroni_owns() -> None:
     }
     assert not set(values) & PATRONI_OWNED
     assert not set(values) & {"primary_conninfo", "primary_slot_name", "hba_file", "unix_socket_directories"}
+
+
+@pytest.mark.parametrize("stack", ["dev", "prod"])
+def test_postgresql_takes_every_line_of_its_config(stack: str) -> None:
+    # The server's own parser, in a second; the e2e suite also checks each line is applied in the image.
+    conf = render.postgresql_conf(parse(stack, stack_config(stack)))
+    assert pg_server.config_errors(conf) is None
+    assert "unrecognized configuration parameter" in str(pg_server.config_errors(conf + "no_such_setting = 1\n"))
 
 
 def test_every_node_archives_its_wal_to_the_backup_repository_within_the_archive_timeout() -> None:
