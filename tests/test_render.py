@@ -292,7 +292,7 @@ def test_nodes_differ_only_in_name_and_address_and_scaling_changes_no_node_confi
 
 
 @pytest.mark.parametrize(
-    ("ttl", "detect"), [(20, 0), (21, 0), (30, 0), (45, 0), (300, 0), (20, 5), (20, 6), (20, 19), (300, 299)]
+    ("ttl", "detect"), [(20, 0), (21, 0), (30, 0), (45, 0), (300, 0), (20, 5), (20, 6), (20, 19), (21, 20), (300, 299)]
 )
 def test_patroni_timings_keep_its_rule_and_the_cluster_parameters_are_sized_for_every_replica(
     ttl: int, detect: int
@@ -477,6 +477,15 @@ def test_the_paths_the_stack_uploads_to_are_the_ones_the_images_read() -> None:
     }
     for path, text in readers.items():
         assert path in text, path
+    # The scripts Patroni's config names are the ones the PostgreSQL image installs.
+    installed = next(
+        line
+        for line in image("postgres/Dockerfile").splitlines()
+        if line.startswith("COPY") and "/usr/local/bin/" in line
+    )
+    for script in (render.PATRONI_CALLBACK, render.PATRONI_BOOTSTRAP):
+        directory, name = script.rsplit("/", 1)
+        assert directory == "/usr/local/bin" and name in installed.split(), script
 
 
 def test_postgres_sizes_are_written_in_the_largest_unit_that_divides_them() -> None:
