@@ -490,8 +490,25 @@ def accepted(deployment: SwarmDeployment, upload_id: str, duration: int, host: s
     """The job if the API accepts it now; None while it answers 503 (a dependency down)."""
     document = {"upload_id": upload_id, "duration_seconds": duration, "target_language": "it"}
     status, job = traffic.api(deployment, "POST", "/api/jobs", document, host=host)
-    assert status in (201, 503), (status, job)
+    assert status in (201, 503), (status, job, edge_logs(deployment))
     return dict(job) if status == 201 else None
+
+
+def edge_logs(deployment: SwarmDeployment) -> str:
+    """The last log lines of every nginx and backend container each node runs: what a request
+    that got no answer leaves to read (which backend nginx chose, and what that backend did)."""
+    report_lines = []
+    for node in sorted(deployment.swarm.nodes):
+        for hostname in ("nginx", "backend"):
+            try:
+                containers = deployment.containers_on(node, hostname)
+            except docker.errors.APIError as error:
+                report_lines.append(f"--- {hostname} on {node}: no answer: {error}")
+                continue
+            for container in containers:
+                tail = container.logs(tail=30, timestamps=True).decode(errors="replace")
+                report_lines.append(f"--- {hostname} on {node} ({container.name}):\n{tail}")
+    return "\n".join(report_lines)
 
 
 def upstreams_on(deployment: SwarmDeployment, node: str) -> list[str] | None:
