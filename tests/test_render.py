@@ -301,6 +301,12 @@ def test_patroni_timings_keep_its_rule_and_the_cluster_parameters_are_sized_for_
     assert dcs["ttl"] == ttl
     assert dcs["loop_wait"] >= 1 and dcs["retry_timeout"] >= 3
     assert dcs["loop_wait"] + 2 * dcs["retry_timeout"] <= ttl  # else Patroni adjusts them itself
+    assert all(type(dcs[key]) is int for key in ("ttl", "loop_wait", "retry_timeout")), dcs
+    # A replica further behind than 1 MiB of WAL never becomes primary on its own.
+    assert dcs["maximum_lag_on_failover"] == 1024 * 1024
+    if not detect:
+        # Retries get all the time the rule leaves: a slow etcd is not a lost one.
+        assert dcs["loop_wait"] + 2 * (dcs["retry_timeout"] + 1) > ttl
     if detect:
         # A primary that cannot renew its lock has demoted itself a second before the fence
         # ends it; its retries get all the rest of that time (a slow etcd is not a lost one).
