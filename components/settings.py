@@ -273,8 +273,6 @@ def swarm_node_names(key: str, value: Any) -> tuple[str, ...]:
 
 def optional_registry(key: str, value: Any) -> str:
     """'' or host[:port] of the registry a swarm's nodes pull the stack's images from."""
-    if value in (None, ""):
-        return ""
     try:
         return optional_endpoint(key, value)
     except SettingsError:

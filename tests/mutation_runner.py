@@ -25,8 +25,18 @@ import pytest
 
 # Source tree -> the test modules that import it, in the order most likely to fail first.
 TESTS_BY_SOURCE: dict[str, tuple[str, ...]] = {
-    "components/render.py": ("tests/test_render.py", "tests/test_program.py", "tests/test_settings.py"),
-    "components/settings.py": ("tests/test_settings.py", "tests/test_render.py", "tests/test_program.py"),
+    "components/render.py": (
+        "tests/test_render.py",
+        "tests/test_program.py",
+        "tests/test_settings.py",
+        "tests/test_swarm.py",
+    ),
+    "components/settings.py": (
+        "tests/test_settings.py",
+        "tests/test_render.py",
+        "tests/test_program.py",
+        "tests/test_swarm.py",
+    ),
     "components/topology.py": (
         "tests/test_render.py",
         "tests/test_program.py",

@@ -356,6 +356,8 @@ def test_the_bootstrap_initialises_or_restores_to_the_configured_target(
     recovery = bootstrap["restore"]["recovery_conf"]
     assert recovery.get("recovery_target_time") == recovery_time
     assert recovery["recovery_target_action"] == "promote"
+    # Along the newest timeline: a repository that saw failovers restores past them.
+    assert recovery["recovery_target_timeline"] == "latest"
     assert recovery["restore_command"] == f'{render.PGBACKREST} archive-get %f "%p"'
     assert bootstrap["dcs"] == render.patroni_dcs(s)
     assert bootstrap["post_bootstrap"] == f"{render.PATRONI_CALLBACK} post_bootstrap"
