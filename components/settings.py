@@ -284,7 +284,7 @@ def optional_registry(key: str, value: Any) -> str:
 def optional_absolute_path(key: str, value: Any) -> str:
     if value in (None, ""):
         return ""
-    if not isinstance(value, str) or not value.startswith("/") or not re.fullmatch(r"(/[A-Za-z0-9._-]+)+", value):
+    if not isinstance(value, str) or not re.fullmatch(r"(/[A-Za-z0-9._-]+)+", value):
         raise _fail(
             key, value, "must be an absolute path of letters, digits, '.', '_' and '-', such as /srv/transvidio"
         )

@@ -353,6 +353,8 @@ def test_the_bootstrap_initialises_or_restores_to_the_configured_target(
     assert bootstrap["fresh"] == {"command": f"{render.PATRONI_BOOTSTRAP} fresh", "no_params": True}
     quoted = "'2026-11-29 10:00:00+00'" if recovery_time else "latest"
     assert bootstrap["restore"]["command"] == f"{render.PATRONI_BOOTSTRAP} restore {quoted}"
+    # The script takes its own arguments only: Patroni appends none (--scope, --datadir).
+    assert bootstrap["restore"]["no_params"] is True
     recovery = bootstrap["restore"]["recovery_conf"]
     assert recovery.get("recovery_target_time") == recovery_time
     assert recovery["recovery_target_action"] == "promote"

@@ -300,6 +300,11 @@ SWARM_ERRORS = [
         "such as /srv/transvidio",
     ),
     (
+        {"deploy": {**SWARM["deploy"], "sharedPath": 5}},
+        "transvidio:deploy.sharedPath=5: must be an absolute path of letters, digits, '.', '_' and '-', "
+        "such as /srv/transvidio",
+    ),
+    (
         {"images": {"registry": "registry example"}},
         "transvidio:images.registry='registry example': must be a registry host, optionally with :port, such as "
         "registry.example:5000",
