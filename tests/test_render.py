@@ -275,6 +275,12 @@ def test_patroni_config_of_a_node_names_it_and_its_fixed_addresses_and_every_etc
     }
     assert pg["custom_conf"] == "/etc/transvidio/postgres/postgresql.conf"
     assert pg["callbacks"] == {"on_start": render.PATRONI_CALLBACK, "on_role_change": render.PATRONI_CALLBACK}
+    # The cluster lives on the node's volume (components/postgres.py mounts it there); the
+    # passwords file Patroni writes stays off it, with the sockets.
+    assert pg["data_dir"] == render.POSTGRES_DATA_DIR
+    assert pg["pgpass"] == f"{render.POSTGRES_RUN_DIR}/patroni-pgpass"
+    # Patroni reaches its own node, replication included, through the socket pg_hba allows.
+    assert (pg["use_unix_socket"], pg["use_unix_socket_repl"]) == (True, True)
 
 
 def test_nodes_differ_only_in_name_and_address_and_scaling_changes_no_node_config() -> None:
