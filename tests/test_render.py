@@ -281,6 +281,11 @@ def test_patroni_config_of_a_node_names_it_and_its_fixed_addresses_and_every_etc
     assert pg["pgpass"] == f"{render.POSTGRES_RUN_DIR}/patroni-pgpass"
     # Patroni reaches its own node, replication included, through the socket pg_hba allows.
     assert (pg["use_unix_socket"], pg["use_unix_socket_repl"]) == (True, True)
+    # A new replica copies the primary at once (a fast checkpoint, not the next scheduled one),
+    # and a node that cannot rewind onto the new timeline copies it again rather than stay down.
+    assert (pg["create_replica_methods"], pg["basebackup"]) == (["basebackup"], [{"checkpoint": "fast"}])
+    assert pg["remove_data_directory_on_rewind_failure"] is True
+    assert pg["remove_data_directory_on_diverged_timelines"] is True
 
 
 def test_nodes_differ_only_in_name_and_address_and_scaling_changes_no_node_config() -> None:
