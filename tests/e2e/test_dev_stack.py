@@ -19,7 +19,7 @@ from transvidio_jobs import processing
 from components.secrets import GENERATED
 from components.topology import REDIS_MASTER_NAME
 from tests.e2e import report, traffic
-from tests.e2e.chaos import wait_streaming
+from tests.e2e.chaos import logs, wait_streaming
 from tests.e2e.conftest import Deployment, deployed, engine_name, readback_drift
 from tests.program import plain
 
@@ -175,9 +175,9 @@ def test_nginx_starts_with_every_backend_that_answered_before_it(dev: Deployment
     backends = [dev.client.containers.get(dev.name(b.hostname)) for b in dev.topology.backends]
     addresses = sorted(c.attrs["NetworkSettings"]["Networks"]["transvidio-dev-edge"]["IPAddress"] for c in backends)
     assert addresses
-    logs = dev.client.containers.get(dev.name("nginx")).logs().decode()
-    first = next(line for line in logs.splitlines() if "upstreams: starting with:" in line)
-    assert sorted(first.split("starting with:")[1].split()) == addresses, logs
+    nginx_logs = logs(dev, "nginx")
+    first = next(line for line in nginx_logs.splitlines() if "upstreams: starting with:" in line)
+    assert sorted(first.split("starting with:")[1].split()) == addresses, nginx_logs
 
 
 def test_nginx_status_is_for_the_cluster_only(dev: Deployment) -> None:
@@ -207,7 +207,7 @@ def test_a_large_json_body_is_refused_and_the_backend_stays_healthy(dev: Deploym
 
 def balanced(dev: Deployment) -> list[str]:
     """The backend addresses nginx balances over now."""
-    return traffic.addresses_in(traffic.upstreams_file(dev))
+    return traffic.applied_upstreams(logs(dev, "nginx")) or []
 
 
 def scale_to_two_backends_in_nginx(dev: Deployment) -> None:

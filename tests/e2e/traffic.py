@@ -16,7 +16,6 @@ from typing import Any, Protocol
 
 from transvidio_jobs import processing
 
-from components import render
 from components.topology import NGINX_HTTP_PORT, Topology
 from tests.e2e.conftest import Deployment
 
@@ -159,27 +158,17 @@ def from_inside(deployment: Deployment, path: str, token: str | None = STACK_TOK
     return int(status), body.encode()
 
 
-def upstream_servers(deployment: Deployment) -> list[str]:
-    """The backends nginx balances over now, from the file its entrypoint keeps."""
-    return servers_in(upstreams_file(deployment))
-
-
-def upstreams_file(deployment: Deployment) -> str:
-    """The upstream file nginx's entrypoint keeps, as it is now."""
-    code, output = deployment.exec("nginx", ["cat", render.NGINX_UPSTREAMS_FILE])
-    assert code == 0, output
-    return output
-
-
-def servers_in(upstreams_file: str) -> list[str]:
-    """The addresses (with port) of the servers the nginx entrypoint's upstream file lists."""
-    lines = upstreams_file.splitlines()
-    return [line.split()[1] for line in lines if line.startswith("server ") and " down;" not in line]
-
-
-def addresses_in(upstreams_file: str) -> list[str]:
-    """The backend addresses (no port) of the servers the upstream file lists."""
-    return [server.rsplit(":", 1)[0] for server in servers_in(upstreams_file)]
+def applied_upstreams(nginx_logs: str) -> list[str] | None:
+    """The backend addresses nginx balances over: those its entrypoint last applied (logged as it
+    starts nginx, then at each reload), or None before it has. Not the upstream file: the
+    entrypoint writes it, checks the config and only then signals nginx, which until then still
+    sends requests to the servers before, on its kept-alive connections too."""
+    applied = [
+        line.split(" with: ", 1)[1]
+        for line in nginx_logs.splitlines()
+        if "upstreams: starting with: " in line or "upstreams: reloaded with: " in line
+    ]
+    return applied[-1].split() if applied else None
 
 
 class GetStream:

@@ -24,7 +24,6 @@ from typing import Any
 import docker.errors
 import pytest
 
-from components import render
 from components.container import LABEL_PREFIX, SERVICE_UIDS
 from components.settings import parse
 from components.topology import REDIS_ADMIN_USER, REDIS_APP_USER, REDIS_MASTER_NAME, REDIS_PORT, SENTINEL_PORT, Topology
@@ -521,10 +520,10 @@ def edge_logs(deployment: SwarmDeployment) -> str:
 def upstreams_on(deployment: SwarmDeployment, node: str) -> list[str] | None:
     """The backend addresses the nginx task on `node` balances over now (None if it does not answer)."""
     try:
-        code, output = deployment.exec("nginx", ["cat", render.NGINX_UPSTREAMS_FILE], on_node=node)
-    except (ValueError, docker.errors.APIError):
+        containers = deployment.containers_on(node, "nginx")
+    except docker.errors.APIError:
         return None
-    return traffic.addresses_in(output) if code == 0 else None
+    return traffic.applied_upstreams("".join(c.logs(tail=200).decode(errors="replace") for c in containers))
 
 
 def test_a_lost_node_under_load_fails_over_keeps_answering_runs_jobs_and_returns(deployment: SwarmDeployment) -> None:
