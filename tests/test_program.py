@@ -976,6 +976,7 @@ S3_CONFIG = {"postgres": {"backupRepository": "s3", "s3Endpoint": "s3.test", "s3
 
 def test_an_s3_repository_gives_only_the_postgres_nodes_a_route_out_and_its_credentials_the_store() -> None:
     ev = evaluate("prod", S3_CONFIG, secret_config=S3_SECRETS)
+    assert_children_parented(ev)  # the egress network is the network component's child, named so
     networks = {r.inputs["name"]: r.inputs for r in ev.of_type("docker:index/network:Network")}
     assert networks["transvidio-prod-egress"]["internal"] is False
     assert networks["transvidio-prod-egress"]["ipamConfigs"] == [{"subnet": "10.211.3.0/24"}]
