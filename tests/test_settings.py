@@ -498,6 +498,8 @@ INTEGER_BOUNDS = {
     "redis.failoverTimeoutMs": (1000, 3600000),
     "redis.minReplicasToWrite": (0, 8),
     "redis.minReplicasMaxLag": (1, 3600),
+    "redis.backupIntervalMinutes": (0, 44640),
+    "redis.backupRetention": (1, 1000),
     "mpi.workers": (1, 16),
     "mpi.slotsPerNode": (1, 64),
     "backend.replicas": (1, 20),
