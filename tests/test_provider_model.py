@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
-from tests.e2e import provider
+from tests.e2e import provider, swarm_target
 
 CONTAINER = "docker:index/container:Container"
 
@@ -167,3 +168,66 @@ def test_an_unset_network_mode_is_the_schema_default_and_plans_no_change() -> No
     state = {**state_after_create(BASE), "networkMode": "bridge"}
     assert "networkMode" not in provider.diff(CONTAINER, BASE, state)
     assert provider.diff(CONTAINER, {**BASE, "networkMode": "none"}, state)["networkMode"] == provider.REPLACE
+
+
+class ManagerAroundAnUpdate:
+    """A swarm manager's answers around one service update, as seen here: the update request
+    clears the service's UpdateStatus, the orchestrator starts the update a moment later (a
+    new StartedAt), then reports each of `statuses` in turn (the last one for good). The one
+    task keeps running throughout (start-first: the old task serves until the new is healthy)."""
+
+    def __init__(self, statuses: list[dict[str, str] | None]) -> None:
+        self.statuses = statuses
+        self.spec: dict[str, Any] = {"Mode": {"Replicated": {"Replicas": 1}}, "TaskTemplate": {"Image": "v1"}}
+        self.updated = False
+
+    def inspect_service(self, service_id: str) -> dict[str, Any]:
+        if not self.updated:
+            status: dict[str, str] | None = {"State": "completed", "StartedAt": "the last update"}
+        else:
+            status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return {"Spec": self.spec, "Version": {"Index": 7}, **({"UpdateStatus": status} if status else {})}
+
+    def _url(self, path: str) -> str:
+        return path
+
+    def _post_json(self, url: str, data: dict[str, Any], params: dict[str, Any]) -> None:
+        self.spec, self.updated = data, True
+
+    def _result(self, response: None, json: bool) -> dict[str, Any]:
+        return {}
+
+    def tasks(self, filters: dict[str, str]) -> list[dict[str, Any]]:
+        return [{"Status": {"State": "running"}}]
+
+
+def update_through(manager: ManagerAroundAnUpdate, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(
+        swarm_target,
+        "service_spec",
+        lambda inputs: {"Mode": {"Replicated": {"Replicas": 1}}, "TaskTemplate": {"Image": inputs["image"]}},
+    )
+    client: Any = type("Client", (), {"api": manager})()
+    return swarm_target.update_service(client, "backend", dict(UPDATE))
+
+
+UPDATE = {"name": "backend", "image": "v2", "convergeConfig": {"timeout": "5m"}}
+ROLLED_BACK = {"State": "rollback_completed", "StartedAt": "this update", "Message": "rollback completed"}
+
+
+@pytest.mark.parametrize("cleared_for", [0, 1, 3])
+def test_an_update_that_rolls_back_fails_the_apply_however_long_it_took_to_start(
+    cleared_for: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seen on a busy swarm: no UpdateStatus for a while after the request, one task running.
+    rolling = {"State": "updating", "StartedAt": "this update"}
+    manager = ManagerAroundAnUpdate([None] * cleared_for + [rolling, ROLLED_BACK])
+    with pytest.raises(swarm_target.ServiceError, match="backend: update rollback completed: rollback completed"):
+        update_through(manager, monkeypatch)
+
+
+def test_an_update_that_completes_is_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    completed = {"State": "completed", "StartedAt": "this update"}
+    manager = ManagerAroundAnUpdate([None, {"State": "updating", "StartedAt": "this update"}, completed])
+    assert update_through(manager, monkeypatch) == UPDATE

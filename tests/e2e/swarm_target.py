@@ -215,13 +215,17 @@ def update_service(client: docker.DockerClient, service_id: str, inputs: dict[st
     if timeout is None:
         return inputs
     deadline = time.monotonic() + timeout
-    # The last update's status stays until the orchestrator starts this one. A change to the
-    # task template always starts one (however long a busy manager takes to): wait for it,
-    # or the last update's `completed` is read as this one's. A change that touches no task
-    # (a label, the replica count) starts none.
+    # Until the orchestrator starts this update, the service shows the last update's status,
+    # or none at all (the update request clears it): either read as this update's would pass
+    # an update that is about to roll back. A change to the task template always starts one
+    # (however long a busy manager takes to): wait for it. (The provider waits 7 s before its
+    # first look instead.) A change that touches no task (a label, the replica count) starts none.
     after = client.api.inspect_service(service_id)
     rolls = after["Spec"]["TaskTemplate"] != before["Spec"]["TaskTemplate"]
-    while rolls and (client.api.inspect_service(service_id).get("UpdateStatus") or {}).get("StartedAt") == previous:
+    while rolls and (client.api.inspect_service(service_id).get("UpdateStatus") or {}).get("StartedAt") in (
+        previous,
+        None,
+    ):
         if time.monotonic() > deadline:
             raise ServiceError(f"service {inputs['name']}: its update did not begin in {timeout:.0f}s")
         time.sleep(0.2)
