@@ -26,7 +26,15 @@ import pytest
 
 from components.container import LABEL_PREFIX, SERVICE_UIDS
 from components.settings import parse
-from components.topology import REDIS_ADMIN_USER, REDIS_APP_USER, REDIS_MASTER_NAME, REDIS_PORT, SENTINEL_PORT, Topology
+from components.topology import (
+    POSTGRES_DB,
+    REDIS_ADMIN_USER,
+    REDIS_APP_USER,
+    REDIS_MASTER_NAME,
+    REDIS_PORT,
+    SENTINEL_PORT,
+    Topology,
+)
 from tests.e2e import apply, report, swarm_target, traffic
 from tests.e2e.swarm.conftest import SWARM_SH, Swarm
 from tests.e2e.swarm.test_bed import wait_for
@@ -511,8 +519,10 @@ def accepted(
 
 
 def edge_logs(deployment: SwarmDeployment) -> str:
-    """The last log lines of every nginx and backend container each node runs: what a request
-    that got no answer leaves to read (which backend nginx chose, and what that backend did)."""
+    """The last log lines of every nginx and backend container each node runs, but for the
+    access lines of the GETs the test streams: what a request that got no answer or a job that
+    did not finish leaves to read (which backend nginx chose, what that backend and its job
+    worker did)."""
     report_lines = []
     for node in sorted(deployment.swarm.nodes):
         for hostname in ("nginx", "backend"):
@@ -522,8 +532,37 @@ def edge_logs(deployment: SwarmDeployment) -> str:
                 report_lines.append(f"--- {hostname} on {node}: no answer: {error}")
                 continue
             for container in containers:
-                tail = container.logs(tail=30, timestamps=True).decode(errors="replace")
+                lines = container.logs(tail=1000, timestamps=True).decode(errors="replace").splitlines()
+                tail = "\n".join([line for line in lines if '"GET /' not in line][-40:])
                 report_lines.append(f"--- {hostname} on {node} ({container.name}):\n{tail}")
+    return "\n".join(report_lines)
+
+
+def postgres_seen(deployment: SwarmDeployment, lost: str, job_id: str) -> str:
+    """What each PostgreSQL node that remains says of the job and of itself, as its superuser:
+    its role and synchronous standby, the job's row, its replication, and every session not
+    idle with what it waits on (a commit waiting for a gone synchronous standby holds its
+    row locked from every other claimer): what a job that never finished leaves to read."""
+    queries = (
+        "SELECT pg_is_in_recovery() AS replica, current_setting('synchronous_standby_names') AS sync_names",
+        f"SELECT status, claimed_by, attempts, lease_until, now() FROM jobs WHERE id = '{uuid.UUID(job_id)}'",
+        "SELECT application_name, state, sync_state, replay_lsn, replay_lag FROM pg_stat_replication",
+        "SELECT pid, usename, state, wait_event_type, wait_event, now() - query_start AS running, "
+        "left(query, 100) AS query FROM pg_stat_activity WHERE state <> 'idle' AND pid <> pg_backend_pid()",
+    )
+    command = ["psql", "--host=/var/lib/postgresql/run", f"--dbname={POSTGRES_DB}", "-X"]
+    for query in queries:
+        command += ["-c", query]
+    report_lines = []
+    for node in deployment.topology.postgres_nodes:
+        if node.swarm_node == lost:
+            continue
+        assert node.swarm_node is not None
+        try:
+            _, out = deployment.exec(node.hostname, command, on_node=node.swarm_node)
+        except (ValueError, docker.errors.APIError) as error:
+            out = f"no answer: {error}"
+        report_lines.append(f"--- {node.hostname} on {node.swarm_node}:\n{out}")
     return "\n".join(report_lines)
 
 
@@ -624,7 +663,11 @@ def test_a_lost_node_under_load_fails_over_keeps_answering_runs_jobs_and_returns
                 lambda: accepted(deployment, upload_id, 20, hosts[0], unanswered), 120, "a job accepted"
             )
             writes_seconds = time.monotonic() - cut
-            short = traffic.wait_done(deployment, short_job["id"], host=hosts[0])
+            try:
+                short = traffic.wait_done(deployment, short_job["id"], host=hosts[0])
+            except AssertionError as error:  # seen once in CI (2026-12-06), cause not yet found
+                seen = f"{postgres_seen(deployment, lost, short_job['id'])}\n{edge_logs(deployment)}"
+                raise AssertionError(f"{error}\n{seen}") from None
             assert short["status"] == "succeeded", short
             long = traffic.submit(deployment, upload_id, 90, "it", host=hosts[0])
             stream.wait_answers(200)
