@@ -5,6 +5,7 @@ two holders race. The backend and the MPI master run this same module in the sta
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -259,3 +260,52 @@ def test_backends_starting_together_create_the_schema_once_without_an_error(serv
             thread.join(30)
     # Without the advisory lock, concurrent CREATE ... IF NOT EXISTS collide in the catalog.
     assert failures == []
+
+
+@contextlib.contextmanager
+def synchronous_standby_gone(server: str) -> Iterator[None]:
+    """Every commit that waits for the synchronous standby waits on `server` (the standby it
+    names never connects) until the block ends and the wait is released."""
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'gone'")
+        admin.execute("SELECT pg_reload_conf()")
+    try:
+        yield
+    finally:
+        with psycopg.connect(server, autocommit=True) as admin:
+            admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
+            admin.execute("SELECT pg_reload_conf()")
+
+
+def in_thread(work: Any) -> threading.Thread:
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_runners_claim_lease_and_completion_do_not_wait_for_a_synchronous_standby_that_is_gone(
+    server: str, conn: Any
+) -> None:
+    (job_id,) = add_jobs(conn, 1)
+    outcome: dict[str, Any] = {}
+
+    def bookkeeping() -> None:
+        options = f"-c search_path={SCHEMA} {worker.BOOKKEEPING_OPTIONS}"
+        with psycopg.connect(server, autocommit=True, options=options) as runner:
+            claimed = queue.claim(runner, "mpi", "w1", 30)
+            assert claimed is not None
+            outcome["extended"] = queue.extend(runner, claimed, 30)
+            outcome["completed"] = queue.complete(runner, claimed, f"{job_id}/result.json")
+
+    with synchronous_standby_gone(server):
+        # What any other commit meets meanwhile, an API's accepted job: it waits.
+        accepting = in_thread(lambda: add_jobs(connect(server), 1))
+        accepting.join(2)
+        assert accepting.is_alive(), "the server does not make commits wait: the test proves nothing"
+        runner = in_thread(bookkeeping)
+        runner.join(30)  # a bound on a hang, not a timing: unbounded otherwise
+        assert not runner.is_alive(), "a runner's bookkeeping waited for the gone standby"
+        assert outcome == {"extended": True, "completed": True}
+        assert job(conn, job_id)["status"] == "succeeded"  # seen by others: its row is not held
+    accepting.join(30)
+    assert not accepting.is_alive()

@@ -89,6 +89,7 @@ def test_the_conninfo_is_the_env_contract_with_the_password_from_its_file(
         "keepalives_interval": "2",
         "keepalives_count": "2",
         "tcp_user_timeout": "8000",
+        "options": "-c synchronous_commit=local",
     }
     monkeypatch.setenv("POSTGRES_PORT", "6432")
     assert conninfo_to_dict(worker.primary_conninfo())["port"] == "6432"

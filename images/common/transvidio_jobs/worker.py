@@ -35,6 +35,15 @@ CONNECTION_TIMEOUTS = {
 }
 
 
+# The runners' own bookkeeping (claim, lease, completion) commits without waiting for the
+# synchronous standby. Such a wait has no bound (PostgreSQL ends statement_timeout before
+# the commit's wait) and holds the job's row locked, so no other runner can take the job over
+# while the primary waits for a standby that is gone. Losing one of these commits in a
+# failover only runs a job again: completion stays exactly-once (it needs the claim held).
+# The API's commits (a job accepted) still wait for the standby.
+BOOKKEEPING_OPTIONS = "-c synchronous_commit=local"
+
+
 def primary_conninfo() -> str:
     env = os.environ
     with open(env["POSTGRES_PASSWORD_FILE"]) as secret:  # a file, never an environment value
@@ -48,6 +57,7 @@ def primary_conninfo() -> str:
         connect_timeout="3",
         # POSTGRES_MASTER_HOST lists every node: connect to whichever is primary now.
         target_session_attrs="read-write",
+        options=BOOKKEEPING_OPTIONS,
         **CONNECTION_TIMEOUTS,
     )
 
