@@ -506,7 +506,7 @@ def accepted(
     """The job if the API accepts it now; None while it answers 503 (a dependency down), or 504.
 
     A 504 is a submission whose backend did not answer within nginx's 10 s: its fate is unknown
-    to the client, which checks its jobs before it submits again. Seen in CI after a node loss,
+    to the client (a resubmission may make a second job). Seen in CI after a node loss,
     cause not yet found: each is kept in `unanswered` with every nginx's and backend's last log
     lines, and reported."""
     document = {"upload_id": upload_id, "duration_seconds": duration, "target_language": "it"}
