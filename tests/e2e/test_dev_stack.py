@@ -176,8 +176,7 @@ def test_nginx_starts_with_every_backend_that_answered_before_it(dev: Deployment
     addresses = sorted(c.attrs["NetworkSettings"]["Networks"]["transvidio-dev-edge"]["IPAddress"] for c in backends)
     assert addresses
     nginx_logs = logs(dev, "nginx")
-    first = next(line for line in nginx_logs.splitlines() if "upstreams: starting with:" in line)
-    assert sorted(first.split("starting with:")[1].split()) == addresses, nginx_logs
+    assert sorted(traffic.upstream_lists(nginx_logs)[0]) == addresses, nginx_logs
 
 
 def test_nginx_status_is_for_the_cluster_only(dev: Deployment) -> None:

@@ -158,17 +158,23 @@ def from_inside(deployment: Deployment, path: str, token: str | None = STACK_TOK
     return int(status), body.encode()
 
 
-def applied_upstreams(nginx_logs: str) -> list[str] | None:
-    """The backend addresses nginx balances over: those its entrypoint last applied (logged as it
-    starts nginx, then at each reload), or None before it has. Not the upstream file: the
-    entrypoint writes it, checks the config and only then signals nginx, which until then still
-    sends requests to the servers before, on its kept-alive connections too."""
-    applied = [
-        line.split(" with: ", 1)[1]
+def upstream_lists(nginx_logs: str) -> list[list[str]]:
+    """Each list of backend addresses nginx's entrypoint applied, in order: the one it started
+    nginx with, then one at each reload."""
+    return [
+        line.split(" with: ", 1)[1].split()
         for line in nginx_logs.splitlines()
         if "upstreams: starting with: " in line or "upstreams: reloaded with: " in line
     ]
-    return applied[-1].split() if applied else None
+
+
+def applied_upstreams(nginx_logs: str) -> list[str] | None:
+    """The backend addresses nginx balances over: those its entrypoint last applied, or None
+    before it has. Not the upstream file: the entrypoint writes it, checks the config and only
+    then signals nginx, which until then still sends requests to the servers before, on its
+    kept-alive connections too."""
+    applied = upstream_lists(nginx_logs)
+    return applied[-1] if applied else None
 
 
 class GetStream:
