@@ -33,6 +33,7 @@ from components.topology import (
     REDIS_MASTER_NAME,
     REDIS_PORT,
     SENTINEL_PORT,
+    Node,
     Topology,
 )
 from tests.e2e import apply, report, swarm_target, traffic
@@ -475,6 +476,16 @@ def redis_settled(deployment: SwarmDeployment, sentinel: str, via: str | None = 
     return len(up) == deployment.topology.settings.redis.replica_count
 
 
+def said_on(deployment: SwarmDeployment, node: Node, command: list[str], env: dict[str, str] | None = None) -> str:
+    """What `command` prints in `node`'s container on its swarm node, or why it could not run:
+    a line of a report read after a failure."""
+    assert node.swarm_node is not None
+    try:
+        return deployment.exec(node.hostname, command, env=env, on_node=node.swarm_node)[1]
+    except (ValueError, docker.errors.APIError) as error:
+        return f"no answer: {error}"
+
+
 def sentinels_seen(deployment: SwarmDeployment, lost: str) -> str:
     """What the Sentinels that remain say of the master and each other, and their last log lines:
     what a failover that did not happen leaves to read."""
@@ -484,15 +495,7 @@ def sentinels_seen(deployment: SwarmDeployment, lost: str) -> str:
         if sentinel.swarm_node == lost:
             continue
         for ask in (["SENTINEL", "master", REDIS_MASTER_NAME], ["SENTINEL", "sentinels", REDIS_MASTER_NAME]):
-            try:
-                _, out = deployment.exec(
-                    sentinel.hostname,
-                    [*ADMIN_CLI, "-p", str(SENTINEL_PORT), *ask],
-                    env=env,
-                    on_node=sentinel.swarm_node,
-                )
-            except (ValueError, docker.errors.APIError) as error:
-                out = f"no answer: {error}"
+            out = said_on(deployment, sentinel, [*ADMIN_CLI, "-p", str(SENTINEL_PORT), *ask], env)
             report_lines.append(f"--- {sentinel.hostname} {' '.join(ask)}:\n{out}")
         assert sentinel.swarm_node is not None
         for container in deployment.containers_on(sentinel.swarm_node, sentinel.hostname):
@@ -557,12 +560,7 @@ def postgres_seen(deployment: SwarmDeployment, lost: str, job_id: str) -> str:
     for node in deployment.topology.postgres_nodes:
         if node.swarm_node == lost:
             continue
-        assert node.swarm_node is not None
-        try:
-            _, out = deployment.exec(node.hostname, command, on_node=node.swarm_node)
-        except (ValueError, docker.errors.APIError) as error:
-            out = f"no answer: {error}"
-        report_lines.append(f"--- {node.hostname} on {node.swarm_node}:\n{out}")
+        report_lines.append(f"--- {node.hostname} on {node.swarm_node}:\n{said_on(deployment, node, command)}")
     return "\n".join(report_lines)
 
 
