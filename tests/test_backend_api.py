@@ -12,7 +12,6 @@ what is old, a missing dependency is a 503 naming it and nothing more.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import hashlib
@@ -32,7 +31,6 @@ import pytest
 import redis.asyncio as redis_asyncio
 from starlette.requests import Request
 
-from components.render import API_READ_TIMEOUT_SECONDS
 from tests.aio import run
 
 # The secrets as the stack delivers them: files, their paths in <NAME>_FILE.
@@ -63,7 +61,6 @@ for _key, _value in ENV.items():  # main.py reads its env contract on import, as
     os.environ.setdefault(_key, _value)
 
 from app import cache as cache_module  # noqa: E402
-from app import db as app_db  # noqa: E402
 from app import main  # noqa: E402
 from app.config import REQUIRED, Config, Limits  # noqa: E402
 from app.db import DependencyDownError  # noqa: E402
@@ -1190,35 +1187,3 @@ def test_the_cache_asks_the_configured_sentinels_as_the_app_user() -> None:
     assert cache.master.connection_pool.service_name == "transvidio"  # type: ignore[attr-defined]
     master = cache.master.connection_pool.connection_kwargs
     assert (master["username"], master["password"]) == ("app", "redis-password")
-
-
-class SilentRedis(FakeRedis):
-    """A master that takes each command and never answers (cut off mid-failover)."""
-
-    async def get(self, key: str) -> str | None:
-        await asyncio.Event().wait()
-        return None
-
-    async def set(self, key: str, value: str, ex: int) -> None:
-        await asyncio.Event().wait()
-
-
-def test_a_redis_that_does_not_answer_is_a_miss_once_the_cache_bound_passes(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(cache_module, "CACHE_SECONDS", 0.05)
-    cache = cache_module.Cache(Config.from_env(ENV))
-    cache.master = SilentRedis()  # type: ignore[assignment]
-    assert run(cache.get_job("42")) is None
-    run(cache.put_job("42", {"a": 1}))
-    assert [r.getMessage() for r in caplog.records] == [
-        "cache read skipped: no answer within 0.05 s",
-        "cache write skipped: no answer within 0.05 s",
-    ]
-
-
-def test_a_read_that_waits_out_the_cache_and_then_the_database_is_answered_before_nginx_gives_up() -> None:
-    # A GET asks the cache, then the database: both bounds spent still leave the backend time
-    # to answer (a 503) before nginx's API read timeout makes it a 504 with no reason.
-    slowest = cache_module.CACHE_SECONDS + app_db.DEADLINE_SECONDS
-    assert cache_module.CACHE_SECONDS > 0 and slowest + 1 <= API_READ_TIMEOUT_SECONDS

@@ -6,7 +6,6 @@ and /api/health reports it degraded.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import Any
@@ -18,15 +17,6 @@ from app.config import Config
 
 log = logging.getLogger("transvidio.cache")
 TTL_SECONDS = 3600
-# A cache answer later than this is a miss (PostgreSQL answers a job in milliseconds). With
-# the master lost, a command otherwise waits out a connect timeout per attempt and redis-py's
-# retries with their backoff (4 attempts, up to 10 s apart): seen holding GETs for 4-25 s.
-CACHE_SECONDS = 1.0
-
-
-def reason(error: Exception) -> str:
-    """What a skipped cache command logs: the driver's message, or the bound it ran out of."""
-    return str(error) or f"no answer within {CACHE_SECONDS} s"
 
 
 class Cache:
@@ -48,19 +38,17 @@ class Cache:
 
     async def get_job(self, job_id: str) -> dict[str, Any] | None:
         try:
-            async with asyncio.timeout(CACHE_SECONDS):
-                raw = await self.master.get(f"job:{job_id}")
-        except (redis_asyncio.RedisError, TimeoutError) as error:
-            log.warning("cache read skipped: %s", reason(error))
+            raw = await self.master.get(f"job:{job_id}")
+        except redis_asyncio.RedisError as error:
+            log.warning("cache read skipped: %s", error)
             return None
         return json.loads(raw) if raw else None
 
     async def put_job(self, job_id: str, document: dict[str, Any]) -> None:
         try:
-            async with asyncio.timeout(CACHE_SECONDS):
-                await self.master.set(f"job:{job_id}", json.dumps(document, sort_keys=True), ex=TTL_SECONDS)
-        except (redis_asyncio.RedisError, TimeoutError) as error:
-            log.warning("cache write skipped: %s", reason(error))
+            await self.master.set(f"job:{job_id}", json.dumps(document, sort_keys=True), ex=TTL_SECONDS)
+        except redis_asyncio.RedisError as error:
+            log.warning("cache write skipped: %s", error)
 
     async def close(self) -> None:
         await self.master.aclose()
