@@ -27,9 +27,10 @@ def server() -> Iterator[str]:
         yield conninfo
 
 
-def connect(server: str) -> psycopg.Connection[Any]:
-    """A connection in the tests' own schema, committing each statement as the workers do."""
-    return psycopg.connect(server, autocommit=True, options=f"-c search_path={SCHEMA}")
+def connect(server: str, options: str = "") -> psycopg.Connection[Any]:
+    """A connection in the tests' own schema, committing each statement as the workers do,
+    with `options` (server settings) added."""
+    return psycopg.connect(server, autocommit=True, options=f"-c search_path={SCHEMA} {options}".strip())
 
 
 @pytest.fixture
@@ -289,9 +290,12 @@ def test_a_runners_claim_lease_and_completion_do_not_wait_for_a_synchronous_stan
     (job_id,) = add_jobs(conn, 1)
     outcome: dict[str, Any] = {}
 
+    def accept() -> None:
+        with connect(server) as api:
+            add_jobs(api, 1)
+
     def bookkeeping() -> None:
-        options = f"-c search_path={SCHEMA} {worker.BOOKKEEPING_OPTIONS}"
-        with psycopg.connect(server, autocommit=True, options=options) as runner:
+        with connect(server, worker.BOOKKEEPING_OPTIONS) as runner:
             claimed = queue.claim(runner, "mpi", "w1", 30)
             assert claimed is not None
             outcome["extended"] = queue.extend(runner, claimed, 30)
@@ -299,7 +303,7 @@ def test_a_runners_claim_lease_and_completion_do_not_wait_for_a_synchronous_stan
 
     with synchronous_standby_gone(server):
         # What any other commit meets meanwhile, an API's accepted job: it waits.
-        accepting = in_thread(lambda: add_jobs(connect(server), 1))
+        accepting = in_thread(accept)
         accepting.join(2)
         assert accepting.is_alive(), "the server does not make commits wait: the test proves nothing"
         runner = in_thread(bookkeeping)
