@@ -313,3 +313,27 @@ def test_a_runners_claim_lease_and_completion_do_not_wait_for_a_synchronous_stan
         assert job(conn, job_id)["status"] == "succeeded"  # seen by others: its row is not held
     accepting.join(30)
     assert not accepting.is_alive()
+
+
+@pytest.mark.parametrize("outcome", ["succeeds", "fails"])
+def test_an_attempts_outcome_is_recorded_when_its_claim_connection_died_while_it_ran(
+    server: str, conn: Any, outcome: str
+) -> None:
+    (job_id,) = add_jobs(conn, 1)
+    conninfo = f"{server} options='-c search_path={SCHEMA}'"
+    with connect(server) as claim_connection:
+
+        def execute(claimed: dict[str, Any]) -> str:
+            # What a failover or a cut does to a connection left idle for the whole run.
+            conn.execute("SELECT pg_terminate_backend(%s)", (claim_connection.info.backend_pid,))
+            if outcome == "fails":
+                raise RuntimeError("mpirun exited 1")
+            return f"{claimed['id']}/result.json"
+
+        assert worker.run_once(claim_connection, conninfo, "mpi", "w1", execute) is True
+        assert claim_connection.closed
+    recorded = job(conn, job_id)
+    if outcome == "succeeds":
+        assert (recorded["status"], recorded["attempts"], recorded["completions"]) == ("succeeded", 1, 1)
+    else:  # queued again at once with its reason, not held until its lease runs out
+        assert (recorded["status"], recorded["error"]) == ("queued", "RuntimeError: mpirun exited 1")

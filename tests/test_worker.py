@@ -424,3 +424,39 @@ def test_a_bad_upload_reference_fails_the_job_before_mpirun_starts(
         with pytest.raises((ValueError, FileNotFoundError)):
             runner.execute({**job, **bad})
     assert started == []
+
+
+def test_an_outcome_that_cannot_be_recorded_is_retried_on_new_connections_until_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker, "RECORD_SECONDS", 0.3)
+    monkeypatch.setattr(worker, "RECORD_RETRY_SECONDS", 0.05)
+    opened: list[FakeConnection] = []
+
+    def connect(conninfo: str, autocommit: bool = False) -> FakeConnection:
+        assert (conninfo, autocommit) == ("dsn", True)
+        opened.append(FakeConnection())
+        return opened[-1]
+
+    monkeypatch.setattr(psycopg, "connect", connect)
+    writes: list[Any] = []
+
+    def write(db: Any) -> bool:
+        writes.append(db)
+        if len(writes) < 3:
+            raise psycopg.OperationalError("primary gone")
+        return True
+
+    # The claim connection first, then new ones until one takes the write.
+    assert worker.record("claim-conn", "dsn", JOB, write) is True  # type: ignore[arg-type]
+    assert writes == ["claim-conn", *opened] and len(opened) == 2 and all(c.closed for c in opened)
+    writes.clear()
+
+    def never(db: Any) -> bool:
+        writes.append(db)
+        raise psycopg.OperationalError("primary gone")
+
+    # A write that never succeeds gives up once the deadline has passed, with the error.
+    with pytest.raises(psycopg.OperationalError, match="primary gone"):
+        worker.record("claim-conn", "dsn", JOB, never)  # type: ignore[arg-type]
+    assert writes[0] == "claim-conn" and len(writes) >= 3  # it did retry before giving up

@@ -81,6 +81,7 @@ def test_killing_a_backend_during_a_stream_of_gets_fails_no_request(prod: Deploy
 
 
 def test_killing_the_job_runner_mid_job_retries_it_and_completes_it_once(prod: Deployment, video: bytes) -> None:
+    since = time.time()
     job = submit(prod, upload(prod, video), 300, "es")
     deadline = time.monotonic() + 60
     while api(prod, "GET", f"/api/jobs/{job['id']}")[1]["status"] != "running":
@@ -90,8 +91,8 @@ def test_killing_the_job_runner_mid_job_retries_it_and_completes_it_once(prod: D
     before = chaos.kill9(prod, "mpi-master")  # the runner is the master's main process
     chaos.wait_restarted(prod, "mpi-master", before)
     done = wait_done(prod, job["id"], timeout=300)
-    assert done["status"] == "succeeded", done
-    assert done["attempts"] == 2 and done["completions"] == 1
+    outcome = (done["status"], done["attempts"], done["completions"])
+    assert outcome == ("succeeded", 2, 1), (done, runner_said(prod, since))
     assert fetch_result(prod, done)["digest"]
 
 
@@ -129,6 +130,12 @@ def test_jobs_complete_while_a_replica_and_the_redis_master_are_down(prod: Deplo
         time.sleep(1)
 
 
+def runner_said(deployment: Deployment, since: float) -> list[str]:
+    """The MPI master's runner's log lines since `since` (its attempts, left-out nodes, errors)."""
+    lines = chaos.logs(deployment, "mpi-master", since).splitlines()
+    return [line[:400] for line in lines if " runner " in line]
+
+
 def rank_runs_on(deployment: Deployment, hostname: str) -> bool:
     """Whether an MPI rank of a job runs in the node's container now."""
     # A pattern that does not match this very command line.
@@ -143,12 +150,14 @@ def test_a_stopped_worker_is_left_out_a_lost_rank_is_retried_and_a_hopeless_job_
     upload_id = upload(prod, video[:65536])
     # A worker that is down when the job starts is left out: the job runs on the others, at
     # its first attempt.
+    since = time.time()
     prod.client.containers.get(prod.name(worker)).stop(timeout=5)
     try:
         done = wait_done(prod, submit(prod, upload_id, 90, "sv")["id"])
     finally:
         prod.client.containers.get(prod.name(worker)).start()
-    assert (done["status"], done["attempts"], done["completions"]) == ("succeeded", 1, 1), done
+    outcome = (done["status"], done["attempts"], done["completions"])
+    assert outcome == ("succeeded", 1, 1), (done, runner_said(prod, since))
     result = fetch_result(prod, done)
     others = [n.hostname for n in prod.topology.mpi_nodes if n.hostname != worker]
     assert sorted({s["host"] for s in result["segments"]}) == sorted(others)
@@ -165,11 +174,13 @@ def test_a_stopped_worker_is_left_out_a_lost_rank_is_retried_and_a_hopeless_job_
     chaos.wait_logged(prod, "mpi-master", since, f"job {job['id']} failed: mpirun exited", timeout=90)
     chaos.wait_restarted(prod, worker, before)
     done = wait_done(prod, job["id"], timeout=300)
-    assert (done["status"], done["completions"], done["error"]) == ("succeeded", 1, None), done
+    outcome = (done["status"], done["completions"], done["error"])
+    assert outcome == ("succeeded", 1, None), (done, runner_said(prod, since))
     assert done["attempts"] >= 2 and fetch_result(prod, done)["digest"]
     report.LINES.append(f"prod: job whose worker was lost mid-run: {done['status']} after {done['attempts']} attempts")
     # An upload that disappeared can never succeed: after its attempts, failed with the reason.
     upload_id = upload(prod, video[:4096])
+    since = time.time()
     job = submit(prod, upload_id, 90, "sv")
     owner = prod.topology.settings.backend.api_tokens[0]
     # The MPI nodes mount the uploads read-only: a backend, which writes them, removes it.
@@ -178,7 +189,7 @@ def test_a_stopped_worker_is_left_out_a_lost_rank_is_retried_and_a_hopeless_job_
     )
     assert code == 0, output
     done = wait_done(prod, job["id"])
-    assert done["status"] == "failed" and done["attempts"] == 3, done
+    assert (done["status"], done["attempts"]) == ("failed", 3), (done, runner_said(prod, since))
     assert f"upload {upload_id} is missing" in done["error"]
 
 

@@ -6,8 +6,9 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import make_conninfo
@@ -18,6 +19,9 @@ log = logging.getLogger("transvidio.worker")
 
 LEASE_SECONDS = int(os.environ.get("JOB_LEASE_SECONDS", "15"))
 POLL_SECONDS = float(os.environ.get("JOB_POLL_SECONDS", "0.5"))
+# How long a finished attempt keeps trying to record its outcome: longer than a failover.
+RECORD_SECONDS = 60.0
+RECORD_RETRY_SECONDS = 2.0
 
 # Runs one claimed job; returns the result path (relative to outputs) or raises.
 Execute = Callable[[dict[str, Any]], str]
@@ -79,6 +83,36 @@ class Heartbeat(threading.Thread):
                 log.warning("lease of job %s not extended: %s", self.job["id"], error)
 
 
+Outcome = TypeVar("Outcome")
+
+
+def record(
+    conn: psycopg.Connection[Any],
+    conninfo: str,
+    job: dict[str, Any],
+    write: Callable[[psycopg.Connection[Any]], Outcome],
+) -> Outcome:
+    """Writes an attempt's outcome on the claim connection or, when that fails, on new ones
+    for up to RECORD_SECONDS. The claim connection sat idle for the whole run (an hour for a
+    long MPI job) and may be gone (a failover, a cut): without this the outcome would be lost
+    and the job run again from the start once its lease expired. Retrying is safe because
+    both writes hold only while this attempt still holds the claim."""
+    try:
+        return write(conn)
+    except psycopg.Error as error:
+        log.warning("job %s: outcome not recorded, retrying on a new connection: %s", job["id"], error)
+    deadline = time.monotonic() + RECORD_SECONDS
+    while True:
+        try:
+            with psycopg.connect(conninfo, autocommit=True) as fresh:
+                return write(fresh)
+        except psycopg.Error as error:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("job %s: outcome not recorded yet: %s", job["id"], error)
+            time.sleep(RECORD_RETRY_SECONDS)
+
+
 def run_once(conn: psycopg.Connection[Any], conninfo: str, runner: str, worker: str, execute: Execute) -> bool:
     """Claims and runs at most one job; True if there was one. `conn` is the claim connection."""
     job = queue.claim(conn, runner, worker, LEASE_SECONDS)
@@ -91,11 +125,12 @@ def run_once(conn: psycopg.Connection[Any], conninfo: str, runner: str, worker: 
         result_path = execute(job)
     except Exception as error:  # noqa: BLE001 - any failure is recorded on the job
         heartbeat.stopped.set()
-        queue.fail(conn, job, f"{type(error).__name__}: {error}")
+        reason = f"{type(error).__name__}: {error}"
+        record(conn, conninfo, job, lambda db: queue.fail(db, job, reason))
         log.warning("job %s failed: %s", job["id"], error)
         return True
     heartbeat.stopped.set()
-    done = queue.complete(conn, job, result_path)
+    done = record(conn, conninfo, job, lambda db: queue.complete(db, job, result_path))
     log.info("job %s %s", job["id"], "succeeded" if done else "was taken over; result discarded")
     return True
 
