@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -191,7 +192,8 @@ def test_the_loop_reconnects_after_an_error_and_polls_while_the_queue_is_empty(
 
     def run_once(conn: FakeConnection, conninfo: str, runner: str, name: str, execute: Any) -> bool:
         assert conn is opened[-1] and not conn.closed and runner == "mpi"
-        assert name == f"{socket.gethostname()}:{os.getpid()}"  # a claim names its process
+        # A claim names its process and this incarnation of it.
+        assert re.fullmatch(rf"{re.escape(socket.gethostname())}:{os.getpid()}:[0-9a-f]{{6}}", name), name
         outcome = outcomes.pop(0)
         if isinstance(outcome, Exception):
             raise outcome

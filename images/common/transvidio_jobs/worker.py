@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -138,7 +139,9 @@ def run_once(conn: psycopg.Connection[Any], conninfo: str, runner: str, worker: 
 def run_forever(runner: str, execute: Execute, stop: threading.Event | None = None) -> None:
     """Polls the queue on one long-lived connection (a new one only after an error)."""
     conninfo = primary_conninfo()
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+    # The MPI master's runner is PID 1 in every incarnation: the token tells a claim held by a
+    # runner that died from one held by its successor (in claimed_by and in the logs).
+    worker = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
     stop = stop or threading.Event()
     conn: psycopg.Connection[Any] | None = None
     while not stop.is_set():
