@@ -207,9 +207,11 @@ class GetStream:
         while not self.stop.is_set():
             started = time.monotonic()
             try:
-                status, headers, _ = request(self.deployment, "GET", self.path, timeout=self.timeout, host=host)
-                outcome = None if status == self.expected else f"HTTP {status}"
+                status, headers, body = request(self.deployment, "GET", self.path, timeout=self.timeout, host=host)
                 backend = headers.get("x-served-by", "?")
+                # Which backend said what (a 503 names the dependency it could not reach).
+                reason = body[:160].decode(errors="replace")
+                outcome = None if status == self.expected else f"HTTP {status} via {host} from {backend}: {reason}"
             except OSError as error:
                 outcome, backend = repr(error), "-"
             with self.lock:
