@@ -700,6 +700,5 @@ def test_a_lost_node_under_load_fails_over_keeps_answering_runs_jobs_and_returns
         f"swarm: a submission answered 504; what nginx and the backends logged:\n{logs}" for logs in unanswered
     )
     # Each failure with its time after the cut: which phase of the failover it fell in.
-    assert stream.failures == [], [
-        (f"{at - cut:.1f}s", what) for at, what in zip(failures, stream.failures, strict=True)
-    ]
+    timed = [(f"{at - cut:.1f}s", what) for at, what in zip(failures, stream.failures, strict=True)]
+    assert stream.failures == [], f"{timed}\n{edge_logs(deployment) if timed else ''}"
