@@ -29,6 +29,7 @@ from typing import Any
 import psycopg
 import pytest
 import redis.asyncio as redis_asyncio
+from psycopg.conninfo import conninfo_to_dict
 from starlette.requests import Request
 
 from tests.aio import run
@@ -61,10 +62,10 @@ for _key, _value in ENV.items():  # main.py reads its env contract on import, as
     os.environ.setdefault(_key, _value)
 
 from app import cache as cache_module  # noqa: E402
-from app import main  # noqa: E402
+from app import db, main  # noqa: E402
 from app.config import REQUIRED, Config, Limits  # noqa: E402
 from app.db import DependencyDownError  # noqa: E402
-from transvidio_jobs import queue  # noqa: E402
+from transvidio_jobs import queue, worker  # noqa: E402
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 ALICE = {"authorization": f"Bearer {TOKENS['alice']}"}
@@ -134,6 +135,11 @@ class FakeDatabase:
         self.statements: list[tuple[str, Any]] = []
         self.down: str | None = None
         self.lagging: set[str] = set()
+        self._abandoned: set[Any] = set()
+
+    # The real bound on probes (given up on, never cancelled).
+    within = db.Database.within
+    _forget = db.Database._forget
 
     async def write(self, work: Any) -> Any:
         if self.down:
@@ -913,8 +919,8 @@ def test_a_postgres_node_is_ready_as_primary_or_as_a_replica_that_keeps_up(
 ) -> None:
     connections: list[dict[str, Any]] = []
 
-    async def connect(**kwargs: Any) -> FakePgConnection:
-        connections.append(kwargs)
+    async def connect(conninfo: str = "", **kwargs: Any) -> FakePgConnection:
+        connections.append({**conninfo_to_dict(conninfo), **kwargs})
         return FakePgConnection(in_recovery, host.split(",")[-1])
 
     monkeypatch.setattr(psycopg.AsyncConnection, "connect", connect)
@@ -935,6 +941,8 @@ def test_a_postgres_node_is_ready_as_primary_or_as_a_replica_that_keeps_up(
             "connect_timeout": 2,
             "target_session_attrs": "read-write" if writable else "any",
             "autocommit": True,
+            # A node that stops answering fails the probe within seconds (it is never cancelled).
+            **worker.CONNECTION_TIMEOUTS,
         }
     ]
 
@@ -1000,19 +1008,41 @@ def test_readiness_is_200_when_every_dependency_is_up(state: FakeState, monkeypa
     assert (response.status, response.json()["status"], response.json()["down"]) == (200, "ok", [])
 
 
-def test_a_probe_that_hangs_is_reported_down_after_the_dependency_timeout(
+def test_a_probe_that_hangs_is_reported_down_after_the_dependency_timeout_and_a_postgres_one_is_not_cancelled(
     state: FakeState, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import asyncio
 
     monkeypatch.setattr(main, "config", Config.from_env({**ENV, "DEPENDENCY_TIMEOUT_SECONDS": "0.05"}))
+    probes: dict[str, asyncio.Task[Any]] = {}
+    released = asyncio.Event()
 
-    async def hang() -> dict[str, Any]:
-        await asyncio.sleep(30)
-        return {"ok": True}
+    def hanging(kind: str) -> Any:
+        async def hang(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            probes[kind] = asyncio.current_task()  # type: ignore[assignment]
+            await released.wait()
+            return {"ok": True}
 
-    name, result = run(main._check("mpi-master", hang()))
-    assert (name, result) == ("mpi-master", {"ok": False, "error": "TimeoutError"})
+        return hang
+
+    for probe in ("_postgres", "_redis", "_mpi"):
+        monkeypatch.setattr(main, probe, hanging(probe))
+
+    async def round_of_probes() -> tuple[int, dict[str, Any], dict[str, bool]]:
+        status, body = await main.readiness()
+        await asyncio.sleep(0)  # let cancellations land
+        # psycopg's cancel of a query on a node that does not answer blocks the event loop
+        # (Database.within): a PostgreSQL probe given up on runs on; the others are cancelled.
+        cancelled = {kind: task.cancelled() for kind, task in probes.items()}
+        released.set()
+        await asyncio.sleep(0.01)
+        return status, body, cancelled
+
+    status, body, cancelled = run(round_of_probes())
+    assert status == 503 and body["down"] == sorted(body["dependencies"])
+    assert {result["error"] for result in body["dependencies"].values()} == {"TimeoutError"}
+    assert cancelled == {"_postgres": False, "_redis": True, "_mpi": True}
+    assert state.db._abandoned == set()  # ended by itself, then let go
 
 
 def test_a_probes_error_text_goes_to_the_log_and_only_its_kind_to_the_caller(

@@ -124,7 +124,11 @@ class FreezingProxy:
                     sink.sendall(data)
 
     def close(self) -> None:
+        # Shut down first: a bare close() of a socket another thread is reading sends no FIN,
+        # and the client's abandoned query would never learn that the peer is gone.
         for each in self.sockets:
+            with contextlib.suppress(OSError):
+                each.shutdown(socket.SHUT_RDWR)
             each.close()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 import urllib.request
@@ -99,6 +100,23 @@ def wait_logged(deployment: Deployment, hostname: str, since: float, text: str, 
 
 def disconnect(deployment: Deployment, hostname: str) -> None:
     deployment.client.networks.get(f"transvidio-{deployment.stack}-data").disconnect(deployment.name(hostname))
+
+
+def _drop_incoming(deployment: Deployment, hostname: str, action: str) -> None:
+    pid = deployment.client.api.inspect_container(deployment.name(hostname))["State"]["Pid"]
+    rule = ["INPUT", "!", "-i", "lo", "-j", "DROP"]  # its own loopback (healthcheck) still works
+    subprocess.run(["nsenter", "-t", str(pid), "-n", "iptables", action, *rule], check=True)
+
+
+def silence(deployment: Deployment, hostname: str) -> None:
+    """Every packet that reaches the container is dropped, as when its node is lost: no reset,
+    no refusal; a client's queries and new connections go unanswered until TCP gives up.
+    (Stopping or disconnecting it answers them at once, or after ARP gives up.)"""
+    _drop_incoming(deployment, hostname, "-I")
+
+
+def unsilence(deployment: Deployment, hostname: str) -> None:
+    _drop_incoming(deployment, hostname, "-D")
 
 
 def reconnect(deployment: Deployment, hostname: str) -> None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from components import render
-from tests.e2e import chaos, report
+from tests.e2e import chaos, report, traffic
 from tests.e2e.apply import wait_healthy
 from tests.e2e.conftest import Deployment, deployed
 
@@ -150,3 +151,43 @@ def test_a_primary_whose_patroni_stalls_while_its_server_answers_keeps_its_lock_
         chaos.signal_process(prod, primary, "bin/patroni", signal.SIGCONT)
     # Resumed within its TTL, it renews its lock and stays primary.
     assert chaos.wait_pg_settled(prod) == primary
+
+
+def test_a_replica_that_goes_silent_is_given_up_on_without_stalling_any_backend(prod: Deployment) -> None:
+    """A replica whose node is lost answers nothing: each backend gives up on a read there
+    after 3 s and serves it elsewhere. Seen on a swarm: psycopg's cancel of the query given
+    up on blocked each backend's event loop for 8 s (it connects to the silent node to ask
+    for the cancel), so the backend answered nothing, nginx's probes dropped it, and requests
+    on it were lost. Work given up on is now left to end by itself."""
+    replica = chaos.pg_replicas(prod)[0]
+    backends = [b.hostname for b in prod.topology.backends]
+    path = f"/api/jobs/{uuid.uuid4()}"  # never cached: every GET reads a replica (a miss), then the primary
+    gave_up = f"replica {replica} skipped"
+    since = time.time()
+    with traffic.GetStream(prod, path, expected=404) as stream:
+        stream.wait_answers(20)
+        chaos.silence(prod, replica)
+        try:
+            # Each backend gives up twice: on its pooled connection (a query under way: the
+            # case psycopg's cancel blocked), and on a new connection 5 s later.
+            for backend in backends:
+                chaos.wait_for(
+                    lambda backend=backend: chaos.logs(prod, backend, since).count(gave_up) >= 2,
+                    60,
+                    f"{backend} giving up on {replica} twice",
+                )
+        finally:
+            chaos.unsilence(prod, replica)
+        stream.wait_answers(20)
+    nginx_said = chaos.logs(prod, "nginx", since)
+    # Its reloads and errors, not the access lines of the GETs.
+    seen = "\n".join(line for line in nginx_said.splitlines() if "upstreams: " in line or "[error]" in line)
+    assert stream.failures == [], seen
+    # nginx probes every backend each second and drops one that misses 2 probes in a row (2 s
+    # each): it never had to.
+    assert traffic.upstream_lists(nginx_said) == [], seen
+    report.LINES.append(
+        f"prod: {replica} silent under {stream.total} GETs through nginx: {len(stream.failures)} failed, "
+        f"the slowest answered in {stream.slowest:.1f}s"
+    )
+    chaos.wait_streaming(prod, len(prod.topology.postgres_nodes) - 1)

@@ -39,6 +39,9 @@ STATEMENT_TIMEOUT_MS = 5000  # the API's queries are lookups and one insert: mil
 DEADLINE_SECONDS = 7.0
 # A replica slower than this is skipped (and rested) for the next one, or the primary.
 REPLICA_ATTEMPT_SECONDS = 3.0
+# Database work given up on ends by then: a server that does not answer fails it when TCP
+# gives up (tcp_user_timeout); shutdown waits that long for it.
+ABANDONED_WORK_SECONDS = int(worker.CONNECTION_TIMEOUTS["tcp_user_timeout"]) / 1000
 
 
 def lock_timeout_ms(config: Config) -> int:
@@ -63,7 +66,7 @@ class Database:
         self._order = itertools.cycle(list(self.replicas) or [""])
         self.down_until: dict[str, float] = {}
         self.lagging: set[str] = set()
-        # Work given up on, still cancelling: asyncio holds tasks only weakly.
+        # Work given up on, still running: asyncio holds tasks only weakly.
         self._abandoned: set[asyncio.Future[Any]] = set()
 
     def _pool(self, host: str, target_session_attrs: str = "any") -> AsyncConnectionPool:
@@ -98,12 +101,10 @@ class Database:
             await pool.open(wait=False)
 
     async def close(self) -> None:
-        # Work still cancelling on a server that does not answer is cut short: a second
-        # cancel closes its connection.
-        for task in list(self._abandoned):
-            task.cancel()
+        # Work given up on ends within its own bounds: waited for here, so that nothing
+        # cancels it at shutdown (see `within`).
         if self._abandoned:
-            await asyncio.wait(set(self._abandoned), timeout=1)
+            await asyncio.wait(set(self._abandoned), timeout=ABANDONED_WORK_SECONDS)
         for pool in (self.primary, *self.replicas.values()):
             await pool.close()
 
@@ -119,19 +120,29 @@ class Database:
         index = healthy.index(start)
         return healthy[index:] + healthy[:index]
 
-    async def _bounded(self, name: str, work: Awaitable[T], seconds: float) -> T:
-        """`work`'s result, or DependencyDownError naming `name` once `seconds` have passed.
+    async def within(self, work: Awaitable[T], seconds: float) -> T:
+        """`work`'s result, or TimeoutError once `seconds` have passed.
 
-        Work given up on is cancelled in the background, not awaited: psycopg cancels the
-        query on the server, which a lost server never confirms (seconds more)."""
+        Work given up on is left to end by itself, never cancelled: psycopg cancels a query
+        by connecting to its server, and with a server that does not answer (its node lost)
+        that connect blocks the whole event loop, every request of this backend, until TCP
+        gives up (tcp_user_timeout, 8 s; seen on a swarm, reproduced with the image's
+        psycopg 3.2.6 and libpq 17). Every step of the work has its own bound (the pool's
+        timeout, statement_timeout, tcp_user_timeout), so it ends within seconds."""
         task = asyncio.ensure_future(work)
         done, _ = await asyncio.wait({task}, timeout=max(seconds, 0.0))
         if not done:
-            task.cancel()
             self._abandoned.add(task)
             task.add_done_callback(self._forget)
-            raise DependencyDownError(name, f"no answer within {max(seconds, 0.0):.1f} s")
+            raise TimeoutError(f"no answer within {max(seconds, 0.0):.1f} s")
         return task.result()
+
+    async def _bounded(self, name: str, work: Awaitable[T], seconds: float) -> T:
+        """`work`'s result, or DependencyDownError naming `name` once `seconds` have passed."""
+        try:
+            return await self.within(work, seconds)
+        except TimeoutError as error:
+            raise DependencyDownError(name, str(error)) from None
 
     def _forget(self, task: asyncio.Future[Any]) -> None:
         self._abandoned.discard(task)
@@ -186,18 +197,22 @@ class Database:
         names = {host: host for host in self.replicas} | {host.replace("-", "_"): host for host in self.replicas}
         while True:
             try:
-                async with self.primary.connection() as conn:
-                    cur = await conn.execute(
-                        "SELECT application_name, state, EXTRACT(EPOCH FROM COALESCE(replay_lag, '0'))::float "
-                        "FROM pg_stat_replication"
-                    )
-                    rows = await cur.fetchall()
+                # Through `within`: cancelling this watcher (at shutdown) never cancels a query.
+                rows = await self.within(self._replication(), DEADLINE_SECONDS)
                 fresh = {
                     names[name]
                     for name, state, lag in rows
                     if name in names and state == "streaming" and lag <= MAX_LAG_SECONDS
                 }
                 self.lagging = set(self.replicas) - fresh
-            except (psycopg.Error, PoolTimeout) as error:
+            except (psycopg.Error, PoolTimeout, TimeoutError) as error:
                 log.warning("replica lag unknown (primary unavailable): %s", error)
             await asyncio.sleep(2)
+
+    async def _replication(self) -> list[tuple[Any, ...]]:
+        async with self.primary.connection() as conn:
+            cur = await conn.execute(
+                "SELECT application_name, state, EXTRACT(EPOCH FROM COALESCE(replay_lag, '0'))::float "
+                "FROM pg_stat_replication"
+            )
+            return await cur.fetchall()

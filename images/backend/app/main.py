@@ -25,10 +25,11 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -145,6 +146,8 @@ async def _postgres(host: str, writable: bool = False) -> dict[str, Any]:
     """One node's role as it says; `writable`: whichever node of `host` (a list) is primary."""
     started = time.monotonic()
     async with await psycopg.AsyncConnection.connect(
+        # A node that stops answering fails the probe within seconds: it is never cancelled.
+        make_conninfo(**worker.CONNECTION_TIMEOUTS),
         host=host,
         port=config.postgres_port,
         dbname=config.postgres_db,
@@ -185,9 +188,10 @@ async def _mpi() -> dict[str, Any]:
     return {"ok": banner.startswith(b"SSH-")}
 
 
-async def _check(name: str, probe: Any) -> tuple[str, dict[str, Any]]:
+async def _check(name: str, probe: Awaitable[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The probe's answer, or "down" with the kind of its failure (the caller bounds the probe)."""
     try:
-        return name, await asyncio.wait_for(probe, timeout=config.dependency_timeout + 1)
+        return name, await probe
     except Exception as error:  # noqa: BLE001 - any failure is a reportable "down"
         # The kind of failure for the caller; its text (addresses, driver messages) for the log.
         log.warning("readiness: %s is down: %s: %s", name, type(error).__name__, error)
@@ -195,9 +199,16 @@ async def _check(name: str, probe: Any) -> tuple[str, dict[str, Any]]:
 
 
 async def readiness() -> tuple[int, dict[str, Any]]:
-    probes = [_check("postgres-primary", _postgres(config.postgres_master_host, writable=True))]
-    probes += [_check(f"postgres:{h}", _postgres(h)) for h in config.postgres_slave_hosts]
-    probes += [_check("redis", _redis()), _check("mpi-master", _mpi())]
+    seconds = config.dependency_timeout + 1
+    db = request_state().db
+    # A PostgreSQL probe is given up on, never cancelled (Database.within says why); the
+    # others are cancelled at their bound.
+    probes = [_check("postgres-primary", db.within(_postgres(config.postgres_master_host, writable=True), seconds))]
+    probes += [_check(f"postgres:{h}", db.within(_postgres(h), seconds)) for h in config.postgres_slave_hosts]
+    probes += [
+        _check("redis", asyncio.wait_for(_redis(), seconds)),
+        _check("mpi-master", asyncio.wait_for(_mpi(), seconds)),
+    ]
     results = dict(await asyncio.gather(*probes))
     down = sorted(name for name, result in results.items() if not result["ok"])
     body = {"status": "degraded" if down else "ok", "down": down, "backend": HOST, "dependencies": results}
