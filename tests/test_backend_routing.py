@@ -267,13 +267,22 @@ def test_a_replica_that_stops_answering_is_skipped_and_rested_and_the_read_is_se
 ) -> None:
     monkeypatch.setattr(db, "REPLICA_ATTEMPT_SECONDS", 0.2)
     database, primary, (first, second) = make_database()
-    stall(first)
-    assert run(asyncio.wait_for(database.read(which_host), 5)) == "postgres-replica-2"
-    assert first.uses == 1 and database.down_until["postgres-replica-1"] > time.monotonic()
-    # Both stalled: the primary serves, within the request's deadline.
-    database.down_until.clear()
-    stall(second)
-    assert run(asyncio.wait_for(database.read(which_host), 5)) == "postgres-primary"
+    answered = asyncio.Event()
+    stall(first, until=answered)
+
+    async def reads() -> tuple[Any, Any]:
+        served_by_the_other = await asyncio.wait_for(database.read(which_host), 5)
+        assert first.uses == 1 and database.down_until["postgres-replica-1"] > time.monotonic()
+        # Both stalled: the primary serves, within the request's deadline.
+        database.down_until.clear()
+        stall(second, until=answered)
+        served_by_the_primary = await asyncio.wait_for(database.read(which_host), 5)
+        answered.set()  # the stalls end: what was given up on is let go
+        await asyncio.sleep(0.01)
+        assert database._abandoned == set()
+        return served_by_the_other, served_by_the_primary
+
+    assert run(reads()) == ("postgres-replica-2", "postgres-primary")
     assert primary.uses == 1
 
 
@@ -326,3 +335,63 @@ def test_shutdown_waits_for_work_given_up_on_and_cancels_none_of_it(monkeypatch:
     waited, cancelled, result = run(give_up_then_close())
     assert (waited, cancelled, result) == (True, False, "row")
     assert primary.closed and database._abandoned == set()
+
+
+def slow(pool: FakePool, seconds: float) -> None:
+    """The node answers, after `seconds`."""
+
+    @contextlib.asynccontextmanager
+    async def connection() -> AsyncIterator[FakePool]:
+        pool.uses += 1
+        await asyncio.sleep(seconds)
+        yield pool
+
+    pool.connection = connection  # type: ignore[method-assign]
+
+
+def test_a_read_takes_a_slow_answer_within_its_deadline_and_gives_up_on_one_past_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    database, primary, replicas = make_database(replicas=1)
+    slow(replicas[0], 0.2)
+    slow(primary, 0.2)
+    # Within the deadline, a replica that takes its time serves the read.
+    assert run(asyncio.wait_for(database.read(which_host), 5)) == "postgres-replica-1"
+    # Each attempt is cut to what is left of the request's deadline, however long an attempt
+    # may otherwise take: past it, the read is a 503 rather than an answer nginx no longer
+    # waits for.
+    monkeypatch.setattr(db, "DEADLINE_SECONDS", 0.1)
+    monkeypatch.setattr(db, "REPLICA_ATTEMPT_SECONDS", 5.0)
+
+    async def past_the_deadline() -> None:
+        with pytest.raises(db.DependencyDownError):
+            await asyncio.wait_for(database.read(which_host), 5)
+        await asyncio.sleep(0.3)  # the answers given up on come, and are let go
+        assert database._abandoned == set()
+
+    run(past_the_deadline())
+
+
+def test_work_given_up_on_is_logged_with_how_it_ended_only_when_it_failed(caplog: pytest.LogCaptureFixture) -> None:
+    database, primary, _ = make_database()
+
+    async def give_up_on(outcome: BaseException | None) -> None:
+        answered = asyncio.Event()
+
+        async def work(conn: Any) -> str:
+            await answered.wait()
+            if outcome is not None:
+                raise outcome
+            return "row"
+
+        with pytest.raises(TimeoutError):
+            await database.within(work(primary), 0.01)
+        answered.set()
+        await asyncio.sleep(0.01)
+        assert database._abandoned == set()
+
+    with caplog.at_level("INFO", logger="transvidio.db"):
+        run(give_up_on(None))
+        assert caplog.messages == []  # an answer that came late is nothing to report
+        run(give_up_on(psycopg.OperationalError("Connection timed out")))
+    assert caplog.messages == ["abandoned database work ended: Connection timed out"]
