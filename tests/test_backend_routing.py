@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -248,18 +248,23 @@ def test_writes_connect_to_whichever_node_is_primary_and_reads_to_each_node() ->
         assert conninfo["options"] == expected
 
 
-def stall(pool: FakePool, until: asyncio.Event | None = None) -> None:
-    """The node takes the connection and does not answer (until `until` is set, if given):
-    a node cut off mid-query."""
+def answer_after(pool: FakePool, wait: Callable[[], Awaitable[Any]]) -> None:
+    """The node takes the connection and answers once `wait()` is done."""
     pool.failure = None
 
     @contextlib.asynccontextmanager
     async def connection() -> AsyncIterator[FakePool]:
         pool.uses += 1
-        await (until or asyncio.Event()).wait()
+        await wait()
         yield pool
 
     pool.connection = connection  # type: ignore[method-assign]
+
+
+def stall(pool: FakePool, until: asyncio.Event | None = None) -> None:
+    """The node takes the connection and does not answer (until `until` is set, if given):
+    a node cut off mid-query."""
+    answer_after(pool, (until or asyncio.Event()).wait)
 
 
 def test_a_replica_that_stops_answering_is_skipped_and_rested_and_the_read_is_served(
@@ -339,14 +344,7 @@ def test_shutdown_waits_for_work_given_up_on_and_cancels_none_of_it(monkeypatch:
 
 def slow(pool: FakePool, seconds: float) -> None:
     """The node answers, after `seconds`."""
-
-    @contextlib.asynccontextmanager
-    async def connection() -> AsyncIterator[FakePool]:
-        pool.uses += 1
-        await asyncio.sleep(seconds)
-        yield pool
-
-    pool.connection = connection  # type: ignore[method-assign]
+    answer_after(pool, lambda: asyncio.sleep(seconds))
 
 
 def test_a_read_takes_a_slow_answer_within_its_deadline_and_gives_up_on_one_past_it(

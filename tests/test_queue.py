@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 from transvidio_jobs import queue, worker
 
 from tests import pg_server
@@ -27,10 +28,15 @@ def server() -> Iterator[str]:
         yield conninfo
 
 
+def in_schema(server: str, options: str = "") -> str:
+    """The server's conninfo in the tests' own schema, with `options` (server settings) added:
+    what a worker's own connections (heartbeat, outcome) are given."""
+    return make_conninfo(server, options=f"-c search_path={SCHEMA} {options}".strip())
+
+
 def connect(server: str, options: str = "") -> psycopg.Connection[Any]:
-    """A connection in the tests' own schema, committing each statement as the workers do,
-    with `options` (server settings) added."""
-    return psycopg.connect(server, autocommit=True, options=f"-c search_path={SCHEMA} {options}".strip())
+    """A connection in the tests' own schema, committing each statement as the workers do."""
+    return psycopg.connect(in_schema(server, options), autocommit=True)
 
 
 @pytest.fixture
@@ -145,7 +151,7 @@ def test_the_heartbeat_keeps_a_running_job_from_being_claimed(
     add_jobs(conn, 1)
     held = queue.claim(conn, "mpi", "runner-a", 2)
     assert held is not None
-    heartbeat = worker.Heartbeat(f"{server} options='-c search_path={SCHEMA}'", held)
+    heartbeat = worker.Heartbeat(in_schema(server), held)
     heartbeat.start()
     try:
         deadline = time.monotonic() + 6  # three leases long
@@ -320,7 +326,6 @@ def test_an_attempts_outcome_is_recorded_when_its_claim_connection_died_while_it
     server: str, conn: Any, outcome: str
 ) -> None:
     (job_id,) = add_jobs(conn, 1)
-    conninfo = f"{server} options='-c search_path={SCHEMA}'"
     with connect(server) as claim_connection:
 
         def execute(claimed: dict[str, Any]) -> str:
@@ -330,7 +335,7 @@ def test_an_attempts_outcome_is_recorded_when_its_claim_connection_died_while_it
                 raise RuntimeError("mpirun exited 1")
             return f"{claimed['id']}/result.json"
 
-        assert worker.run_once(claim_connection, conninfo, "mpi", "w1", execute) is True
+        assert worker.run_once(claim_connection, in_schema(server), "mpi", "w1", execute) is True
         assert claim_connection.closed
     recorded = job(conn, job_id)
     if outcome == "succeeds":
