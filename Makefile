@@ -131,13 +131,14 @@ MUTATE_TESTS ?= tests/test_settings.py tests/test_render.py tests/test_provider_
 mutate: venv
 	rm -rf $(MUTATE_DIR) && mkdir -p $(MUTATE_DIR)/pristine
 	git ls-files | tar -T - -c | tar -C $(MUTATE_DIR)/pristine -x
+	cd $(MUTATE_DIR)/pristine && $(CURDIR)/$(BIN)/python -m tests.mutation_map $(abspath $(MUTATE_DIR))/coverage.json $(MUTATE_TESTS)
 	@shard=0; for paths in $(MUTATE_SHARDS); do \
 		shard=$$((shard + 1)); dir=$(MUTATE_DIR)/shard-$$shard; \
 		cp -a $(MUTATE_DIR)/pristine $$dir && ln -s $(CURDIR)/$(VENV) $$dir/$(VENV); \
 		echo "shard $$shard: $$paths (log: $$dir/mutmut.log)"; \
 		( cd $$dir && $(BIN)/mutmut run --paths-to-mutate $$paths --tests-dir tests --no-progress \
 			--runner "$(BIN)/python -m tests.mutation_runner --pristine $(abspath $(MUTATE_DIR))/pristine \
-				-x -q -p no:cacheprovider $(MUTATE_TESTS)" > mutmut.log 2>&1 ) & \
+				--coverage $(abspath $(MUTATE_DIR))/coverage.json -x -q -p no:cacheprovider $(MUTATE_TESTS)" > mutmut.log 2>&1 ) & \
 	done; wait
 	$(BIN)/python -m tests.mutation_score $(MUTATE_DIR)/shard-*
 

@@ -13,11 +13,18 @@ costs the backend's tests, not the Pulumi program's. A test module the map does 
 end-to-end module) always runs. With no file changed (mutmut's first, unmutated run) every
 test given runs.
 
-Usage: python -m tests.mutation_runner --pristine DIR PYTEST_ARGS... TEST_FILES...
+With `--coverage MAP` (tests/mutation_map.py's), a mutant inside a function is narrower still:
+only the tests that ran the mutated statement run, since a statement no test runs cannot
+change a test's outcome. A mutant of a line run at import time (a constant, a default, a
+decorator, a class body), or of a statement the map has no test for, meets every test above.
+
+Usage: python -m tests.mutation_runner --pristine DIR [--coverage MAP] PYTEST_ARGS... TEST_FILES...
 """
 
 from __future__ import annotations
 
+import ast
+import json
 import pathlib
 import sys
 
@@ -79,11 +86,68 @@ def tests_for(relative: str) -> tuple[str, ...]:
     raise LookupError(f"{relative}: no tests are mapped to it in TESTS_BY_SOURCE")
 
 
+def changed_lines(text: str, pristine: str) -> list[int] | None:
+    """The numbers (from 1) of the lines that differ, or None when lines were added or removed."""
+    lines, pristine_lines = text.splitlines(), pristine.splitlines()
+    if len(lines) != len(pristine_lines):
+        return None
+    return [number for number, (a, b) in enumerate(zip(lines, pristine_lines, strict=True), start=1) if a != b]
+
+
+def statement_lines(source: str, line: int) -> range | None:
+    """The lines of the innermost statement holding `line`, when that statement runs inside a
+    function (its header alone, for a compound one); None when it runs at import time."""
+    module = ast.parse(source)
+    functions = [node for node in ast.walk(module) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    if not any(node.body[0].lineno <= line <= (node.body[-1].end_lineno or 0) for node in functions):
+        return None
+    holding = [
+        node
+        for node in ast.walk(module)
+        if isinstance(node, ast.stmt) and node.lineno <= line <= (node.end_lineno or 0)
+    ]
+    innermost = min(holding, key=lambda node: (node.end_lineno or 0) - node.lineno)
+    body = getattr(innermost, "body", None)
+    if isinstance(body, list) and body and line < body[0].lineno:
+        return range(innermost.lineno, body[0].lineno)
+    return range(innermost.lineno, (innermost.end_lineno or 0) + 1)
+
+
+def tests_that_ran(by_line: dict[str, list[str]], source: str, lines: list[int]) -> set[str] | None:
+    """The coverage contexts (node ids, or module paths for fixtures) of the tests that ran the
+    statements of `lines`; None when one runs at import time or no test ran it."""
+    ran: set[str] = set()
+    for line in lines:
+        statement = statement_lines(source, line)
+        if statement is None:
+            return None
+        contexts = {context for number in statement for context in by_line.get(str(number), [])}
+        if not contexts or "" in contexts:
+            return None
+        ran |= contexts
+    return ran
+
+
+def narrowed(modules: list[str], ran: set[str] | None) -> list[str]:
+    """Of `modules`, in their order, the tests in `ran`: a whole module when its fixtures ran
+    the statement, else its node ids. All of `modules` when `ran` picks none of them."""
+    if ran is None:
+        return modules
+    picked: list[str] = []
+    for module in modules:
+        picked += [module] if module in ran else sorted(test for test in ran if test.startswith(module + "::"))
+    return picked or modules
+
+
 def select(argv: list[str], tree: pathlib.Path) -> list[str]:
-    """PYTEST_ARGS with TEST_FILES narrowed to the mutated file's tests, when one is mutated."""
+    """PYTEST_ARGS with TEST_FILES narrowed to the tests that can meet the mutant, when one is mutated."""
     if argv[:1] != ["--pristine"] or len(argv) < 2:
         return argv
     pristine, rest = pathlib.Path(argv[1]), argv[2:]
+    coverage_map: dict[str, dict[str, list[str]]] | None = None
+    if rest[:1] == ["--coverage"] and len(rest) >= 2:
+        coverage_map = json.loads(pathlib.Path(rest[1]).read_text())
+        rest = rest[2:]
     options = [arg for arg in rest if arg.startswith("-") or not arg.endswith(".py")]
     given = [arg for arg in rest if arg not in options]
     mutated = changed_file(tree, pristine)
@@ -92,7 +156,12 @@ def select(argv: list[str], tree: pathlib.Path) -> list[str]:
     # A test module outside the map (an end-to-end module, say) is always kept.
     mapped = {test for tests in TESTS_BY_SOURCE.values() for test in tests}
     relevant = [test for test in tests_for(mutated) if test in given]
-    return options + relevant + [test for test in given if test not in mapped]
+    ran = None
+    if coverage_map is not None and mutated in coverage_map:
+        source = (pristine / mutated).read_text()
+        lines = changed_lines((tree / mutated).read_text(), source)
+        ran = tests_that_ran(coverage_map[mutated], source, lines) if lines else None
+    return options + narrowed(relevant, ran) + [test for test in given if test not in mapped]
 
 
 def main(argv: list[str]) -> int:

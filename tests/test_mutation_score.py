@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -82,3 +85,111 @@ def test_the_runner_keeps_a_test_module_it_has_no_map_for(tmp_path: pathlib.Path
         "tests/test_render.py",
         "tests/e2e/test_rendered_configs.py",
     ]
+
+
+SOURCE = '''LIMIT = 3
+
+
+@decorated(LIMIT)
+def f(x: int = LIMIT) -> int:
+    """Doc."""
+    if (
+        x > LIMIT
+    ):
+        return call(
+            x,
+        )
+    return x
+'''
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (1, None),  # a module constant runs at import
+        (4, None),  # a decorator too
+        (5, None),  # and a default
+        (7, range(7, 10)),  # a compound statement: its header alone
+        (8, range(7, 10)),
+        (11, range(10, 13)),  # a statement over several lines: all of them
+        (13, range(13, 14)),
+    ],
+)
+def test_a_mutated_line_is_traced_to_its_statement_or_to_import_time(line: int, expected: range | None) -> None:
+    assert mutation_runner.statement_lines(SOURCE, line) == expected
+
+
+def test_the_tests_that_ran_a_statement_are_all_its_lines_contexts_and_none_for_import_time() -> None:
+    by_line = {"7": ["t.py::a"], "9": ["t.py::b", "u.py"], "10": ["t.py::c"], "13": [""]}
+    assert mutation_runner.tests_that_ran(by_line, SOURCE, [8]) == {"t.py::a", "t.py::b", "u.py"}
+    assert mutation_runner.tests_that_ran(by_line, SOURCE, [8, 11]) == {"t.py::a", "t.py::b", "u.py", "t.py::c"}
+    assert mutation_runner.tests_that_ran(by_line, SOURCE, [13]) is None  # run while tests were collected
+    assert mutation_runner.tests_that_ran(by_line, SOURCE, [1]) is None  # import time
+    assert mutation_runner.tests_that_ran({}, SOURCE, [11]) is None  # no test ran it: nothing to narrow by
+
+
+def test_narrowing_keeps_module_order_and_a_whole_module_whose_fixtures_ran_the_statement() -> None:
+    modules = ["t.py", "u.py", "v.py"]
+    assert mutation_runner.narrowed(modules, {"u.py", "u.py::x", "t.py::b", "t.py::a"}) == [
+        "t.py::a",
+        "t.py::b",
+        "u.py",
+    ]
+    assert mutation_runner.narrowed(modules, None) == modules
+    assert mutation_runner.narrowed(modules, {"w.py::other"}) == modules
+
+
+def test_with_a_coverage_map_a_mutant_in_a_function_meets_only_the_tests_that_ran_it(tmp_path: pathlib.Path) -> None:
+    pristine, tree = mutated_tree(tmp_path, None)
+    relative = "components/render.py"
+    lines = (pristine / relative).read_text().splitlines(keepends=True)
+    body = next(number for number, line in enumerate(lines, start=1) if line.startswith("def _pg_size")) + 2
+    lines[body - 1] = lines[body - 1].replace("\n", "  # mutated\n")
+    (tree / relative).write_text("".join(lines))
+    coverage_map = {relative: {str(body): ["tests/test_render.py::test_one", "tests/test_program.py"]}}
+    (tmp_path / "map.json").write_text(json.dumps(coverage_map))
+    given = ["tests/test_render.py", "tests/test_program.py", "tests/test_settings.py", "tests/e2e/test_x.py"]
+    assert mutation_runner.select(
+        ["--pristine", str(pristine), "--coverage", str(tmp_path / "map.json"), "-x", *given], tree
+    ) == [
+        "-x",
+        "tests/test_render.py::test_one",
+        "tests/test_program.py",
+        "tests/e2e/test_x.py",
+    ]
+    # Its import-time line (the `def`) meets every test of the file.
+    lines[body - 3] = lines[body - 3].replace("\n", "  # mutated\n")
+    (tree / relative).write_text("".join(lines))
+    assert mutation_runner.select(
+        ["--pristine", str(pristine), "--coverage", str(tmp_path / "map.json"), *given], tree
+    ) == [
+        "tests/test_render.py",
+        "tests/test_program.py",
+        "tests/test_settings.py",
+        "tests/e2e/test_x.py",
+    ]
+
+
+def test_the_map_credits_every_test_that_used_a_cached_evaluation_and_import_time_to_none(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Two tests of one module share `evaluated(stack)` through a cache; both ran the program.
+    tests = [
+        "tests/test_program.py::test_counts_and_docker_names[dev]",
+        "tests/test_program.py::test_every_container_gets_the_hygiene[dev]",
+    ]
+    out = tmp_path / "map.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "tests.mutation_map", str(out), *tests],
+        cwd=mutation_score.EXPLANATIONS.parent.parent,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    by_line = json.loads(out.read_text())["components/render.py"]
+    source = (mutation_score.EXPLANATIONS.parent.parent / "components/render.py").read_text().splitlines()
+    definition = next(number for number, line in enumerate(source, start=1) if line.startswith("def pg_hba_conf"))
+    first = next(number for number in range(definition, len(source)) if "subnet =" in source[number - 1])
+    assert set(by_line[str(first)]) == set(tests)
+    assert by_line[str(definition)] == [""]  # the `def` ran at import
