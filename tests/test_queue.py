@@ -273,15 +273,28 @@ def test_backends_starting_together_create_the_schema_once_without_an_error(serv
 def synchronous_standby_gone(server: str) -> Iterator[None]:
     """Every commit that waits for the synchronous standby waits on `server` (the standby it
     names never connects) until the block ends and the wait is released."""
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'gone'")
-        admin.execute("SELECT pg_reload_conf()")
+    reload_with(server, "ALTER SYSTEM SET synchronous_standby_names = 'gone'", "gone")
     try:
         yield
     finally:
-        with psycopg.connect(server, autocommit=True) as admin:
-            admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
-            admin.execute("SELECT pg_reload_conf()")
+        reload_with(server, "ALTER SYSTEM RESET synchronous_standby_names", "")
+
+
+def reload_with(server: str, change: str, names: str) -> None:
+    """`change`, then a reload, and a wait until new sessions see `names`: the postmaster
+    rereads the file when it gets to the signal, and a session forked before that (on a busy
+    host) starts with the old value."""
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(change)
+        admin.execute("SELECT pg_reload_conf()")
+    deadline = time.monotonic() + 10
+    while True:
+        with psycopg.connect(server, autocommit=True) as session:
+            seen = session.execute("SHOW synchronous_standby_names").fetchone()
+        if seen == (names,):
+            return
+        assert time.monotonic() < deadline, f"synchronous_standby_names still {seen} 10 s after the reload"
+        time.sleep(0.05)
 
 
 def in_thread(work: Any) -> threading.Thread:
