@@ -116,8 +116,9 @@ bench: venv
 # Mutation testing, not part of CI (about an hour on 2 cores): mutmut changes components/ and
 # the Python in images/ one mutation at a time, in copies of the working tree (one per shard of
 # MUTATE_SHARDS, run side by side, under MUTATE_DIR), and runs against each mutant the fast tests
-# that import the mutated file (tests/mutation_runner.py picks them); then the score and every
-# survivor are printed, each survivor with its reason from tests/mutation_survivors.txt or marked
+# that import the mutated file, narrowed for a mutant inside a function to the tests that ran its
+# statement in a first, measured run of the unmutated tests (tests/mutation_map.py writes that
+# map, tests/mutation_runner.py picks the tests); then the score and every survivor are printed, each survivor with its reason from tests/mutation_survivors.txt or marked
 # unexplained. MUTATE_SHARDS narrows it (space between shards, commas within one); MUTATE_TESTS
 # picks the tests (an end-to-end module needs DOCKER_HOST pointing at a running engine with the
 # images, and runs for every mutant). Do not read a shard's .mutmut-cache while it runs: a read

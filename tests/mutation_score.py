@@ -70,10 +70,15 @@ def main(argv: list[str]) -> int:
         print(f"no {', '.join(missing) or 'build/mutate/shard-*'}: run `make mutate` first", file=sys.stderr)
         return 2
     # A mutant is named by its shard and its id there: `cd SHARD && mutmut show ID`.
+    mutants = {cache: read_mutants(cache) for cache in caches}
+    # mutmut makes no mutant when the unmutated tests fail: the shard measured nothing.
+    empty = [str(cache.parent) for cache, found in mutants.items() if not found]
+    for directory in empty:
+        print(f"{directory}: no mutant, its unmutated test run failed (see {directory}/mutmut.log)")
     rows = sorted(
         (filename, number, line, f"{cache.parent}#{mutant_id}", status)
-        for cache in caches
-        for filename, number, line, mutant_id, status in read_mutants(cache)
+        for cache, found in mutants.items()
+        for filename, number, line, mutant_id, status in found
     )
     tested = [row for row in rows if row[4] != "untested"]
     if not tested:
@@ -94,7 +99,7 @@ def main(argv: list[str]) -> int:
     score = 100 * killed / len(tested)
     print(f"mutation score: {killed}/{len(tested)} killed = {score:.1f}% ({len(rows) - len(tested)} untested)")
     print(f"survivors explained: {sum(per_file.values()) - unexplained}, unexplained: {unexplained}")
-    return 0
+    return 1 if empty else 0
 
 
 if __name__ == "__main__":

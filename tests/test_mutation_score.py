@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import sqlite3
 import subprocess
 import sys
 
@@ -193,3 +194,28 @@ def test_the_map_credits_every_test_that_used_a_cached_evaluation_and_import_tim
     first = next(number for number in range(definition, len(source)) if "subnet =" in source[number - 1])
     assert set(by_line[str(first)]) == set(tests)
     assert by_line[str(definition)] == [""]  # the `def` ran at import
+
+
+def mutmut_cache(directory: pathlib.Path, mutants: list[tuple[str, int, str, str]]) -> None:
+    """A .mutmut-cache with the tables the score reads, holding (file, line number, line, status)."""
+    directory.mkdir()
+    with sqlite3.connect(directory / ".mutmut-cache") as db:
+        db.execute("CREATE TABLE SourceFile (id INTEGER PRIMARY KEY, filename TEXT)")
+        db.execute("CREATE TABLE Line (id INTEGER PRIMARY KEY, sourcefile INTEGER, line_number INTEGER, line TEXT)")
+        db.execute("CREATE TABLE Mutant (id INTEGER PRIMARY KEY, line INTEGER, status TEXT)")
+        for number, (filename, line_number, line, status) in enumerate(mutants, start=1):
+            db.execute("INSERT INTO SourceFile VALUES (?, ?)", (number, filename))
+            db.execute("INSERT INTO Line VALUES (?, ?, ?, ?)", (number, number, line_number, line))
+            db.execute("INSERT INTO Mutant VALUES (?, ?, ?)", (number, number, status))
+
+
+def test_a_shard_whose_unmutated_run_failed_is_named_and_fails_the_score(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mutmut_cache(tmp_path / "shard-1", [])
+    mutmut_cache(tmp_path / "shard-2", [("a.py", 0, "x = 1", "ok_killed"), ("a.py", 1, "y = 2", "bad_survived")])
+    assert mutation_score.main(["score", str(tmp_path / "shard-1"), str(tmp_path / "shard-2")]) == 1
+    printed = capsys.readouterr().out
+    assert f"{tmp_path / 'shard-1'}: no mutant, its unmutated test run failed" in printed
+    assert "mutation score: 1/2 killed = 50.0% (0 untested)" in printed
+    assert mutation_score.main(["score", str(tmp_path / "shard-2")]) == 0
