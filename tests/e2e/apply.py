@@ -149,15 +149,16 @@ def wait_healthy(client: docker.DockerClient, container: str, timeout: float = H
 
 def remove_container(removal: Callable[[], None]) -> None:
     """Runs a container's removal; one already gone is fine, one caught mid-restart (which
-    Podman cannot stop or kill) is tried again a moment later."""
-    for attempt in range(5):
+    Podman cannot stop or kill) or already being removed (by a Swarm node's agent, for its
+    service) is tried again a moment later, until it is gone."""
+    for attempt in range(10):
         try:
             removal()
             return
         except docker.errors.NotFound:
             return
         except docker.errors.APIError:
-            if attempt == 4:
+            if attempt == 9:
                 raise
             time.sleep(1)
 

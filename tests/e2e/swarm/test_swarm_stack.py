@@ -8,6 +8,7 @@ provider's host would; every node runs its tasks from the registry.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import itertools
 import json
@@ -176,8 +177,8 @@ def clean(swarm: Swarm) -> None:
     swarm_target.teardown(swarm.manager, label)
     for client in swarm.nodes.values():  # what each node made for its tasks: containers, volumes
         for container in client.api.containers(all=True, filters={"label": label}):
-            with contextlib.suppress(docker.errors.NotFound):  # its service's removal may be quicker
-                client.api.remove_container(container["Id"], force=True)
+            # Its service's removal may be quicker, or under way ("already in progress").
+            apply.remove_container(functools.partial(client.api.remove_container, container["Id"], force=True))
         for volume in client.api.volumes(filters={"label": label}).get("Volumes") or []:
             with contextlib.suppress(docker.errors.NotFound):
                 client.api.remove_volume(volume["Name"], force=True)
