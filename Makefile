@@ -9,7 +9,7 @@ export PULUMI_BACKEND_URL ?= file://$(STATE_DIR)
 SHELL_SCRIPTS := $(shell find images tests -name '*.sh' -not -path '*/.venv/*') .ci/run
 DOCKERFILES := $(wildcard images/*/Dockerfile tests/e2e/*/Dockerfile tests/e2e/*/*/Dockerfile)
 
-.PHONY: help venv stack up preview destroy render test lint unit e2e e2e-podman-dev e2e-swarm bench mutate clean
+.PHONY: help venv stack up preview destroy render test lint unit e2e e2e-podman-dev e2e-swarm bench mutate mutate-resume clean
 
 help:
 	@echo "make up STACK=dev|prod   deploy with the Pulumi CLI (local state, passphrase secrets)"
@@ -20,7 +20,8 @@ help:
 	@echo "make e2e [ENGINE=podman]  end-to-end tests only, on Docker (default) or Podman"
 	@echo "make e2e-swarm           the swarm suite, on a 3-node swarm made on this machine (root)"
 	@echo "make bench               benchmark figures into bench/results.json and README (BENCH_MODULES=...)"
-	@echo "make mutate              mutation testing of the fast tests (slow; not in CI)"
+	@echo "make mutate              mutation testing of the fast tests (hours; not in CI)"
+	@echo "make mutate-resume       go on with a stopped mutation run (same MUTATE_DIR)"
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -113,17 +114,20 @@ bench: venv
 	$(call with_engine,( for module in $(BENCH_MODULES); do BENCH_JSON=$(abspath $(BENCH_JSON)) $(BIN)/python -m bench.$$module || exit 1; done ))
 	$(BIN)/python -m bench.readme $(BENCH_JSON) README.md
 
-# Mutation testing, not part of CI (about an hour on 2 cores): mutmut changes components/ and
-# the Python in images/ one mutation at a time, in copies of the working tree (one per shard of
-# MUTATE_SHARDS, run side by side, under MUTATE_DIR), and runs against each mutant the fast tests
-# that import the mutated file, narrowed for a mutant inside a function to the tests that ran its
-# statement in a first, measured run of the unmutated tests (tests/mutation_map.py writes that
-# map, tests/mutation_runner.py picks the tests); then the score and every survivor are printed, each survivor with its reason from tests/mutation_survivors.txt or marked
-# unexplained. MUTATE_SHARDS narrows it (space between shards, commas within one); MUTATE_TESTS
-# picks the tests (an end-to-end module needs DOCKER_HOST pointing at a running engine with the
-# images, and runs for every mutant). Do not read a shard's .mutmut-cache while it runs: a read
-# lock makes mutmut 2.5 fail a status write ("database is locked", or "Mutant.line is
-# required") and hang; `mutmut run` again in the shard's directory goes on where it stopped.
+# Mutation testing, not part of CI (about 3,600 mutants: hours on 2 cores): mutmut changes
+# components/ and the Python in images/ one mutation at a time, in copies of the working tree
+# (one per shard of MUTATE_SHARDS, run side by side, under MUTATE_DIR), and runs against each
+# mutant the fast tests that import the mutated file, narrowed for a mutant inside a function to
+# the tests that ran its statement in a first, measured run of the unmutated tests
+# (tests/mutation_map.py writes that map, tests/mutation_runner.py picks the tests); then the
+# score and every survivor are printed, each survivor with its reason from
+# tests/mutation_survivors.txt or marked unexplained. MUTATE_SHARDS narrows it (space between
+# shards, commas within one); MUTATE_TESTS picks the tests (an end-to-end module needs
+# DOCKER_HOST pointing at a running engine with the images, and runs for every mutant). A run
+# that was stopped goes on with `make mutate-resume` (same MUTATE_DIR). `python -m
+# tests.mutation_score DIR/shard-*` shows a running one's progress; read a shard's .mutmut-cache
+# in no other way while it runs (only with SQLite's immutable=1): a read lock makes mutmut 2.5
+# fail a status write ("database is locked", or "Mutant.line is required") and hang.
 comma := ,
 empty :=
 space := $(empty) $(empty)
@@ -141,11 +145,19 @@ mutate: venv
 	cd $(MUTATE_DIR)/pristine && $(CURDIR)/$(BIN)/python -m tests.mutation_map $(abspath $(MUTATE_DIR))/coverage.json $(MUTATE_TESTS)
 	@shard=0; for paths in $(MUTATE_SHARDS); do \
 		shard=$$((shard + 1)); dir=$(MUTATE_DIR)/shard-$$shard; \
-		cp -a $(MUTATE_DIR)/pristine $$dir && ln -s $(CURDIR)/$(VENV) $$dir/$(VENV); \
-		echo "shard $$shard: $$paths (log: $$dir/mutmut.log)"; \
+		cp -a $(MUTATE_DIR)/pristine $$dir && ln -s $(CURDIR)/$(VENV) $$dir/$(VENV) && echo "$$paths" > $$dir/.mutate-paths; \
+	done
+	$(MAKE) --no-print-directory mutate-resume
+
+# Runs (again) every shard of MUTATE_DIR, on the tree it was made from: mutmut keeps each
+# mutant's status in the shard and tests only those not yet tested, so a run that was stopped
+# goes on where it stopped.
+mutate-resume: venv
+	@for dir in $(MUTATE_DIR)/shard-*; do \
+		paths=$$(cat $$dir/.mutate-paths); echo "$$dir: $$paths (log: $$dir/mutmut.log)"; \
 		( cd $$dir && $(BIN)/mutmut run --paths-to-mutate $$paths --tests-dir tests --no-progress \
 			--runner "$(BIN)/python -m tests.mutation_runner --pristine $(abspath $(MUTATE_DIR))/pristine \
-				--coverage $(abspath $(MUTATE_DIR))/coverage.json -x -q -p no:cacheprovider $(MUTATE_TESTS)" > mutmut.log 2>&1 ) & \
+				--coverage $(abspath $(MUTATE_DIR))/coverage.json -x -q -p no:cacheprovider $(MUTATE_TESTS)" >> mutmut.log 2>&1 ) & \
 	done; wait
 	$(BIN)/python -m tests.mutation_score $(MUTATE_DIR)/shard-*
 

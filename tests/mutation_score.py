@@ -54,7 +54,8 @@ def reason_for(explanations: list[Explanation], filename: str, line: str) -> str
 
 def read_mutants(cache: pathlib.Path) -> list[tuple[str, int, str, int, str]]:
     """(file, line number from 0, line text, mutant id, status) of every mutant in one cache."""
-    with sqlite3.connect(cache) as db:
+    # immutable: no lock, so a shard that is still running is never blocked by this read.
+    with sqlite3.connect(f"{cache.resolve().as_uri()}?immutable=1", uri=True) as db:
         return db.execute(
             "SELECT SourceFile.filename, Line.line_number, Line.line, Mutant.id, Mutant.status "
             "FROM Mutant JOIN Line ON Mutant.line = Line.id JOIN SourceFile ON Line.sourcefile = SourceFile.id "
