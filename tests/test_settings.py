@@ -489,6 +489,7 @@ INTEGER_BOUNDS = {
     "postgres.backupFullIntervalMinutes": (1, 44640),
     "postgres.backupIncrementalIntervalMinutes": (0, 44640),
     "postgres.backupRetentionFull": (1, 365),
+    "postgres.failoverTtlSeconds": (20, 300),
     "postgres.failoverDetectSeconds": (0, 299),
     "postgres.archiveTimeoutSeconds": (10, 3600),
     "redis.replicas": (1, 8),
@@ -503,6 +504,10 @@ INTEGER_BOUNDS = {
     "mpi.workers": (1, 16),
     "mpi.slotsPerNode": (1, 64),
     "backend.replicas": (1, 20),
+    "backend.maxJobSeconds": (1, 86400),
+    "backend.maxActiveJobsPerToken": (1, 10000),
+    "backend.uploadRetentionHours": (1, 87600),
+    "backend.outputRetentionHours": (1, 87600),
     "nginx.workerConnections": (64, 65535),
     "nginx.httpPort": (1, 65535),
     "nginx.requestsPerSecond": (1, 100000),
@@ -536,6 +541,32 @@ def test_each_count_and_timing_accepts_exactly_its_range(dotted: str, bounds: tu
     for outside in (low - 1, high + 1):
         with pytest.raises(cfg.SettingsError, match=f"must be a whole number from {low} to {high}$"):
             parse(dotted, outside)
+
+
+# Whole numbers with more to them than a range, each with its own rule: 0 or null for no port,
+# "auto", odd counts only.
+NOT_ONLY_A_RANGE = {
+    "postgres.publishPort",
+    "redis.publishPort",
+    "redis.sentinelPublishPort",
+    "nginx.httpsPort",
+    "nginx.workerProcesses",
+    "postgres.consensusNodes",
+}
+
+
+def test_every_whole_number_setting_has_its_range_above() -> None:
+    # Found by what the parser says of a word: a new count or timing cannot go unbounded-tested.
+    whole_numbers = set()
+    for section, cls in cfg.SECTIONS.items():
+        for spec in dataclasses.fields(cls):
+            dotted = f"{section}.{spec.metadata['key']}"
+            try:
+                spec.metadata["parse"](dotted, "many")
+            except cfg.SettingsError as error:
+                if "must be a whole number from" in str(error):
+                    whole_numbers.add(dotted)
+    assert sorted(whole_numbers - NOT_ONLY_A_RANGE) == sorted(INTEGER_BOUNDS)
 
 
 @pytest.mark.parametrize(("dotted", "minimum"), MEMORY_MINIMUMS_MB.items(), ids=list(MEMORY_MINIMUMS_MB))
