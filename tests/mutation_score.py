@@ -72,10 +72,11 @@ def main(argv: list[str]) -> int:
         return 2
     # A mutant is named by its shard and its id there: `cd SHARD && mutmut show ID`.
     mutants = {cache: read_mutants(cache) for cache in caches}
-    # mutmut makes no mutant when the unmutated tests fail: the shard measured nothing.
+    # mutmut makes its mutants only after the unmutated tests pass: a shard with none has
+    # either failed that run (it measured nothing) or is still in it.
     empty = [str(cache.parent) for cache, found in mutants.items() if not found]
     for directory in empty:
-        print(f"{directory}: no mutant, its unmutated test run failed (see {directory}/mutmut.log)")
+        print(f"{directory}: no mutant yet, its unmutated test run failed or is still running ({directory}/mutmut.log)")
     rows = sorted(
         (filename, number, line, f"{cache.parent}#{mutant_id}", status)
         for cache, found in mutants.items()
