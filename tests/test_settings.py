@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from typing import Any
@@ -577,16 +578,39 @@ def test_each_memory_setting_has_its_minimum(dotted: str, minimum: int) -> None:
         parse(dotted, f"{minimum * 1024 - 1}k")
 
 
+def largest_accepted(dotted: str) -> int:
+    """The largest whole number up to 100 that the setting's parser accepts."""
+    parse = field_parser(dotted)
+    accepted: list[int] = []
+    for number in range(101):
+        with contextlib.suppress(cfg.SettingsError):
+            accepted.append(parse(dotted, number))
+    return max(accepted)
+
+
 def test_every_count_fills_at_most_its_address_block() -> None:
-    # The largest count of each role is exactly what its fixed address block holds.
+    # The largest count of each role is exactly what its fixed address block holds; nginx and
+    # the Redis backup job are one container at most.
     sizes = {
         "postgres": 1 + INTEGER_BOUNDS["postgres.replicas"][1],
+        "etcd": largest_accepted("postgres.consensusNodes"),
         "redis": 1 + INTEGER_BOUNDS["redis.replicas"][1],
+        "redis-backup": 1,
         "sentinel": INTEGER_BOUNDS["redis.sentinels"][1],
         "mpi": 1 + INTEGER_BOUNDS["mpi.workers"][1],
+        "nginx": 1,
         "backend": INTEGER_BOUNDS["backend.replicas"][1],
     }
-    assert {role: cfg.ADDRESS_BLOCKS[role][1] for role in sizes} == sizes
+    assert {role: cfg.ADDRESS_BLOCKS[role][1] for role in cfg.ADDRESS_BLOCKS} == sizes
+
+
+def test_no_two_address_blocks_share_an_offset_and_none_takes_the_gateway() -> None:
+    owners: dict[int, str] = {}
+    for role, (first, size) in cfg.ADDRESS_BLOCKS.items():
+        for offset in range(first, first + size):
+            assert offset not in owners, f"offset {offset} is in the blocks of {owners.get(offset)} and {role}"
+            owners[offset] = role
+    assert min(owners) > 1
 
 
 def test_eviction_policies_are_redis_s() -> None:
