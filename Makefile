@@ -127,14 +127,18 @@ bench: venv
 # that was stopped goes on with `make mutate-resume` (same MUTATE_DIR). `python -m
 # tests.mutation_score DIR/shard-*` shows a running one's progress; read a shard's .mutmut-cache
 # in no other way while it runs (only with SQLite's immutable=1): a read lock makes mutmut 2.5
-# fail a status write ("database is locked", or "Mutant.line is required") and hang.
+# fail a status write ("database is locked") and hang. Nor `mutmut show ID` in a running shard:
+# it rereads the source, which holds the mutant under test at that moment, rewrites the
+# shard's line table from it and drops that line's mutants, and mutmut then dies on the status
+# write ("Mutant.line is required"); show a mutant once its shard is done.
 comma := ,
 empty :=
 space := $(empty) $(empty)
-# Two shards, one per core (2,024 and 1,626 mutants on 2026-12-07): settings.py (mostly a
-# table run at import, so its mutants meet every test) with the images' Python, and the rest of
-# components/.
-MUTATE_SHARDS ?= components/settings.py,images/backend/app/,images/common/transvidio_jobs/ \
+# Four shards on 2 cores (996, 682, 346 and 1,626 mutants on 2026-12-07): settings.py (mostly a
+# table run at import, so its mutants meet every test), the backend's Python, the job pipeline's,
+# and the rest of components/. More shards than cores, so that no one shard is left running
+# alone on one core while the other core idles.
+MUTATE_SHARDS ?= components/settings.py images/backend/app/ images/common/transvidio_jobs/ \
 	$(subst $(space),$(comma),$(filter-out components/settings.py,$(wildcard components/*.py)))
 MUTATE_DIR ?= build/mutate
 MUTATE_TESTS ?= tests/test_settings.py tests/test_render.py tests/test_provider_model.py \
