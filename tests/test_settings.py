@@ -74,6 +74,11 @@ ERRORS = [
         "transvidio:redis.sentinels=2 on stack prod: production needs at least 3 Sentinels (a failover needs a majority of them; fewer cannot survive losing one)",
     ),
     (
+        "prod",
+        {"postgres": {"consensusNodes": 1}},
+        "transvidio:postgres.consensusNodes=1 on stack prod: production needs at least 3 (with one etcd node, losing it stops every PostgreSQL failover)",
+    ),
+    (
         "dev",
         {"redis": {"publishPort": 5432}},
         "transvidio:redis.publishPort publishes host port 5432, already published by transvidio:postgres.publishPort: every published port must be distinct",

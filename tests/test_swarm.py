@@ -286,6 +286,11 @@ SWARM_ERRORS = [
         "spread one per node",
     ),
     (
+        {"postgres": {"consensusNodes": 1}},
+        "transvidio:postgres.consensusNodes=1 over 3 swarm nodes: losing one node leaves 0, not a majority; use at "
+        "least 3, spread one per node",
+    ),
+    (
         {"deploy": {**SWARM["deploy"], "swarmNodes": ["n1", "n2", "N3"]}},
         "transvidio:deploy.swarmNodes=['n1', 'n2', 'N3']: must be a list of up to 16 distinct node labels of "
         'lower-case letters, digits and \'-\', such as ["n1", "n2", "n3"]',

@@ -10,6 +10,7 @@ functions are recorders, so the loop's own decisions are what is under test.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import re
@@ -332,17 +333,22 @@ class Mpirun:
 
 
 def test_a_job_runs_under_mpirun_on_every_slot_of_the_nodes_that_answer_and_returns_its_result_path(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, ssh_port: int
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, ssh_port: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     from transvidio_jobs import runner
 
     job = runner_job(monkeypatch, tmp_path, TRANSVIDIO_SEGMENT_ROUNDS="10", TRANSVIDIO_SEGMENT_STEP="mod:fn")
     mpirun = Mpirun(Completed(0, stdout="rank chatter\njob-7/result.json\n"))
     monkeypatch.setattr(subprocess, "run", mpirun)
-    assert runner.execute(job) == "job-7/result.json"
+    with caplog.at_level(logging.WARNING):
+        assert runner.execute(job) == "job-7/result.json"
     (command, kwargs, hostfile), *rest = mpirun.runs
     assert rest == []
     assert hostfile == "127.0.0.1 slots=1\nlocalhost slots=2\n"  # 127.0.0.3 refused: left out
+    # The operator is told which node was left out, by its host alone.
+    assert [(record.name, record.getMessage()) for record in caplog.records] == [
+        ("transvidio.runner", "MPI nodes that do not answer, left out of this run: 127.0.0.3")
+    ]
     given = command[command.index("--hostfile") + 1]
     assert not pathlib.Path(given).exists()  # the run's own copy, removed after it
     assert command == [
@@ -361,16 +367,19 @@ def test_a_job_runs_under_mpirun_on_every_slot_of_the_nodes_that_answer_and_retu
 
 
 def test_with_no_node_answering_the_attempt_fails_before_mpirun(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, ssh_port: int
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, ssh_port: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     from transvidio_jobs import runner
 
     job = runner_job(monkeypatch, tmp_path, hostfile="127.0.0.3 slots=2\n127.0.0.4\n")
     mpirun = Mpirun(Completed(0))
     monkeypatch.setattr(subprocess, "run", mpirun)
-    with pytest.raises(RuntimeError, match=r"^no MPI node answers$"):
+    with pytest.raises(RuntimeError, match=r"^no MPI node answers$"), caplog.at_level(logging.WARNING):
         runner.execute(job)
     assert mpirun.runs == []
+    assert [record.getMessage() for record in caplog.records] == [
+        "MPI nodes that do not answer, left out of this run: 127.0.0.3 127.0.0.4"
+    ]
 
 
 def test_the_nodes_are_probed_side_by_side_within_the_probe_time(
