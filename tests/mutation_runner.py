@@ -13,6 +13,9 @@ costs the backend's tests, not the Pulumi program's. A test module the map does 
 end-to-end module) always runs. With no file changed (mutmut's first, unmutated run) every
 test given runs.
 
+A run that takes longer than RUN_LIMIT_SECONDS (a mutant that makes a test wait forever)
+ends with exit code 1.
+
 With `--coverage MAP` (tests/mutation_map.py's), a mutant inside a function is narrower still:
 only the tests that ran the mutated statement run, since a statement no test runs cannot
 change a test's outcome. A mutant of a line run at import time (a constant, a default, a
@@ -24,7 +27,9 @@ Usage: python -m tests.mutation_runner --pristine DIR [--coverage MAP] PYTEST_AR
 from __future__ import annotations
 
 import ast
+import faulthandler
 import json
+import os
 import pathlib
 import sys
 
@@ -164,8 +169,22 @@ def select(argv: list[str], tree: pathlib.Path) -> list[str]:
     return options + narrowed(relevant, ran) + [test for test in given if test not in mapped]
 
 
-def main(argv: list[str]) -> int:
-    return 0 if pytest.main(select(argv, pathlib.Path.cwd())) == 0 else 1
+# A mutant that makes a test wait forever (a timeout turned to None, a loop that never ends)
+# is killed after this long: mutmut's own limit is ten times its unmutated run, over ten
+# minutes per such mutant. Every test given runs in about a minute here (2 cores, loaded).
+RUN_LIMIT_SECONDS = 180
+
+
+def main(argv: list[str], limit_seconds: float = RUN_LIMIT_SECONDS) -> int:
+    # faulthandler's watchdog is a C thread: it fires even while every Python thread is blocked,
+    # prints where each one waits, and ends the process with exit code 1 (killed). It prints to
+    # a copy of stderr, since pytest's capture takes fd 2 over while a test runs.
+    with open(os.dup(sys.stderr.fileno()), "w") as stderr:
+        faulthandler.dump_traceback_later(limit_seconds, exit=True, file=stderr)
+        try:
+            return 0 if pytest.main(select(argv, pathlib.Path.cwd())) == 0 else 1
+        finally:
+            faulthandler.cancel_dump_traceback_later()
 
 
 if __name__ == "__main__":

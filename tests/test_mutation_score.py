@@ -219,3 +219,25 @@ def test_a_shard_whose_unmutated_run_failed_is_named_and_fails_the_score(
     assert f"{tmp_path / 'shard-1'}: no mutant yet, its unmutated test run failed or is still running" in printed
     assert "mutation score: 1/2 killed = 50.0% (0 untested)" in printed
     assert mutation_score.main(["score", str(tmp_path / "shard-2")]) == 0
+
+
+def test_a_run_that_waits_forever_ends_killed_after_the_limit(tmp_path: pathlib.Path) -> None:
+    # The wait is in C (a lock), where no Python-level timer could interrupt it.
+    (tmp_path / "test_hang.py").write_text(
+        "import threading\n\n\ndef test_hang():\n    lock = threading.Lock()\n    lock.acquire()\n    lock.acquire()\n"
+    )
+    code = (
+        "import sys; from tests import mutation_runner; "
+        f"sys.exit(mutation_runner.main(['-q', '-p', 'no:cacheprovider', {str(tmp_path / 'test_hang.py')!r}], 2))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=pathlib.Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "Timeout (0:00:02)!" in done.stderr  # faulthandler's report of where it waited
+    assert "in test_hang" in done.stderr
