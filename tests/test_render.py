@@ -12,7 +12,7 @@ from typing import Any, cast
 import pytest
 import yaml
 
-from components import render
+from components import render, topology
 from components.settings import TLS_SECRETS, Settings, SettingsError, parse
 from components.topology import Topology
 from tests import pg_server
@@ -722,3 +722,43 @@ def test_pgbackrest_writes_to_an_s3_bucket_under_the_stacks_own_path() -> None:
         render.pgbackrest_s3_credentials("AKIA1", "sec/ret=")
         == "[global]\nrepo1-s3-key=AKIA1\nrepo1-s3-key-secret=sec/ret=\n"
     )
+
+
+def test_the_backend_reads_its_rendered_environment_as_the_stack_set_it(tmp_path: pathlib.Path) -> None:
+    # Every value away from the backend's own defaults, so a name the backend does not read
+    # shows as a default instead of the stack's value.
+    from app.config import Config, Limits
+
+    s = settings(
+        nginx={"maxBodySize": "7MB"},
+        backend={
+            "maxJobSeconds": 123,
+            "maxActiveJobsPerToken": 4,
+            "minFreeDisk": "5MB",
+            "uploadRetentionHours": 6,
+            "outputRetentionHours": 9,
+        },
+    )
+    env = render.backend_environment(s)
+    for name, file in render.BACKEND_SECRET_FILES.items():
+        (tmp_path / file).write_text("alice " + "0" * 64 if name == "API_TOKENS" else f"{name} value")
+        env[f"{name}_FILE"] = str(tmp_path / file)
+    config = Config.from_env(env)
+    nodes = Topology(s).postgres_nodes
+    assert config.limits == Limits(
+        max_upload_bytes=7 * 1024 * 1024,
+        max_json_bytes=render.API_MAX_BODY_KB * 1024,
+        max_job_seconds=123,
+        max_active_jobs_per_token=4,
+        min_free_disk_bytes=5 * 1024 * 1024,
+        upload_retention_hours=6,
+        output_retention_hours=9,
+    )
+    assert (config.postgres_user, config.redis_user) == (topology.POSTGRES_APP_USER, topology.REDIS_APP_USER)
+    assert config.postgres_slave_hosts == tuple(node.hostname for node in nodes)
+    assert (config.postgres_port, config.postgres_db) == (topology.POSTGRES_PORT, topology.POSTGRES_DB)
+    assert config.redis_master_name == topology.REDIS_MASTER_NAME
+    assert (config.uploads_dir, config.outputs_dir) == (render.UPLOADS_DIR, render.OUTPUTS_DIR)
+    assert config.outputs_internal_prefix == render.OUTPUTS_INTERNAL_PREFIX
+    assert (config.postgres_password, config.redis_password) == ("POSTGRES_PASSWORD value", "REDIS_PASSWORD value")
+    assert config.token_digests == {"0" * 64: "alice"}
