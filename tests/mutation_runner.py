@@ -13,15 +13,15 @@ costs the backend's tests, not the Pulumi program's. A test module the map does 
 end-to-end module) always runs. With no file changed (mutmut's first, unmutated run) every
 test given runs.
 
-A run that takes longer than RUN_LIMIT_SECONDS (a mutant that makes a test wait forever)
-ends with exit code 1.
+A run that takes longer than RUN_LIMIT_SECONDS, or `--limit SECONDS` (a mutant that makes a
+test wait forever), ends with exit code 1.
 
 With `--coverage MAP` (tests/mutation_map.py's), a mutant inside a function is narrower still:
 only the tests that ran the mutated statement run, since a statement no test runs cannot
 change a test's outcome. A mutant of a line run at import time (a constant, a default, a
 decorator, a class body), or of a statement the map has no test for, meets every test above.
 
-Usage: python -m tests.mutation_runner --pristine DIR [--coverage MAP] PYTEST_ARGS... TEST_FILES...
+Usage: python -m tests.mutation_runner --pristine DIR [--coverage MAP] [--limit SECONDS] PYTEST_ARGS... TEST_FILES...
 """
 
 from __future__ import annotations
@@ -175,7 +175,17 @@ def select(argv: list[str], tree: pathlib.Path) -> list[str]:
 RUN_LIMIT_SECONDS = 180
 
 
-def main(argv: list[str], limit_seconds: float = RUN_LIMIT_SECONDS) -> int:
+def run_limit(argv: list[str]) -> tuple[float, list[str]]:
+    """`--limit SECONDS` (anywhere in the arguments: an end-to-end module needs longer), or
+    RUN_LIMIT_SECONDS; and the arguments without it."""
+    if "--limit" not in argv:
+        return RUN_LIMIT_SECONDS, argv
+    at = argv.index("--limit")
+    return float(argv[at + 1]), argv[:at] + argv[at + 2 :]
+
+
+def main(argv: list[str]) -> int:
+    limit_seconds, argv = run_limit(argv)
     # faulthandler's watchdog is a C thread: it fires even while every Python thread is blocked,
     # prints where each one waits, and ends the process with exit code 1 (killed). It prints to
     # a copy of stderr, since pytest's capture takes fd 2 over while a test runs.

@@ -226,10 +226,8 @@ def test_a_run_that_waits_forever_ends_killed_after_the_limit(tmp_path: pathlib.
     (tmp_path / "test_hang.py").write_text(
         "import threading\n\n\ndef test_hang():\n    lock = threading.Lock()\n    lock.acquire()\n    lock.acquire()\n"
     )
-    code = (
-        "import sys; from tests import mutation_runner; "
-        f"sys.exit(mutation_runner.main(['-q', '-p', 'no:cacheprovider', {str(tmp_path / 'test_hang.py')!r}], 2))"
-    )
+    args = ["-q", "--limit", "2", "-p", "no:cacheprovider", str(tmp_path / "test_hang.py")]
+    code = f"import sys; from tests import mutation_runner; sys.exit(mutation_runner.main({args!r}))"
     done = subprocess.run(
         [sys.executable, "-c", code],
         cwd=pathlib.Path(__file__).parent.parent,
@@ -241,3 +239,11 @@ def test_a_run_that_waits_forever_ends_killed_after_the_limit(tmp_path: pathlib.
     assert done.returncode == 1
     assert "Timeout (0:00:02)!" in done.stderr  # faulthandler's report of where it waited
     assert "in test_hang" in done.stderr
+
+
+def test_the_run_limit_is_taken_out_of_the_arguments_and_defaults_to_the_runners_own() -> None:
+    assert mutation_runner.run_limit(["--pristine", "p", "--limit", "900", "-x", "t.py"]) == (
+        900.0,
+        ["--pristine", "p", "-x", "t.py"],
+    )
+    assert mutation_runner.run_limit(["-x", "t.py"]) == (mutation_runner.RUN_LIMIT_SECONDS, ["-x", "t.py"])
