@@ -141,9 +141,9 @@ space := $(empty) $(empty)
 MUTATE_SHARDS ?= components/settings.py images/backend/app/ images/common/transvidio_jobs/ \
 	$(subst $(space),$(comma),$(filter-out components/settings.py,$(wildcard components/*.py)))
 MUTATE_DIR ?= build/mutate
-# Seconds after which a mutant's test run counts as killed (it waits forever); an end-to-end
-# module in MUTATE_TESTS needs more.
-MUTATE_RUN_LIMIT ?= 180
+# Seconds after which a mutant's test run counts as killed (it waits forever): empty for the
+# runner's own RUN_LIMIT_SECONDS; an end-to-end module in MUTATE_TESTS needs more.
+MUTATE_RUN_LIMIT ?=
 MUTATE_TESTS ?= tests/test_settings.py tests/test_render.py tests/test_provider_model.py \
 	tests/test_backend_routing.py tests/test_backend_api.py tests/test_backend_db.py tests/test_jobs.py tests/test_worker.py tests/test_queue.py \
 	tests/test_program.py tests/test_swarm.py
@@ -165,7 +165,7 @@ mutate-resume: venv
 		paths=$$(cat $$dir/.mutate-paths); echo "$$dir: $$paths (log: $$dir/mutmut.log)"; \
 		( cd $$dir && $(BIN)/mutmut run --paths-to-mutate $$paths --tests-dir tests --no-progress \
 			--runner "$(BIN)/python -m tests.mutation_runner --pristine $(abspath $(MUTATE_DIR))/pristine \
-				--coverage $(abspath $(MUTATE_DIR))/coverage.json --limit $(MUTATE_RUN_LIMIT) -x -q -p no:cacheprovider $(MUTATE_TESTS)" >> mutmut.log 2>&1 ) & \
+				--coverage $(abspath $(MUTATE_DIR))/coverage.json $(if $(MUTATE_RUN_LIMIT),--limit $(MUTATE_RUN_LIMIT)) -x -q -p no:cacheprovider $(MUTATE_TESTS)" >> mutmut.log 2>&1 ) & \
 	done; wait
 	$(BIN)/python -m tests.mutation_score $(MUTATE_DIR)/shard-*
 
