@@ -23,6 +23,7 @@ from transvidio_jobs import queue
 
 from tests import pg_server
 from tests.aio import run
+from tests.local_server import LocalServer
 from tests.test_backend_routing import make_database
 
 # A hang is a failure, not a wait: far above every bound under test.
@@ -95,7 +96,7 @@ def test_a_query_that_does_not_finish_is_a_503_not_a_hang(server: dict[str, str]
     assert "statement timeout" in raised.value.reason
 
 
-class FreezingProxy:
+class FreezingProxy(LocalServer):
     """A TCP proxy to the server that can stop forwarding while keeping every connection
     open: what a client meets when the server's node is cut off (its kernel's ACKs gone
     too, which only makes the client's wait longer)."""
@@ -103,33 +104,19 @@ class FreezingProxy:
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
         self.frozen = threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.sockets: list[socket.socket] = [self.listener]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = self.listener.accept()
-                server = socket.create_connection(self.target)
-                self.sockets += [client, server]
-                for source, sink in ((client, server), (server, client)):
-                    threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+    def serve(self, connection: socket.socket) -> None:
+        server = socket.create_connection(self.target)
+        self.sockets.append(server)
+        for source, sink in ((connection, server), (server, connection)):
+            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
                 if not self.frozen.is_set():
                     sink.sendall(data)
-
-    def close(self) -> None:
-        # Shut down first: a bare close() of a socket another thread is reading sends no FIN,
-        # and the client's abandoned query would never learn that the peer is gone.
-        for each in self.sockets:
-            with contextlib.suppress(OSError):
-                each.shutdown(socket.SHUT_RDWR)
-            each.close()
 
 
 def test_a_primary_that_stops_answering_mid_connection_is_a_503_within_the_deadline(
