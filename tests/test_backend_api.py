@@ -1,5 +1,5 @@
-"""The backend's request handlers (images/backend/app/main.py), its env contract (config.py)
-and its cache's degradation (cache.py), driven through the ASGI app itself.
+"""The backend's request handlers (images/backend/app/main.py) and its env contract
+(config.py), driven through the ASGI app itself (the cache: tests/test_backend_cache.py).
 
 PostgreSQL is a fake here (the queue's SQL is proven against the real server in
 tests/e2e/test_images_behaviour.py); what is under test is what the handlers promise: no
@@ -28,7 +28,6 @@ from typing import Any
 
 import psycopg
 import pytest
-import redis.asyncio as redis_asyncio
 from psycopg.conninfo import conninfo_to_dict
 from starlette.requests import Request
 
@@ -61,7 +60,6 @@ ENV = {
 for _key, _value in ENV.items():  # main.py reads its env contract on import, as in the image
     os.environ.setdefault(_key, _value)
 
-from app import cache as cache_module  # noqa: E402
 from app import db, main  # noqa: E402
 from app.config import REQUIRED, Config, Limits  # noqa: E402
 from app.db import DependencyDownError  # noqa: E402
@@ -1161,59 +1159,3 @@ def test_secrets_are_read_from_their_files_never_from_the_environment(tmp_path: 
     with pytest.raises(SystemExit) as stopped:
         Config.from_env({**ENV, "SECRET_KEY_FILE": str(tmp_path / "empty")})
     assert str(stopped.value) == f"backend: SECRET_KEY_FILE={tmp_path / 'empty'} is empty"
-
-
-# --- the cache ------------------------------------------------------------------------------------
-
-
-class FakeRedis:
-    def __init__(self, failure: Exception | None = None) -> None:
-        self.failure = failure
-        self.values: dict[str, tuple[str, int]] = {}
-
-    async def get(self, key: str) -> str | None:
-        if self.failure:
-            raise self.failure
-        return self.values[key][0] if key in self.values else None
-
-    async def set(self, key: str, value: str, ex: int) -> None:
-        if self.failure:
-            raise self.failure
-        self.values[key] = (value, ex)
-
-
-def test_the_cache_keeps_a_document_for_an_hour_under_its_job_key() -> None:
-    cache = cache_module.Cache(Config.from_env(ENV))
-    fake = FakeRedis()
-    cache.master = fake  # type: ignore[assignment]
-    run(cache.put_job("42", {"b": 1, "a": 2}))
-    assert fake.values == {"job:42": ('{"a": 2, "b": 1}', 3600)}
-    assert run(cache.get_job("42")) == {"a": 2, "b": 1}
-    assert run(cache.get_job("43")) is None
-
-
-def test_a_redis_that_is_down_makes_the_cache_a_miss_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
-    cache = cache_module.Cache(Config.from_env(ENV))
-    cache.master = FakeRedis(redis_asyncio.ConnectionError("master is gone"))  # type: ignore[assignment]
-    assert run(cache.get_job("42")) is None
-    run(cache.put_job("42", {"a": 1}))
-    assert [r.getMessage() for r in caplog.records] == [
-        "cache read skipped: master is gone",
-        "cache write skipped: master is gone",
-    ]
-
-
-def test_the_cache_asks_the_configured_sentinels_as_the_app_user() -> None:
-    cache = cache_module.Cache(Config.from_env(ENV))
-    sentinels = [
-        (c.connection_pool.connection_kwargs["host"], c.connection_pool.connection_kwargs["port"])
-        for c in cache.sentinel.sentinels
-    ]
-    assert sentinels == [("sentinel-0", 26379), ("sentinel-1", 26380)]
-    assert {
-        (c.connection_pool.connection_kwargs["username"], c.connection_pool.connection_kwargs["password"])
-        for c in cache.sentinel.sentinels
-    } == {("app", "redis-password")}
-    assert cache.master.connection_pool.service_name == "transvidio"  # type: ignore[attr-defined]
-    master = cache.master.connection_pool.connection_kwargs
-    assert (master["username"], master["password"]) == ("app", "redis-password")
