@@ -571,7 +571,10 @@ def upstreams_on(deployment: SwarmDeployment, node: str) -> list[str] | None:
         containers = deployment.containers_on(node, "nginx")
     except docker.errors.APIError:
         return None
-    return traffic.applied_upstreams("".join(c.logs(tail=200).decode(errors="replace") for c in containers))
+    # Only stderr, all of it: the entrypoint's lines go there, and under load the access log
+    # (stdout) would push them out of any tail.
+    logs = "".join(c.logs(stdout=False, stderr=True).decode(errors="replace") for c in containers)
+    return traffic.applied_upstreams(logs)
 
 
 def test_a_lost_node_under_load_fails_over_keeps_answering_runs_jobs_and_returns(deployment: SwarmDeployment) -> None:
