@@ -145,7 +145,7 @@ MUTATE_DIR ?= build/mutate
 # runner's own RUN_LIMIT_SECONDS; an end-to-end module in MUTATE_TESTS needs more.
 MUTATE_RUN_LIMIT ?=
 MUTATE_TESTS ?= tests/test_settings.py tests/test_render.py tests/test_provider_model.py \
-	tests/test_backend_routing.py tests/test_backend_api.py tests/test_backend_db.py tests/test_jobs.py tests/test_worker.py tests/test_queue.py \
+	tests/test_backend_routing.py tests/test_backend_api.py tests/test_backend_cache.py tests/test_backend_db.py tests/test_jobs.py tests/test_worker.py tests/test_queue.py \
 	tests/test_program.py tests/test_swarm.py
 mutate: venv
 	rm -rf $(MUTATE_DIR) && mkdir -p $(MUTATE_DIR)/pristine

@@ -24,8 +24,10 @@ from typing import Any
 import pytest
 import redis.asyncio as redis_asyncio
 from app import cache as cache_module
+from app import db
 from app.config import Config
 
+from components.render import API_READ_TIMEOUT_SECONDS
 from tests.aio import run
 from tests.local_server import LocalServer
 from tests.test_backend_api import ENV
@@ -77,6 +79,14 @@ def test_the_cache_keeps_a_document_for_an_hour_under_its_job_key() -> None:
     assert fake.values == {"job:42": ('{"a": 2, "b": 1}', 3600)}
     assert run(cache.get_job("42")) == {"a": 2, "b": 1}
     assert run(cache.get_job("43")) is None
+
+
+def test_a_job_read_at_every_deadline_still_answers_before_nginx_gives_up_on_it() -> None:
+    # The longest a GET of a job takes: the cache read, the database read, the cache write,
+    # each to its deadline. Past nginx's read timeout the client gets a 504, whatever the
+    # backend answers afterwards.
+    worst_case = cache_module.DEADLINE_SECONDS + db.DEADLINE_SECONDS + cache_module.DEADLINE_SECONDS
+    assert worst_case < API_READ_TIMEOUT_SECONDS
 
 
 def test_a_redis_that_is_down_is_a_miss_and_is_not_asked_again_while_the_cache_rests(
