@@ -111,7 +111,7 @@ test: lint unit e2e e2e-podman-dev e2e-swarm
 BENCH_MODULES ?= data_tier pipeline backups postgres_failover security
 BENCH_JSON ?= bench/results.json
 bench: venv
-	$(call with_engine,( for module in $(BENCH_MODULES); do BENCH_JSON=$(abspath $(BENCH_JSON)) $(BIN)/python -m bench.$$module || exit 1; done ))
+	$(call with_engine,bash -c 'for module in $(BENCH_MODULES); do BENCH_JSON=$(abspath $(BENCH_JSON)) $(BIN)/python -m bench.$$module || exit 1; done')
 	$(BIN)/python -m bench.readme $(BENCH_JSON) README.md
 
 # Mutation testing, not part of CI (about 3,600 mutants: hours on 2 cores): mutmut changes
