@@ -30,6 +30,8 @@ REPEATS = runs_setting(3, least=MIN_RUNS_LONG)
 LOAD_RUNS = runs_setting(5)
 IDLE_SECONDS = 10.0
 IDLE_SETTLE_SECONDS = 30
+IDLE_BREAKDOWN_SECONDS = 30.0
+CGROUP_CPUACCT = "/sys/fs/cgroup/cpuacct/docker"
 LOAD_SECONDS = float(os.environ.get("BENCH_LOAD_SECONDS", "10"))
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "8"))
 
@@ -95,6 +97,40 @@ def host_busy_cores(seconds: float) -> float:
     time.sleep(seconds)
     busy_after, total_after = sample()
     return (busy_after - busy_before) / (total_after - total_before) * (os.cpu_count() or 1)
+
+
+def container_cpu_seconds(container_id: str) -> float | None:
+    """The CPU seconds a container's processes used so far, its healthchecks' commands
+    included (an exec joins the container's cgroup); None without cgroup v1 accounting."""
+    try:
+        with open(f"{CGROUP_CPUACCT}/{container_id}/cpuacct.usage") as usage:
+            return int(usage.read()) / 1e9
+    except OSError:
+        return None
+
+
+def idle_by_consumer(deployment: Deployment, seconds: float) -> None:
+    """Prints where the idle stack's CPU goes: each container, and the rest of the host (the
+    engine: dockerd, containerd, the shims and runc, which run every healthcheck's exec)."""
+    containers = {c.name: c.id for c in deployment.client.containers.list()}
+    before = {name: container_cpu_seconds(cid) for name, cid in containers.items()}
+    host = host_busy_cores(seconds)
+    after = {name: container_cpu_seconds(cid) for name, cid in containers.items()}
+    used = {
+        name: (end - start) / seconds
+        for name, start in before.items()
+        if start is not None and (end := after[name]) is not None
+    }
+    if not used:
+        print(f"idle CPU by consumer: no per-container accounting under {CGROUP_CPUACCT}", flush=True)
+        return
+    by_container = ", ".join(f"{name} {cores * 100:.1f}" for name, cores in sorted(used.items(), key=lambda u: -u[1]))
+    print(
+        f"idle CPU by consumer over {seconds:g} s, % of a core: the host {host * 100:.1f}; the containers "
+        f"{sum(used.values()) * 100:.1f} ({by_container}); the engine and the rest of the host "
+        f"{(host - sum(used.values())) * 100:.1f}",
+        flush=True,
+    )
 
 
 def idle_stack() -> dict[str, Any]:
@@ -187,7 +223,9 @@ def nginx(deployment: Deployment) -> list[dict[str, Any]]:
 def main() -> None:
     with deployed("prod", health_ticker=False) as deployment:
         time.sleep(IDLE_SETTLE_SECONDS)  # the start's own work (first backups, elections) done
-        figures = [idle_stack(), *mpi_speedup(deployment), *nginx(deployment)]
+        idle = idle_stack()
+        idle_by_consumer(deployment, IDLE_BREAKDOWN_SECONDS)
+        figures = [idle, *mpi_speedup(deployment), *nginx(deployment)]
     record("pipeline", "MPI job and nginx, prod stack", figures)
 
 
