@@ -124,11 +124,12 @@ def idle_by_consumer(deployment: Deployment, seconds: float) -> None:
     if not used:
         print(f"idle CPU by consumer: no per-container accounting under {CGROUP_CPUACCT}", flush=True)
         return
+    in_containers = sum(used.values())
     by_container = ", ".join(f"{name} {cores * 100:.1f}" for name, cores in sorted(used.items(), key=lambda u: -u[1]))
     print(
         f"idle CPU by consumer over {seconds:g} s, % of a core: the host {host * 100:.1f}; the containers "
-        f"{sum(used.values()) * 100:.1f} ({by_container}); the engine and the rest of the host "
-        f"{(host - sum(used.values())) * 100:.1f}",
+        f"{in_containers * 100:.1f} ({by_container}); the engine and the rest of the host "
+        f"{(host - in_containers) * 100:.1f}",
         flush=True,
     )
 

@@ -61,11 +61,27 @@ class FakeRedis:
         await self._answer(f"SET {key}")
         self.values[key] = (value, ex)
 
+    async def aclose(self) -> None:
+        pass
 
-def cache_with(fake: FakeRedis, **env: str) -> cache_module.Cache:
-    cache = cache_module.Cache(Config.from_env({**ENV, **env}))
+
+def cache_with(fake: FakeRedis) -> cache_module.Cache:
+    cache = cache_module.Cache(Config.from_env(ENV))
     cache.master = fake  # type: ignore[assignment]
     return cache
+
+
+def cache_on(port: int) -> cache_module.Cache:
+    """The real client, its one Sentinel on a local port."""
+    return cache_module.Cache(Config.from_env({**ENV, "REDIS_SENTINELS": f"127.0.0.1:{port}"}))
+
+
+async def read_then_close(cache: cache_module.Cache, *job_ids: str) -> list[Any]:
+    """Each job read in turn, a hang failing the test; then the cache closed."""
+    try:
+        return [await asyncio.wait_for(cache.get_job(job_id), HANG_SECONDS) for job_id in job_ids]
+    finally:
+        await cache.close()
 
 
 def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -126,15 +142,7 @@ def test_a_redis_that_never_answers_is_a_miss_at_the_deadline_and_rests_the_cach
 ) -> None:
     monkeypatch.setattr(cache_module, "DEADLINE_SECONDS", DEADLINE)
     fake = FakeRedis(hang=True)
-    cache = cache_with(fake)
-
-    async def twice() -> tuple[Any, Any]:
-        return (
-            await asyncio.wait_for(cache.get_job("42"), HANG_SECONDS),
-            await asyncio.wait_for(cache.get_job("42"), HANG_SECONDS),
-        )
-
-    assert run(twice()) == (None, None)
+    assert run(read_then_close(cache_with(fake), "42", "42")) == [None, None]
     assert fake.commands == ["GET job:42"]
     assert messages(caplog) == [f"cache read skipped (the cache rests 5.0 s): no answer within {DEADLINE} s"]
 
@@ -198,18 +206,7 @@ def test_a_sentinel_that_never_answers_is_a_miss_at_the_deadline_not_at_the_clie
     # The master is found through the Sentinels inside the same deadline.
     monkeypatch.setattr(cache_module, "DEADLINE_SECONDS", DEADLINE)
     with serving(silent=True) as sentinel:
-        cache = cache_module.Cache(Config.from_env({**ENV, "REDIS_SENTINELS": f"127.0.0.1:{sentinel.port}"}))
-
-        async def twice() -> tuple[Any, Any]:
-            try:
-                return (
-                    await asyncio.wait_for(cache.get_job("42"), HANG_SECONDS),
-                    await asyncio.wait_for(cache.get_job("42"), HANG_SECONDS),
-                )
-            finally:
-                await cache.close()
-
-        assert run(twice()) == (None, None)
+        assert run(read_then_close(cache_on(sentinel.port), "42", "42")) == [None, None]
         assert sentinel.connections == 1  # the second read did not try
     assert messages(caplog) == [f"cache read skipped (the cache rests 5.0 s): no answer within {DEADLINE} s"]
 
@@ -220,7 +217,7 @@ def test_a_command_left_at_the_deadline_leaves_no_answer_for_the_next_one(monkey
     monkeypatch.setattr(cache_module, "DEADLINE_SECONDS", DEADLINE)
     monkeypatch.setattr(cache_module, "REST_SECONDS", 0.0)
     with serving() as server:
-        cache = cache_module.Cache(Config.from_env({**ENV, "REDIS_SENTINELS": f"127.0.0.1:{server.port}"}))
+        cache = cache_on(server.port)
         server.values = {"job:1": '{"id": "1"}', "job:2": '{"id": "2"}'}
 
         async def late_then_on_time() -> tuple[Any, Any, Any]:
