@@ -104,8 +104,9 @@ while true; do
     pause=$CHECK_SECONDS
     read -r host pg_port api_port < <(member_ports "$leader") || continue
     if answers "$host" "$pg_port" || answers "$host" "$api_port"; then
-        [ -n "$warned" ] || log "$leader has not renewed its lock for ${silent}s but still answers: left to its TTL"
-        warned=yes
+        # Once per silent lease: a lease renewed in time, or another leader's, is a new silence.
+        [ "$warned" = "$lease" ] || log "$leader has not renewed its lock for ${silent}s but still answers: left to its TTL"
+        warned=$lease
         continue
     fi
     log "$leader has not renewed its lock for ${silent}s and answers on no port: ending its lease $lease"

@@ -136,7 +136,8 @@ def test_a_primary_whose_patroni_stalls_while_its_server_answers_keeps_its_lock_
 ) -> None:
     # Its server could still take writes: the fence must leave it to Patroni's TTL.
     primary = chaos.wait_pg_settled(prod)
-    replicas = sorted(n.hostname for n in prod.topology.postgres_replicas)
+    # By role, not by name: an earlier test's switchover may have left a replica-named node primary.
+    replicas = sorted(chaos.pg_replicas(prod))
     detect = prod.topology.settings.postgres.failover_detect_seconds
     chaos.signal_process(prod, primary, "bin/patroni", signal.SIGSTOP)
     stalled = time.time()
