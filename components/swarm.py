@@ -220,7 +220,10 @@ def swarm_service(
                 mounts=mounts or None,
                 secrets=secrets or None,
                 configs=configs or None,
-                healthcheck=docker.ServiceTaskSpecContainerSpecHealthcheckArgs(**healthcheck_fields(spec)),
+                # Every task's health is waited on: convergence, and each step of a rolling update.
+                healthcheck=docker.ServiceTaskSpecContainerSpecHealthcheckArgs(
+                    **healthcheck_fields(spec, watched=True)
+                ),
                 stop_grace_period=duration(spec.stop_grace_seconds),
                 cap_drops=["ALL"],
                 cap_adds=sorted(spec.capabilities) or None,

@@ -69,8 +69,9 @@ def signal_process(deployment: Deployment, hostname: str, command: str, signum: 
         os.kill(pid, signum)
 
 
-def wait_restarted(deployment: Deployment, hostname: str, before: str, timeout: float = 60) -> None:
-    """Until the restart policy has started the container again, then until healthy."""
+def wait_restarted(deployment: Deployment, hostname: str, before: str, timeout: float = 120) -> None:
+    """Until the restart policy has started the container again, then until healthy (a
+    container nothing waits on is first checked 30 s after its start)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -162,7 +162,7 @@ def test_a_stopped_worker_is_left_out_a_lost_rank_is_retried_and_a_hopeless_job_
     others = [n.hostname for n in prod.topology.mpi_nodes if n.hostname != worker]
     assert sorted({s["host"] for s in result["segments"]}) == sorted(others)
     assert result["ranks"] == len(others) * prod.topology.settings.mpi.slots_per_node
-    wait_healthy(prod.client, prod.name(worker), timeout=60)
+    wait_healthy(prod.client, prod.name(worker), timeout=120)
     # A worker lost while its rank runs fails the attempt with mpirun's own words; the job is
     # queued again after a backoff (10 s), by which time the worker is back: the retry
     # completes it, once.
