@@ -34,7 +34,7 @@ def one_failover(deployment: Deployment) -> dict[str, float]:
     failover = writer.first_write_after(killed, on=new)
     missing = len(writer.missing_on(new))
     chaos.bring_back(deployment, old)
-    wait_healthy(deployment.client, deployment.name(old), timeout=300)
+    wait_healthy(deployment.client, deployment.name(old), timeout=300, check_now=True)
     chaos.wait_streaming(deployment, len(deployment.topology.postgres_replicas), timeout=180)
     return {"failover_s": failover, "lost_writes": missing}
 

@@ -70,14 +70,15 @@ def signal_process(deployment: Deployment, hostname: str, command: str, signum: 
 
 
 def wait_restarted(deployment: Deployment, hostname: str, before: str, timeout: float = 120) -> None:
-    """Until the restart policy has started the container again, then until healthy (a
-    container nothing waits on is first checked 30 s after its start)."""
+    """Until the restart policy has started the container again, then until its own
+    healthcheck passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             state = deployment.client.api.inspect_container(deployment.name(hostname))["State"]
             if state.get("Running") and state.get("StartedAt") != before:
-                wait_healthy(deployment.client, deployment.name(hostname), timeout=max(5, deadline - time.monotonic()))
+                remaining = max(5, deadline - time.monotonic())
+                wait_healthy(deployment.client, deployment.name(hostname), timeout=remaining, check_now=True)
                 return
         except docker.errors.APIError:
             pass  # Podman cannot inspect a container mid-restart

@@ -192,7 +192,7 @@ def test_a_replica_rebuilt_from_nothing_clones_the_primary_again_through_its_slo
     since = time.time()
     plan = prod.apply(refresh=True)  # `pulumi up --refresh`: the missing container is seen, and made again
     assert plan.names("create") == {replica.hostname} and plan.counts()["replace"] == 0
-    wait_healthy(prod.client, prod.name(replica.hostname), timeout=120)
+    wait_healthy(prod.client, prod.name(replica.hostname), timeout=120, check_now=True)
     assert "bootstrap from leader" in chaos.logs(prod, replica.hostname, since)
     chaos.wait_streaming(prod, len(prod.topology.postgres_replicas))
     with chaos.pg(prod, primary) as conn:
