@@ -57,12 +57,16 @@ lint: venv
 	$(BIN)/hadolint $(DOCKERFILES)
 	$(BIN)/shellcheck --external-sources --source-path=SCRIPTDIR $(SHELL_SCRIPTS)
 
-# The job queue's fast tests start a PostgreSQL server of their own (tests/pg_server.py):
-# in CI, Debian's server is installed when missing (without the cluster the package makes).
+# The job queue's fast tests start a PostgreSQL server of their own (tests/pg_server.py),
+# and the leader fence's run the image's script, which reads etcd's answers with jq: in CI,
+# what is missing is installed from Debian (PostgreSQL without the cluster the package makes).
 unit: venv
-	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || [ -z "$$CI" ] || { \
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="postgresql"; \
+	command -v jq >/dev/null || missing="$$missing jq"; \
+	[ -z "$$missing" ] || [ -z "$$CI" ] || { \
 		mkdir -p /etc/postgresql-common && echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }
 	$(BIN)/python -m pytest -q tests --ignore=tests/e2e
 
 # The end-to-end suite runs on Docker Engine (the engine of record) by default:
