@@ -11,6 +11,7 @@ Each figure with its runs (bench.figure); with BENCH_JSON=path also written as J
 
 from __future__ import annotations
 
+import datetime
 import statistics
 import threading
 import time
@@ -28,6 +29,9 @@ CUT_RUNS = runs_setting(5)
 PG_RUNS = runs_setting(5)
 PGBENCH_SECONDS = 8
 TIGHT = {"redis": {"downAfterMs": 1000, "failoverTimeoutMs": 3000}}
+# Docker's restart manager doubles a container's restart delay (100 ms, 200 ms, … up to a
+# minute) each time it exits within 10 s of its start, and resets it after a run of 10 s.
+ENGINE_BACKOFF_RESET_SECONDS = 10
 RETRYABLE = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
@@ -36,10 +40,30 @@ RETRYABLE = (
 )
 
 
+def uptime_seconds(deployment: Deployment, hostname: str) -> float:
+    started = chaos.started_at(deployment, hostname)  # RFC 3339, nanoseconds: keep microseconds
+    whole, _, fraction = started.rstrip("Z").partition(".")
+    moment = datetime.datetime.fromisoformat(f"{whole}.{(fraction + '000000')[:6]}+00:00")
+    return (datetime.datetime.now(datetime.UTC) - moment).total_seconds()
+
+
+def wait_past_restart_backoff(deployment: Deployment, hostname: str) -> None:
+    """Until the container has run long enough for the engine to restart it after 100 ms.
+
+    Each run kills whichever node is master, and a node killed a few runs before can be
+    master again within 10 s of its restart: the engine would then restart it later each
+    time, and the figure would measure a crash loop's backoff, not one crash."""
+    remaining = ENGINE_BACKOFF_RESET_SECONDS + 1 - uptime_seconds(deployment, hostname)
+    if remaining > 0:
+        time.sleep(remaining)
+
+
 def first_write_after(deployment: Deployment, fault: str) -> float:
     """Seconds from the fault on the current master to the first acknowledged write."""
     chaos.wait_settled(deployment)
     master = chaos.current_master(deployment)
+    if fault == "kill":
+        wait_past_restart_backoff(deployment, master)
     client = chaos.sentinel_client(deployment).master_for(  # type: ignore[no-untyped-call]
         REDIS_MASTER_NAME, socket_timeout=0.5
     )
