@@ -11,7 +11,6 @@ Each figure with its runs (bench.figure); with BENCH_JSON=path also written as J
 
 from __future__ import annotations
 
-import datetime
 import statistics
 import threading
 import time
@@ -22,6 +21,7 @@ import redis
 from bench import figure, record, runs_setting
 from components.topology import REDIS_MASTER_NAME
 from tests.e2e import chaos
+from tests.e2e.apply import seconds_running
 from tests.e2e.conftest import Deployment, deployed
 
 KILL_RUNS = runs_setting(10)  # the tail is the point: the issue's goal is a max over 10 runs
@@ -40,20 +40,14 @@ RETRYABLE = (
 )
 
 
-def uptime_seconds(deployment: Deployment, hostname: str) -> float:
-    started = chaos.started_at(deployment, hostname)  # RFC 3339, nanoseconds: keep microseconds
-    whole, _, fraction = started.rstrip("Z").partition(".")
-    moment = datetime.datetime.fromisoformat(f"{whole}.{(fraction + '000000')[:6]}+00:00")
-    return (datetime.datetime.now(datetime.UTC) - moment).total_seconds()
-
-
 def wait_past_restart_backoff(deployment: Deployment, hostname: str) -> None:
     """Until the container has run long enough for the engine to restart it after 100 ms.
 
     Each run kills whichever node is master, and a node killed a few runs before can be
     master again within 10 s of its restart: the engine would then restart it later each
     time, and the figure would measure a crash loop's backoff, not one crash."""
-    remaining = ENGINE_BACKOFF_RESET_SECONDS + 1 - uptime_seconds(deployment, hostname)
+    state = deployment.client.api.inspect_container(deployment.name(hostname))["State"]
+    remaining = ENGINE_BACKOFF_RESET_SECONDS + 1 - seconds_running(state)
     if remaining > 0:
         time.sleep(remaining)
 

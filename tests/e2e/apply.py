@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import functools
 import hashlib
 import io
@@ -105,6 +106,14 @@ def run_healthcheck(client: docker.DockerClient, container: str) -> str:
         return str(response.json().get("Status", "unhealthy"))
     state = client.api.inspect_container(container)["State"]
     return str(state.get("Health", {}).get("Status", "none"))
+
+
+def seconds_running(state: dict[str, Any]) -> float:
+    """How long the container has run, from its inspect `State` (StartedAt: RFC 3339 with
+    nanoseconds; Python reads microseconds)."""
+    whole, _, fraction = str(state["StartedAt"]).rstrip("Z").partition(".")
+    started = datetime.datetime.fromisoformat(f"{whole}.{(fraction + '000000')[:6]}+00:00")
+    return (datetime.datetime.now(datetime.UTC) - started).total_seconds()
 
 
 def passes_its_healthcheck(client: docker.DockerClient, container: str) -> bool:

@@ -346,9 +346,10 @@ def test_restarting_every_redis_container_at_once_keeps_one_master_and_the_data(
         stop.set()
         watcher.join()
     doubled = [roles for roles in samples if list(roles.values()).count("master") > 1]
+    # Every node was restarted (wait_restarted saw each new start). The watch may not see one
+    # down: redis-py retries a refused command, and a node back within that is never seen
+    # down; nor does the number of samples prove anything, as a fast recovery gives few.
     assert doubled == []
-    # The watch saw the outage (a fast recovery gives few samples: their number proves nothing).
-    assert any(role.startswith("down") for roles in samples for role in roles.values()), samples
     assert list(samples[-1].values()).count("master") == 1, samples[-1]
     assert [chaos.redis_node(prod, settled).get(key) for key in keys] == [b"kept"] * len(keys)
     report.LINES.append(f"prod: all Redis nodes killed at once: master {master} -> {settled}, never two masters")
