@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -109,13 +109,21 @@ class Fence:
     def lines(self, text: str) -> list[str]:
         return [line for line in self.log.read_text().splitlines() if text in line]
 
-    def wait_lines(self, text: str, count: int, timeout: float = 10) -> list[str]:
+    def wait_until(self, condition: Callable[[], list[str]], what: str, timeout: float = 10) -> list[str]:
+        """condition()'s first non-empty answer, polled; fails with the fence's log after `timeout`."""
         deadline = time.monotonic() + timeout
-        while len(found := self.lines(text)) < count:
+        while not (found := condition()):
             said = self.log.read_text()
-            assert time.monotonic() < deadline, f"{count} line(s) with {text!r} not within {timeout}s:\n{said}"
+            assert time.monotonic() < deadline, f"{what} not within {timeout}s:\n{said}"
             time.sleep(0.05)
         return found
+
+    def wait_lines(self, text: str, count: int, timeout: float = 10) -> list[str]:
+        return self.wait_until(
+            lambda: found if len(found := self.lines(text)) >= count else [],
+            f"{count} line(s) with {text!r}",
+            timeout,
+        )
 
     def revoked(self) -> list[str]:
         return self.revoked_file.read_text().split()
@@ -153,11 +161,8 @@ def test_a_silent_leader_that_still_answers_is_left_to_its_ttl_and_said_so_once(
 def test_a_silent_leader_that_answers_on_no_port_has_its_lease_ended(fence: Fence) -> None:
     fence.set("postgres-replica-2", lease=0x2A, silent=DETECT_SECONDS)
     fence.wait_lines(ENDED, 1)
-    deadline = time.monotonic() + 5
-    while not fence.revoked():
-        assert time.monotonic() < deadline, fence.log.read_text()
-        time.sleep(0.05)
-    assert set(fence.revoked()) == {"2a"}  # etcdctl takes the lease id in hex
+    revoked = fence.wait_until(fence.revoked, "a lease revoked", timeout=5)
+    assert set(revoked) == {"2a"}  # etcdctl takes the lease id in hex
 
 
 def test_a_lock_renewed_in_time_is_left_alone(fence: Fence) -> None:

@@ -116,13 +116,14 @@ def seconds_running(state: dict[str, Any]) -> float:
     return (datetime.datetime.now(datetime.UTC) - started).total_seconds()
 
 
-def passes_its_healthcheck(client: docker.DockerClient, container: str) -> bool:
-    """Whether the container's own healthcheck, as the engine holds it, passes when run now.
+def passes_its_healthcheck(client: docker.DockerClient, container: str, inspected: dict[str, Any]) -> bool:
+    """Whether the container's own healthcheck, as the engine holds it (`inspected`: the
+    container's inspect), passes when run now.
 
     Docker runs a container's first check one interval after its start (30 s for what
     nothing waits on): a test that needs the container ready runs the same command at once,
     in the container, as the engine would, within the check's own timeout."""
-    health = client.api.inspect_container(container)["Config"].get("Healthcheck") or {}
+    health = inspected["Config"].get("Healthcheck") or {}
     test = list(health.get("Test") or [])
     if test[:1] == ["CMD"]:
         command = test[1:]
@@ -159,7 +160,7 @@ def wait_healthy(
             restarts = int(inspected.get("RestartCount", 0))
             healthy = bool(state.get("Running")) and (
                 run_healthcheck(client, container) == "healthy"
-                or (check_now and not is_podman(client) and passes_its_healthcheck(client, container))
+                or (check_now and not is_podman(client) and passes_its_healthcheck(client, container, inspected))
             )
         except docker.errors.APIError:
             # Podman fails to inspect a container in the middle of a restart: ask again.
